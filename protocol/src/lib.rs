@@ -1,1 +1,59 @@
+//! vmpager-protocol: the wire protocol between a VMM (`vmpager-client`) and `vmpagerd`.
+//!
+//! This crate holds wire types, framing and fd passing only: no policy and no daemon state.
+//! The normative description is `docs/protocol.md`; the constants here are the ones it names.
+//!
+//! * [`header`]: the fixed 24-byte little-endian header that starts every message.
+//! * [`region`]: guest memory region descriptions and their validation.
+//! * [`message`]: every message, its payload layout, encoding and bounded decoding.
+//! * [`socket`]: `SOCK_SEQPACKET` transport with `SCM_RIGHTS` fd passing.
+#![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
+pub mod header;
+pub mod message;
+pub mod region;
+pub mod socket;
+
+pub use header::{Header, HEADER_LEN, MAGIC};
+pub use message::{
+    AttachUffd, CreateVm, DecodeError, ErrorCode, ErrorReply, Hello, Message, PageSourceKind,
+    PopulateMethod, Stats, VmCreated, Welcome,
+};
+pub use region::{RegionError, RegionSpec};
+pub use socket::{Connection, SocketError};
+
+/// The protocol version this crate speaks. A peer that offers a different major version is
+/// refused at `Hello`.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Largest payload a peer may send (bytes after the header). Bigger messages are refused.
+pub const MAX_PAYLOAD: usize = 64 * 1024;
+/// Largest number of fds one message may carry.
+pub const MAX_FDS: usize = 64;
+/// Largest number of regions in one VM.
+pub const MAX_REGIONS: usize = 64;
+/// Guest page size that regions are aligned to.
+pub const PAGE_SIZE: u64 = 4096;
+/// Longest error text carried by an `Error` reply.
+pub const MAX_ERROR_TEXT: usize = 1024;
+
+/// Feature bits negotiated at handshake (`Hello.features & Welcome.features`).
+pub mod features {
+    /// Page source `file`: a snapshot image fd sent with `CreateVm`.
+    pub const FILE_SOURCE: u64 = 1 << 0;
+    /// `GetStats` / `Stats` messages.
+    pub const STATS: u64 = 1 << 1;
+    /// Populate by writing the daemon's memfd mapping and `UFFDIO_CONTINUE` (MINOR faults).
+    pub const POPULATE_CONTINUE: u64 = 1 << 2;
+    /// Every feature this version of the crate knows.
+    pub const ALL: u64 = FILE_SOURCE | STATS | POPULATE_CONTINUE;
+}
+
+/// Registration modes the daemon asks the VMM to use on its uffd (`VmCreated.uffd_modes`); the
+/// same values as the kernel's `UFFDIO_REGISTER_MODE_*`.
+pub mod uffd_modes {
+    /// `UFFDIO_REGISTER_MODE_MISSING`.
+    pub const MISSING: u64 = 1;
+    /// `UFFDIO_REGISTER_MODE_MINOR`.
+    pub const MINOR: u64 = 4;
+}

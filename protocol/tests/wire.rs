@@ -1,0 +1,325 @@
+//! Round-trip property tests and malformed-input tests for the wire format and the socket layer.
+
+use proptest::prelude::*;
+use std::os::fd::AsFd;
+use vmpager_protocol::message::{Kind, Stats};
+use vmpager_protocol::*;
+
+fn region_strategy() -> impl Strategy<Value = Vec<RegionSpec>> {
+    // Disjoint regions: consecutive slots of at most 1 GiB pages each.
+    prop::collection::vec((1u64..1024, 0u64..1024, 0u64..1 << 20), 1..MAX_REGIONS).prop_map(|v| {
+        v.iter()
+            .enumerate()
+            .map(|(i, &(pages, gap, off))| {
+                RegionSpec::new((i as u64) << 32 | gap << 12, pages << 12, off << 12)
+            })
+            .collect()
+    })
+}
+
+fn message_strategy() -> impl Strategy<Value = Message> {
+    let id = 1u64..;
+    prop_oneof![
+        (any::<u16>(), any::<u64>())
+            .prop_map(|(version, features)| Message::Hello(Hello { version, features })),
+        (any::<u16>(), any::<u64>(), any::<u32>(), any::<u32>()).prop_map(
+            |(version, features, max_regions, max_payload)| {
+                Message::Welcome(Welcome {
+                    version,
+                    features,
+                    max_regions,
+                    max_payload,
+                })
+            }
+        ),
+        (region_strategy(), any::<bool>(), 0u32..3).prop_map(|(regions, file, p)| {
+            Message::CreateVm(CreateVm {
+                source: if file {
+                    PageSourceKind::File
+                } else {
+                    PageSourceKind::Zero
+                },
+                populate: [
+                    PopulateMethod::Default,
+                    PopulateMethod::Copy,
+                    PopulateMethod::Continue,
+                ][p as usize],
+                regions,
+            })
+        }),
+        (
+            id.clone(),
+            any::<u64>(),
+            any::<u64>(),
+            1u32..=MAX_REGIONS as u32
+        )
+            .prop_map(|(vm_id, uffd_modes, uffd_features, region_count)| {
+                Message::VmCreated(VmCreated {
+                    vm_id,
+                    uffd_modes,
+                    uffd_features,
+                    region_count,
+                })
+            }),
+        (
+            id.clone(),
+            prop::collection::vec(any::<u64>(), 1..=MAX_REGIONS)
+        )
+            .prop_map(|(vm_id, host_addrs)| {
+                Message::AttachUffd(AttachUffd { vm_id, host_addrs })
+            }),
+        id.clone().prop_map(|vm_id| Message::Attached { vm_id }),
+        id.clone().prop_map(|vm_id| Message::Detach { vm_id }),
+        id.clone().prop_map(|vm_id| Message::Detached { vm_id }),
+        id.clone().prop_map(|vm_id| Message::GetStats { vm_id }),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c)| Message::Stats(Stats {
+            vm_id: a,
+            faults: b,
+            latency_max_ns: c,
+            ..Stats::default()
+        })),
+        ("[a-zA-Z0-9 é]{0,300}", 0usize..9).prop_map(|(text, c)| {
+            let code = [
+                ErrorCode::BadMessage,
+                ErrorCode::UnsupportedVersion,
+                ErrorCode::BadState,
+                ErrorCode::InvalidRegions,
+                ErrorCode::UnknownVm,
+                ErrorCode::LimitExceeded,
+                ErrorCode::BadSource,
+                ErrorCode::Unsupported,
+                ErrorCode::Internal,
+            ][c];
+            Message::Error(ErrorReply { code, text })
+        }),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn every_message_round_trips(msg in message_strategy(), request_id in any::<u64>()) {
+        let bytes = msg.encode(request_id);
+        let (header, back) = Message::decode(&bytes, msg.fd_count()).unwrap();
+        prop_assert_eq!(header.request_id.get(), request_id);
+        prop_assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048), fds in 0usize..4) {
+        let _ = Message::decode(&bytes, fds);
+    }
+
+    #[test]
+    fn mutated_messages_never_panic(msg in message_strategy(), at in any::<prop::sample::Index>(), val in any::<u8>(), cut in any::<prop::sample::Index>()) {
+        let mut bytes = msg.encode(7);
+        let i = at.index(bytes.len());
+        bytes[i] = val;
+        let _ = Message::decode(&bytes, msg.fd_count());
+        let n = cut.index(bytes.len());
+        let _ = Message::decode(&bytes[..n], msg.fd_count());
+    }
+
+    #[test]
+    fn truncated_or_extended_is_refused(msg in message_strategy(), cut in 1usize..16) {
+        let bytes = msg.encode(1);
+        let short = &bytes[..bytes.len().saturating_sub(cut)];
+        prop_assert!(Message::decode(short, msg.fd_count()).is_err());
+        let mut long = bytes.clone();
+        long.extend(std::iter::repeat(0).take(cut));
+        prop_assert!(Message::decode(&long, msg.fd_count()).is_err());
+    }
+}
+
+fn hello() -> Message {
+    Message::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        features: features::ALL,
+    })
+}
+
+#[test]
+fn refuses_bad_headers() {
+    let good = hello().encode(1);
+    assert!(Message::decode(&good, 0).is_ok());
+    assert_eq!(Message::decode(&good[..10], 0), Err(DecodeError::Short(10)));
+
+    let mut bad = good.clone();
+    bad[0] = b'X';
+    assert!(matches!(
+        Message::decode(&bad, 0),
+        Err(DecodeError::BadMagic(_))
+    ));
+
+    let mut bad = good.clone();
+    bad[4] = 9;
+    assert_eq!(Message::decode(&bad, 0), Err(DecodeError::BadVersion(9)));
+
+    let mut bad = good.clone();
+    bad[6] = 200;
+    assert_eq!(Message::decode(&bad, 0), Err(DecodeError::UnknownKind(200)));
+    bad[6] = 0;
+    assert_eq!(Message::decode(&bad, 0), Err(DecodeError::UnknownKind(0)));
+
+    let mut bad = good.clone();
+    bad[8..12].copy_from_slice(&(u32::MAX).to_le_bytes());
+    assert_eq!(
+        Message::decode(&bad, 0),
+        Err(DecodeError::TooLarge(u32::MAX as usize))
+    );
+
+    let mut bad = good.clone();
+    bad[8..12].copy_from_slice(&8u32.to_le_bytes());
+    assert!(matches!(
+        Message::decode(&bad, 0),
+        Err(DecodeError::LengthMismatch { declared: 8, .. })
+    ));
+
+    // Declared fd count must match what arrived, and what the kind carries.
+    assert!(matches!(
+        Message::decode(&good, 1),
+        Err(DecodeError::FdCount { .. })
+    ));
+    let mut bad = good.clone();
+    bad[12..16].copy_from_slice(&1u32.to_le_bytes());
+    assert!(matches!(
+        Message::decode(&bad, 1),
+        Err(DecodeError::FdCount {
+            expected: 0,
+            received: 1
+        })
+    ));
+}
+
+#[test]
+fn refuses_bad_create_vm() {
+    let create = |regions: Vec<RegionSpec>| {
+        Message::CreateVm(CreateVm {
+            source: PageSourceKind::Zero,
+            populate: PopulateMethod::Default,
+            regions,
+        })
+        .encode(1)
+    };
+    let cases = [
+        vec![RegionSpec::new(0, 0, 0)],
+        vec![RegionSpec::new(4095, 4096, 0)],
+        vec![
+            RegionSpec::new(0, 1 << 20, 0),
+            RegionSpec::new(1 << 19, 1 << 20, 0),
+        ],
+        vec![RegionSpec::new(u64::MAX & !4095, 8192, 0)],
+        vec![],
+    ];
+    for regions in cases {
+        assert!(
+            matches!(
+                Message::decode(&create(regions.clone()), 0),
+                Err(DecodeError::Regions(_))
+            ),
+            "{regions:?}"
+        );
+    }
+    // A region count larger than the regions present.
+    let mut bytes = create(vec![RegionSpec::new(0, 4096, 0)]);
+    bytes[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&2u32.to_le_bytes());
+    assert!(matches!(
+        Message::decode(&bytes, 0),
+        Err(DecodeError::Malformed {
+            kind: Kind::CreateVm,
+            ..
+        })
+    ));
+    // Over the region limit.
+    bytes[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&100_000u32.to_le_bytes());
+    assert!(matches!(
+        Message::decode(&bytes, 0),
+        Err(DecodeError::Limit { .. })
+    ));
+    // Unknown source kind, unknown populate method.
+    let mut bytes = create(vec![RegionSpec::new(0, 4096, 0)]);
+    bytes[HEADER_LEN] = 9;
+    assert!(matches!(
+        Message::decode(&bytes, 0),
+        Err(DecodeError::BadValue {
+            field: "source_kind",
+            ..
+        })
+    ));
+    let mut bytes = create(vec![RegionSpec::new(0, 4096, 0)]);
+    bytes[HEADER_LEN + 8] = 9;
+    assert!(matches!(
+        Message::decode(&bytes, 0),
+        Err(DecodeError::BadValue {
+            field: "populate",
+            ..
+        })
+    ));
+    // A file source must come with its fd.
+    let file = Message::CreateVm(CreateVm {
+        source: PageSourceKind::File,
+        populate: PopulateMethod::Copy,
+        regions: vec![RegionSpec::new(0, 4096, 0)],
+    });
+    let mut bytes = file.encode(1);
+    bytes[12..16].copy_from_slice(&0u32.to_le_bytes());
+    assert!(matches!(
+        Message::decode(&bytes, 0),
+        Err(DecodeError::FdCount {
+            expected: 1,
+            received: 0
+        })
+    ));
+}
+
+#[test]
+fn zero_vm_id_is_invalid() {
+    let bytes = Message::Detach { vm_id: 0 }.encode(1);
+    assert!(matches!(
+        Message::decode(&bytes, 0),
+        Err(DecodeError::BadValue { field: "vm_id", .. })
+    ));
+}
+
+#[test]
+fn socket_passes_fds_and_refuses_too_many() {
+    let (a, b) = Connection::pair().unwrap();
+    // A well-formed message with its fd.
+    let (r, _w) = rustix::pipe::pipe().unwrap();
+    let msg = Message::AttachUffd(AttachUffd {
+        vm_id: 3,
+        host_addrs: vec![0x1000],
+    });
+    a.send(&msg, 5, &[r.as_fd()]).unwrap();
+    let got = b.recv().unwrap();
+    assert_eq!(got.message, msg);
+    assert_eq!(got.fds.len(), 1);
+    assert_eq!(got.header.request_id.get(), 5);
+
+    // The wrong number of fds is refused at send.
+    assert!(matches!(
+        a.send(&msg, 6, &[]),
+        Err(SocketError::FdArity {
+            declared: 1,
+            given: 0
+        })
+    ));
+
+    // 200 fds in one record: refused, every fd closed, the connection still usable.
+    let fds: Vec<_> = (0..200).map(|_| rustix::pipe::pipe().unwrap().0).collect();
+    let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    a.send_raw(&hello().encode(9), &borrowed).unwrap();
+    let err = b.recv().unwrap_err();
+    assert!(err.is_bad_input(), "{err:?}");
+    a.send(&hello(), 10, &[]).unwrap();
+    assert_eq!(b.recv().unwrap().message, hello());
+
+    // A record over the size limit.
+    a.send_raw(&vec![0u8; MAX_PAYLOAD + HEADER_LEN + 100], &[])
+        .unwrap();
+    assert!(matches!(b.recv(), Err(SocketError::Truncated)));
+
+    // Peer gone.
+    drop(a);
+    let err = b.recv().unwrap_err();
+    assert!(err.is_peer_gone(), "{err:?}");
+}
