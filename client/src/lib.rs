@@ -1,5 +1,35 @@
 //! vmpager-client: what a VMM links to use `vmpagerd`.
+//!
+//! ```no_run
+//! use vmpager_client::{Client, PageSource, VmSpec};
+//! use vmpager_protocol::RegionSpec;
+//!
+//! # fn main() -> Result<(), vmpager_client::ClientError> {
+//! let client = Client::connect("/run/vmpager.sock".as_ref())?;
+//! let snapshot = std::fs::File::open("/var/lib/vm/mem.img").map_err(vmpager_client::ClientError::Io)?;
+//! // 1 GiB of guest RAM at GPA 4 GiB, content from the snapshot, served on first touch.
+//! let vm = client.create_mapped_vm(VmSpec {
+//!     regions: vec![RegionSpec::new(4 << 30, 1 << 30, 0)],
+//!     source: PageSource::File(snapshot),
+//!     populate: vmpager_protocol::PopulateMethod::Default,
+//! })?;
+//! let region = &vm.regions()[0];
+//! // Give region.host_addr() / region.len() to KVM_SET_USER_MEMORY_REGION; the guest's first
+//! // touch of each page is now a fault that vmpagerd serves.
+//! # let _ = region;
+//! # Ok(()) }
+//! ```
+//!
+//! * [`client`]: the control connection (handshake, create, attach, stats, detach).
+//! * [`memory`]: mapping the daemon's memfds and registering them on the VMM's userfaultfd.
+//! * [`refvmm`] (feature `refvmm`): a small reference VMM that runs real guest code.
 #![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
+pub mod client;
+pub mod memory;
 #[cfg(feature = "refvmm")]
 pub mod refvmm;
+
+pub use client::{Client, ClientError, CreatedVm, PageSource, VmSpec};
+pub use memory::{MappedRegion, VmMemory};
+pub use vmpager_protocol::{PopulateMethod, RegionSpec, Stats};

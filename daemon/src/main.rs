@@ -1,1 +1,152 @@
-fn main(){}
+//! `vmpagerd`: the vmpager daemon.
+//!
+//! Conventions of QEMU's vhost-user backends: `--socket-path PATH` or `--fd N`,
+//! `--print-capabilities`, no self-daemonizing, a quick clean exit on SIGTERM, and an early,
+//! non-zero exit on any start-up error.
+#![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
+
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use vmpagerd::{listener, Config, LiveVms, Populate};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum PopulateArg {
+    /// Bounce buffer + UFFDIO_COPY.
+    Copy,
+    /// Write into the memfd + UFFDIO_CONTINUE.
+    Continue,
+}
+
+/// vmpagerd owns guest memory and serves a VMM's page faults.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Listen on a new Unix SOCK_SEQPACKET socket at PATH (guarded by PATH.lock).
+    #[arg(long, value_name = "PATH", conflicts_with = "fd")]
+    socket_path: Option<PathBuf>,
+    /// Serve an inherited, already listening SOCK_SEQPACKET socket.
+    #[arg(long, value_name = "N")]
+    fd: Option<i32>,
+    /// Print this host's capabilities as JSON and exit.
+    #[arg(long)]
+    print_capabilities: bool,
+    /// Worker threads serving faults (default: number of CPUs).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Populate method for VMs that ask for the daemon's default.
+    #[arg(long, value_enum, default_value = "copy")]
+    populate: PopulateArg,
+    /// Maximum guest memory per VM, in MiB.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_vm_memory_mib: u64,
+    /// Maximum concurrent client connections.
+    #[arg(long, default_value_t = 256)]
+    max_connections: usize,
+}
+
+impl Args {
+    fn config(&self) -> anyhow::Result<Config> {
+        let mut c = Config::default();
+        if let Some(w) = self.workers {
+            if w == 0 || w > 256 {
+                bail!("--workers must be between 1 and 256");
+            }
+            c.workers = w;
+        }
+        c.populate = match self.populate {
+            PopulateArg::Copy => Populate::Copy,
+            PopulateArg::Continue => Populate::Continue,
+        };
+        c.max_vm_memory = self
+            .max_vm_memory_mib
+            .checked_mul(1 << 20)
+            .context("--max-vm-memory-mib is too large")?;
+        c.max_connections = self.max_connections.max(1);
+        Ok(c)
+    }
+}
+
+/// Blocks SIGTERM/SIGINT in every thread and returns a signalfd that becomes readable on them.
+fn shutdown_signals() -> anyhow::Result<OwnedFd> {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it before any use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, exclusively borrowed sigset_t; these calls only write it.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+    }
+    // SAFETY: called before any other thread exists, so every thread inherits the mask; `set`
+    // is initialised above and the old mask is not requested.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        bail!(
+            "cannot block SIGTERM: {}",
+            std::io::Error::from_raw_os_error(rc)
+        );
+    }
+    // SAFETY: signalfd(-1, ...) creates a new fd from an initialised set; no memory is retained.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("cannot create a signalfd");
+    }
+    // SAFETY: `fd` is a new descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("vmpagerd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.print_capabilities {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&vmpagerd::caps::probe())?
+        );
+        return Ok(());
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VMPAGER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = args.config()?;
+    let shutdown = shutdown_signals()?;
+    let (listener_fd, _bound) = match (&args.socket_path, args.fd) {
+        (Some(path), None) => {
+            let bound = listener::Bound::new(path)?;
+            let fd = bound.listener().try_clone_to_owned()?;
+            (fd, Some(bound))
+        }
+        (None, Some(n)) => {
+            if n < 3 {
+                bail!("--fd {n} is a standard stream, not a socket");
+            }
+            // SAFETY: the user hands this fd to us on the command line (inherited from the
+            // parent); we are its only owner in this process, and `check_inherited` verifies
+            // its type before use.
+            let fd = unsafe { OwnedFd::from_raw_fd(n) };
+            listener::check_inherited(std::os::fd::AsFd::as_fd(&fd))?;
+            (fd, None)
+        }
+        _ => bail!("one of --socket-path PATH, --fd N or --print-capabilities is required"),
+    };
+    tracing::info!(
+        socket = ?args.socket_path,
+        workers = config.workers,
+        populate = ?config.populate,
+        "vmpagerd serving"
+    );
+    vmpagerd::serve(listener_fd, shutdown, config, Arc::new(LiveVms::default()))?;
+    Ok(())
+}

@@ -69,10 +69,11 @@ pub enum PageSourceKind {
 }
 
 /// How the daemon installs a page (a per-VM choice; `Default` lets the daemon decide).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(u32)]
 pub enum PopulateMethod {
     /// The daemon's configured default.
+    #[default]
     Default = 0,
     /// Read into a bounce buffer, then `UFFDIO_COPY` (uffd registered MISSING).
     Copy = 1,
@@ -234,8 +235,10 @@ stats_struct! {
     unmap_events,
     /// `UFFD_EVENT_REMAP` events handled.
     remap_events,
-    /// Faults outside every region (answered by waking; the kernel then raises SIGBUS).
+    /// Faults outside every region the VMM declared: poisoned (the VMM gets SIGBUS).
     stray_faults,
+    /// Pages poisoned because the page source failed to deliver them.
+    source_errors,
     /// Populate method in use (`PopulateMethod` value).
     populate_method,
     /// Latency samples recorded.

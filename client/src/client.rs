@@ -1,0 +1,225 @@
+//! The control connection to `vmpagerd`.
+
+use crate::memory::{MemoryError, VmMemory};
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use vmpager_protocol::socket::Received;
+use vmpager_protocol::{
+    features, AttachUffd, Connection, CreateVm, ErrorCode, Hello, Message, PageSourceKind,
+    PopulateMethod, RegionSpec, SocketError, Stats, Welcome, PROTOCOL_VERSION,
+};
+
+/// Errors talking to the daemon, classified with [`ClientError::peer_gone`] and
+/// [`ClientError::is_retryable`].
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Transport failure.
+    #[error("control connection failed")]
+    Socket(#[from] SocketError),
+    /// The daemon refused the request.
+    #[error("vmpagerd refused the request ({code:?}): {text}")]
+    Refused {
+        /// Typed code.
+        code: ErrorCode,
+        /// The daemon's explanation.
+        text: String,
+    },
+    /// The daemon answered with something that is not the reply to the request.
+    #[error("unexpected reply from vmpagerd: {0}")]
+    Protocol(String),
+    /// Mapping or registering guest memory failed.
+    #[error("cannot set up guest memory")]
+    Memory(#[from] MemoryError),
+    /// Opening or reading a local file failed.
+    #[error("I/O error")]
+    Io(#[source] std::io::Error),
+}
+
+impl ClientError {
+    /// The daemon went away; reconnecting may help.
+    pub fn peer_gone(&self) -> bool {
+        matches!(self, ClientError::Socket(e) if e.is_peer_gone())
+    }
+
+    /// The same request may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Socket(e) => e.is_retryable(),
+            ClientError::Refused { code, .. } => {
+                matches!(code, ErrorCode::Internal | ErrorCode::LimitExceeded)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Where the VM's pages come from.
+#[derive(Debug)]
+pub enum PageSource {
+    /// Zeros.
+    Zero,
+    /// A raw snapshot image, read by the daemon on demand (the fd is passed, not the path).
+    File(File),
+}
+
+/// What to create.
+#[derive(Debug)]
+pub struct VmSpec {
+    /// Guest RAM regions.
+    pub regions: Vec<RegionSpec>,
+    /// Page source.
+    pub source: PageSource,
+    /// Populate method (`Default` lets the daemon choose).
+    pub populate: PopulateMethod,
+}
+
+/// A VM the daemon created, before the VMM maps it.
+#[derive(Debug)]
+pub struct CreatedVm {
+    /// VM id.
+    pub vm_id: u64,
+    /// Regions, as requested.
+    pub regions: Vec<RegionSpec>,
+    /// One memfd per region.
+    pub memfds: Vec<OwnedFd>,
+    /// `UFFDIO_REGISTER_MODE_*` to register the mappings with.
+    pub uffd_modes: u64,
+    /// `UFFD_FEATURE_*` to enable at `UFFDIO_API`.
+    pub uffd_features: u64,
+}
+
+/// A connection to `vmpagerd`. Requests are synchronous; use one `Client` per thread that
+/// issues them (each VM belongs to the connection that created it).
+#[derive(Debug)]
+pub struct Client {
+    conn: Connection,
+    welcome: Welcome,
+}
+
+impl Client {
+    /// Connects and negotiates every feature this crate knows.
+    pub fn connect(path: &Path) -> Result<Client, ClientError> {
+        Self::from_connection(Connection::connect(path)?)
+    }
+
+    /// Negotiates over an already connected socket.
+    pub fn from_connection(conn: Connection) -> Result<Client, ClientError> {
+        let hello = Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            features: features::ALL,
+        });
+        let welcome = match request(&conn, &hello, &[])?.message {
+            Message::Welcome(w) => w,
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "{:?} instead of Welcome",
+                    other.kind()
+                )))
+            }
+        };
+        Ok(Client { conn, welcome })
+    }
+
+    /// Features both sides support.
+    pub fn features(&self) -> u64 {
+        self.welcome.features
+    }
+
+    /// Asks the daemon to create a VM and its memory; returns the memfds.
+    pub fn create_vm(&self, spec: VmSpec) -> Result<CreatedVm, ClientError> {
+        let (source, file) = match spec.source {
+            PageSource::Zero => (PageSourceKind::Zero, None),
+            PageSource::File(f) => (PageSourceKind::File, Some(f)),
+        };
+        let msg = Message::CreateVm(CreateVm {
+            source,
+            populate: spec.populate,
+            regions: spec.regions.clone(),
+        });
+        let fds: Vec<BorrowedFd<'_>> = file.iter().map(|f| f.as_fd()).collect();
+        let reply = request(&self.conn, &msg, &fds)?;
+        match reply.message {
+            Message::VmCreated(v) if v.region_count as usize == spec.regions.len() => {
+                Ok(CreatedVm {
+                    vm_id: v.vm_id,
+                    regions: spec.regions,
+                    memfds: reply.fds,
+                    uffd_modes: v.uffd_modes,
+                    uffd_features: v.uffd_features,
+                })
+            }
+            other => Err(ClientError::Protocol(format!(
+                "{:?} instead of VmCreated",
+                other.kind()
+            ))),
+        }
+    }
+
+    /// Hands the VMM's userfaultfd to the daemon: `host_addrs[i]` is where region `i` is mapped
+    /// and registered. The VMM keeps its own copy of the uffd (DESIGN.md §4).
+    pub fn attach_uffd(
+        &self,
+        vm_id: u64,
+        uffd: BorrowedFd<'_>,
+        host_addrs: &[u64],
+    ) -> Result<(), ClientError> {
+        let msg = Message::AttachUffd(AttachUffd {
+            vm_id,
+            host_addrs: host_addrs.to_vec(),
+        });
+        match request(&self.conn, &msg, &[uffd])?.message {
+            Message::Attached { vm_id: id } if id == vm_id => Ok(()),
+            other => Err(ClientError::Protocol(format!(
+                "{:?} instead of Attached",
+                other.kind()
+            ))),
+        }
+    }
+
+    /// Creates a VM, maps its memory here, registers it on a new userfaultfd and hands that over.
+    pub fn create_mapped_vm(&self, spec: VmSpec) -> Result<VmMemory, ClientError> {
+        let created = self.create_vm(spec)?;
+        let vm_id = created.vm_id;
+        let memory = VmMemory::map(created)?;
+        self.attach_uffd(vm_id, memory.uffd(), &memory.host_addrs())?;
+        Ok(memory)
+    }
+
+    /// The VM's counters and fault latency percentiles.
+    pub fn stats(&self, vm_id: u64) -> Result<Stats, ClientError> {
+        match request(&self.conn, &Message::GetStats { vm_id }, &[])?.message {
+            Message::Stats(s) => Ok(s),
+            other => Err(ClientError::Protocol(format!(
+                "{:?} instead of Stats",
+                other.kind()
+            ))),
+        }
+    }
+
+    /// Stops serving and frees the VM in the daemon (the VMM unmaps its own mappings).
+    pub fn detach(&self, vm_id: u64) -> Result<(), ClientError> {
+        match request(&self.conn, &Message::Detach { vm_id }, &[])?.message {
+            Message::Detached { vm_id: id } if id == vm_id => Ok(()),
+            other => Err(ClientError::Protocol(format!(
+                "{:?} instead of Detached",
+                other.kind()
+            ))),
+        }
+    }
+}
+
+fn request(
+    conn: &Connection,
+    msg: &Message,
+    fds: &[BorrowedFd<'_>],
+) -> Result<Received, ClientError> {
+    let reply = conn.request(msg, fds)?;
+    if let Message::Error(e) = reply.message {
+        return Err(ClientError::Refused {
+            code: e.code,
+            text: e.text,
+        });
+    }
+    Ok(reply)
+}

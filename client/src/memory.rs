@@ -1,0 +1,201 @@
+//! Mapping the daemon's memfds into the VMM and registering them on the VMM's userfaultfd.
+//!
+//! The uffd must be created here, in the VMM: a userfaultfd belongs to the address space of the
+//! process that created it. It is created with `user_mode_only(false)` (without it, KVM's own
+//! accesses to guest memory never reach the daemon and the guest dies with an emulation error),
+//! close-on-exec and non-blocking, with exactly the features the daemon asked for. The VMM keeps
+//! its copy for the life of the VM so a daemon crash never unregisters the range (DESIGN.md §4).
+
+use crate::client::CreatedVm;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
+use userfaultfd::{FeatureFlags, RegisterMode, Uffd, UffdBuilder};
+use vmpager_protocol::RegionSpec;
+
+/// Errors mapping or registering guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// mmap of a memfd failed.
+    #[error("cannot map region {region}")]
+    Map {
+        /// Region index.
+        region: usize,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Creating the userfaultfd failed (the kernel lacks a feature the daemon needs, or
+    /// userfaultfd is not permitted).
+    #[error("cannot create a userfaultfd with features {features:#x}")]
+    UffdCreate {
+        /// Features asked for.
+        features: u64,
+        /// Cause.
+        #[source]
+        source: userfaultfd::Error,
+    },
+    /// Registering a mapping failed.
+    #[error("cannot register region {region} on the userfaultfd")]
+    Register {
+        /// Region index.
+        region: usize,
+        /// Cause.
+        #[source]
+        source: userfaultfd::Error,
+    },
+    /// The daemon sent a different number of memfds than regions.
+    #[error("{memfds} memfds for {regions} regions")]
+    Mismatch {
+        /// Memfds received.
+        memfds: usize,
+        /// Regions.
+        regions: usize,
+    },
+}
+
+/// One region mapped `MAP_SHARED` in the VMM.
+#[derive(Debug)]
+pub struct MappedRegion {
+    spec: RegionSpec,
+    memfd: OwnedFd,
+    addr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is shared memory owned by this value; it is only handed out as a raw
+// address (for KVM memslots or the caller's own unsafe accesses), never as a Rust reference, so
+// moving it across threads cannot create aliasing references.
+unsafe impl Send for MappedRegion {}
+// SAFETY: as above.
+unsafe impl Sync for MappedRegion {}
+
+impl MappedRegion {
+    /// The region's spec.
+    pub fn spec(&self) -> &RegionSpec {
+        &self.spec
+    }
+
+    /// Host address of the mapping (for `KVM_SET_USER_MEMORY_REGION`).
+    pub fn host_addr(&self) -> NonNull<u8> {
+        self.addr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for an empty region (never: regions are non-empty).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The region's memfd (owned by the daemon too).
+    pub fn memfd(&self) -> BorrowedFd<'_> {
+        self.memfd.as_fd()
+    }
+}
+
+impl Drop for MappedRegion {
+    fn drop(&mut self) {
+        // SAFETY: `addr`/`len` are exactly one mapping made in `VmMemory::map`, owned by this
+        // value; nothing borrowed from it outlives it (addresses handed out are raw).
+        let _ = unsafe { rustix::mm::munmap(self.addr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// A VM's guest memory as the VMM sees it: mapped, registered, and the VMM's copy of the uffd.
+#[derive(Debug)]
+pub struct VmMemory {
+    vm_id: u64,
+    // Field order matters: the uffd is dropped after the regions are unmapped.
+    regions: Vec<MappedRegion>,
+    uffd: Uffd,
+}
+
+impl VmMemory {
+    /// Maps every memfd `MAP_SHARED` and registers it on a new uffd as the daemon asked.
+    pub fn map(created: CreatedVm) -> Result<VmMemory, MemoryError> {
+        if created.memfds.len() != created.regions.len() {
+            return Err(MemoryError::Mismatch {
+                memfds: created.memfds.len(),
+                regions: created.regions.len(),
+            });
+        }
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .require_features(FeatureFlags::from_bits_retain(created.uffd_features))
+            .create()
+            .map_err(|source| MemoryError::UffdCreate {
+                features: created.uffd_features,
+                source,
+            })?;
+        let mode = RegisterMode::from_bits_retain(created.uffd_modes);
+        let mut regions = Vec::with_capacity(created.regions.len());
+        for (i, (spec, memfd)) in created.regions.into_iter().zip(created.memfds).enumerate() {
+            let len = usize::try_from(spec.size()).map_err(|_| MemoryError::Map {
+                region: i,
+                source: std::io::Error::other("region larger than the address space"),
+            })?;
+            // SAFETY: a new shared mapping of a memfd at an address the kernel picks; it aliases
+            // no Rust object and is unmapped once by `MappedRegion::drop`.
+            let ptr = unsafe {
+                rustix::mm::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                    rustix::mm::MapFlags::SHARED,
+                    &memfd,
+                    0,
+                )
+            }
+            .map_err(|e| MemoryError::Map {
+                region: i,
+                source: e.into(),
+            })?;
+            let addr = NonNull::new(ptr.cast::<u8>()).ok_or(MemoryError::Map {
+                region: i,
+                source: std::io::Error::other("null mapping"),
+            })?;
+            let region = MappedRegion {
+                spec,
+                memfd,
+                addr,
+                len,
+            };
+            uffd.register_with_mode(ptr, len, mode)
+                .map_err(|source| MemoryError::Register { region: i, source })?;
+            regions.push(region);
+        }
+        Ok(VmMemory {
+            vm_id: created.vm_id,
+            regions,
+            uffd,
+        })
+    }
+
+    /// VM id.
+    pub fn vm_id(&self) -> u64 {
+        self.vm_id
+    }
+
+    /// The mapped regions.
+    pub fn regions(&self) -> &[MappedRegion] {
+        &self.regions
+    }
+
+    /// Host address of every region, in order.
+    pub fn host_addrs(&self) -> Vec<u64> {
+        self.regions
+            .iter()
+            .map(|r| r.addr.as_ptr() as u64)
+            .collect()
+    }
+
+    /// The VMM's copy of the uffd.
+    pub fn uffd(&self) -> BorrowedFd<'_> {
+        self.uffd.as_fd()
+    }
+}

@@ -1,0 +1,578 @@
+//! The control reactor: accepts VMM connections on the `SOCK_SEQPACKET` socket, runs each
+//! connection's protocol state machine, creates VMs and hands their uffds to workers.
+//!
+//! One thread, one mio poller. A connection owns its VMs: when it closes (or its process dies)
+//! every VM it created is stopped and freed, and no other connection can name them.
+
+use crate::fault::FaultServer;
+use crate::memory::GuestMemory;
+use crate::metrics::VmMetrics;
+use crate::session::{Populate, Vm};
+use crate::source::{FileSource, PageSource, ZeroSource};
+use crate::uffd::Uffd;
+use crate::worker::Worker;
+use crate::{Config, LiveVms};
+use linux_raw_sys::general as k;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use rustix::net::SocketFlags;
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use vmpager_protocol::socket::Received;
+use vmpager_protocol::{
+    features, AttachUffd, Connection, CreateVm, ErrorCode, ErrorReply, Message, PageSourceKind,
+    PopulateMethod, SocketError, VmCreated, Welcome, MAX_PAYLOAD, MAX_REGIONS, PAGE_SIZE,
+    PROTOCOL_VERSION,
+};
+
+const LISTENER: Token = Token(0);
+const SHUTDOWN: Token = Token(1);
+const FIRST_CONN: usize = 2;
+/// Malformed messages in a row after which a connection is dropped.
+const MAX_BAD_IN_A_ROW: u32 = 32;
+
+/// Errors of the control reactor (fatal for the daemon).
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Poller setup or wait failed.
+    #[error("control poller failed")]
+    Poll(#[source] std::io::Error),
+    /// A worker could not start.
+    #[error("cannot start workers")]
+    Workers(#[from] crate::worker::WorkerError),
+}
+
+impl ControlError {
+    /// Every control error stops the daemon.
+    pub fn is_fatal(&self) -> bool {
+        true
+    }
+}
+
+/// A request refused with a typed code.
+struct Refusal(ErrorCode, String);
+
+fn refuse(code: ErrorCode, text: impl Into<String>) -> Refusal {
+    Refusal(code, text.into())
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum State {
+    Greeting,
+    Ready { features: u64 },
+}
+
+struct VmEntry {
+    vm: Arc<Vm>,
+    worker: Option<usize>,
+}
+
+struct Conn {
+    socket: Connection,
+    state: State,
+    vms: HashMap<u64, VmEntry>,
+    peer: Option<rustix::net::UCred>,
+    bad_in_a_row: u32,
+}
+
+/// What the host offers that changes how VMs are served.
+#[derive(Debug, Clone, Copy)]
+pub struct HostFeatures {
+    /// `UFFD_FEATURE_*` of this host.
+    pub uffd: u64,
+}
+
+impl HostFeatures {
+    fn has(&self, f: u32) -> bool {
+        self.uffd & u64::from(f) != 0
+    }
+}
+
+/// The reactor state.
+pub struct Reactor {
+    poll: Poll,
+    listener: OwnedFd,
+    shutdown: OwnedFd,
+    config: Config,
+    host: HostFeatures,
+    workers: Vec<Worker>,
+    conns: HashMap<usize, Conn>,
+    next_token: usize,
+    next_vm: AtomicU64,
+    live: Arc<LiveVms>,
+}
+
+impl Reactor {
+    /// Sets up the poller and the workers. `listener` must be a listening `SOCK_SEQPACKET`
+    /// socket; the reactor stops when `shutdown` becomes readable.
+    pub fn new(
+        listener: OwnedFd,
+        shutdown: OwnedFd,
+        config: Config,
+        host: HostFeatures,
+        live: Arc<LiveVms>,
+    ) -> Result<Reactor, ControlError> {
+        let poll = Poll::new().map_err(ControlError::Poll)?;
+        rustix::fs::fcntl_setfl(&listener, rustix::fs::OFlags::NONBLOCK)
+            .map_err(|e| ControlError::Poll(e.into()))?;
+        poll.registry()
+            .register(
+                &mut SourceFd(&listener.as_raw_fd()),
+                LISTENER,
+                Interest::READABLE,
+            )
+            .map_err(ControlError::Poll)?;
+        poll.registry()
+            .register(
+                &mut SourceFd(&shutdown.as_raw_fd()),
+                SHUTDOWN,
+                Interest::READABLE,
+            )
+            .map_err(ControlError::Poll)?;
+        let workers = (0..config.workers.max(1))
+            .map(Worker::start)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Reactor {
+            poll,
+            listener,
+            shutdown,
+            config,
+            host,
+            workers,
+            conns: HashMap::new(),
+            next_token: FIRST_CONN,
+            next_vm: AtomicU64::new(1),
+            live,
+        })
+    }
+
+    /// Serves until shutdown.
+    pub fn run(mut self) -> Result<(), ControlError> {
+        let mut events = Events::with_capacity(128);
+        loop {
+            if let Err(e) = self.poll.poll(&mut events, None) {
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(ControlError::Poll(e));
+            }
+            for event in events.iter() {
+                match event.token() {
+                    SHUTDOWN => {
+                        tracing::info!("shutting down");
+                        let tokens: Vec<_> = self.conns.keys().copied().collect();
+                        for t in tokens {
+                            self.close(t);
+                        }
+                        let _ = self.shutdown.as_fd();
+                        return Ok(());
+                    }
+                    LISTENER => self.accept(),
+                    Token(t) => self.service(t),
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        loop {
+            match rustix::net::accept_with(
+                &self.listener,
+                SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+            ) {
+                Ok(fd) => {
+                    if self.conns.len() >= self.config.max_connections {
+                        tracing::warn!("connection limit reached, refusing a client");
+                        continue; // dropped: closed
+                    }
+                    let peer = rustix::net::sockopt::socket_peercred(&fd).ok();
+                    let token = self.next_token;
+                    self.next_token += 1;
+                    if let Err(e) = self.poll.registry().register(
+                        &mut SourceFd(&fd.as_raw_fd()),
+                        Token(token),
+                        Interest::READABLE,
+                    ) {
+                        tracing::warn!(error = %e, "cannot poll a connection");
+                        continue;
+                    }
+                    tracing::debug!(
+                        token,
+                        pid = peer.as_ref().map(|p| p.pid.as_raw_nonzero().get()),
+                        uid = peer.as_ref().map(|p| p.uid.as_raw()),
+                        "client connected"
+                    );
+                    self.conns.insert(
+                        token,
+                        Conn {
+                            socket: Connection::from_fd(fd),
+                            state: State::Greeting,
+                            vms: HashMap::new(),
+                            peer,
+                            bad_in_a_row: 0,
+                        },
+                    );
+                }
+                Err(rustix::io::Errno::AGAIN) => return,
+                Err(rustix::io::Errno::INTR | rustix::io::Errno::CONNABORTED) => continue,
+                Err(e) => {
+                    // EMFILE and friends: keep serving existing clients.
+                    tracing::warn!(error = %e, "accept failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn service(&mut self, token: usize) {
+        loop {
+            let Some(conn) = self.conns.get_mut(&token) else {
+                return;
+            };
+            match conn.socket.recv() {
+                Ok(received) => {
+                    conn.bad_in_a_row = 0;
+                    let id = received.header.request_id.get();
+                    let reply = self.dispatch(token, received);
+                    let Some(conn) = self.conns.get(&token) else {
+                        return;
+                    };
+                    let sent = match reply {
+                        Ok((message, fds)) => {
+                            let borrowed: Vec<BorrowedFd<'_>> =
+                                fds.iter().map(|f| f.as_fd()).collect();
+                            conn.socket.send(&message, id, &borrowed)
+                        }
+                        Err(Refusal(code, text)) => {
+                            tracing::debug!(token, ?code, %text, "request refused");
+                            conn.socket
+                                .send(&Message::Error(ErrorReply { code, text }), id, &[])
+                        }
+                    };
+                    if sent.is_err() {
+                        // A client that does not read its replies, or is gone.
+                        self.close(token);
+                        return;
+                    }
+                }
+                Err(SocketError::WouldBlock) => return,
+                Err(e) if e.is_bad_input() => {
+                    conn.bad_in_a_row += 1;
+                    tracing::debug!(token, error = %e, "malformed message");
+                    let text = error_chain(&e);
+                    let reply = Message::Error(ErrorReply {
+                        code: ErrorCode::BadMessage,
+                        text,
+                    });
+                    if conn.bad_in_a_row > MAX_BAD_IN_A_ROW
+                        || conn.socket.send(&reply, 0, &[]).is_err()
+                    {
+                        self.close(token);
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(token, error = %e, "connection closed");
+                    self.close(token);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Stops and frees every VM of a connection, then closes it.
+    fn close(&mut self, token: usize) {
+        let Some(conn) = self.conns.remove(&token) else {
+            return;
+        };
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&conn.socket.as_fd().as_raw_fd()));
+        for (id, entry) in conn.vms {
+            self.free_vm(id, entry);
+        }
+        tracing::debug!(
+            token,
+            pid = conn.peer.map(|p| p.pid.as_raw_nonzero().get()),
+            "client gone"
+        );
+    }
+
+    fn free_vm(&self, id: u64, entry: VmEntry) {
+        if let Some(w) = entry.worker {
+            if let Err(e) = self.workers[w].stop_vm(id) {
+                tracing::error!(vm = id, error = %e, "cannot stop a VM's fault server");
+            }
+        }
+        drop(entry.vm);
+        self.live.add(-1);
+    }
+
+    fn dispatch(
+        &mut self,
+        token: usize,
+        received: Received,
+    ) -> Result<(Message, Vec<OwnedFd>), Refusal> {
+        let Received { message, fds, .. } = received;
+        let supported = self.supported_features();
+        let Some(conn) = self.conns.get_mut(&token) else {
+            return Err(refuse(ErrorCode::Internal, "connection vanished"));
+        };
+        match (&conn.state, message) {
+            (State::Greeting, Message::Hello(hello)) => {
+                if hello.version < PROTOCOL_VERSION {
+                    return Err(refuse(
+                        ErrorCode::UnsupportedVersion,
+                        format!(
+                            "client speaks version {}, the daemon needs {PROTOCOL_VERSION}",
+                            hello.version
+                        ),
+                    ));
+                }
+                let features = hello.features & supported;
+                conn.state = State::Ready { features };
+                Ok((
+                    Message::Welcome(Welcome {
+                        version: PROTOCOL_VERSION,
+                        features,
+                        max_regions: MAX_REGIONS as u32,
+                        max_payload: MAX_PAYLOAD as u32,
+                    }),
+                    vec![],
+                ))
+            }
+            (State::Greeting, m) => Err(refuse(
+                ErrorCode::BadState,
+                format!("{:?} before Hello", m.kind()),
+            )),
+            (State::Ready { features }, Message::CreateVm(create)) => {
+                let features = *features;
+                self.create_vm(token, features, create, fds)
+            }
+            (State::Ready { .. }, Message::AttachUffd(attach)) => self.attach(token, attach, fds),
+            (State::Ready { .. }, Message::Detach { vm_id }) => {
+                let entry = conn.vms.remove(&vm_id).ok_or_else(|| unknown_vm(vm_id))?;
+                self.free_vm(vm_id, entry);
+                Ok((Message::Detached { vm_id }, vec![]))
+            }
+            (State::Ready { .. }, Message::GetStats { vm_id }) => {
+                let entry = conn.vms.get(&vm_id).ok_or_else(|| unknown_vm(vm_id))?;
+                let method = entry.vm.populate.wire() as u64;
+                Ok((
+                    Message::Stats(entry.vm.metrics.snapshot(vm_id, method)),
+                    vec![],
+                ))
+            }
+            (State::Ready { .. }, m) => Err(refuse(
+                ErrorCode::BadState,
+                format!("{:?} is not a request the daemon serves here", m.kind()),
+            )),
+        }
+    }
+
+    fn supported_features(&self) -> u64 {
+        let mut f = features::FILE_SOURCE | features::STATS;
+        if self.host.has(k::UFFD_FEATURE_MINOR_SHMEM) {
+            f |= features::POPULATE_CONTINUE;
+        }
+        f
+    }
+
+    fn create_vm(
+        &mut self,
+        token: usize,
+        features: u64,
+        create: CreateVm,
+        mut fds: Vec<OwnedFd>,
+    ) -> Result<(Message, Vec<OwnedFd>), Refusal> {
+        let conn_vms = self.conns.get(&token).map_or(0, |c| c.vms.len());
+        if conn_vms >= self.config.max_vms_per_connection {
+            return Err(refuse(
+                ErrorCode::LimitExceeded,
+                "too many VMs on this connection",
+            ));
+        }
+        let total: u64 = create.regions.iter().map(|r| r.size()).sum();
+        if total > self.config.max_vm_memory {
+            return Err(refuse(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "{total} bytes of guest memory exceed the limit of {}",
+                    self.config.max_vm_memory
+                ),
+            ));
+        }
+        let populate = match create.populate {
+            PopulateMethod::Copy => Populate::Copy,
+            PopulateMethod::Continue if features & features::POPULATE_CONTINUE == 0 => {
+                return Err(refuse(
+                    ErrorCode::Unsupported,
+                    "populate method continue was not negotiated",
+                ));
+            }
+            PopulateMethod::Continue => Populate::Continue,
+            PopulateMethod::Default
+                if self.config.populate == Populate::Continue
+                    && features & features::POPULATE_CONTINUE != 0 =>
+            {
+                Populate::Continue
+            }
+            PopulateMethod::Default => Populate::Copy,
+        };
+        let source: Box<dyn PageSource> = match create.source {
+            PageSourceKind::Zero => Box::new(ZeroSource),
+            PageSourceKind::File => {
+                if features & features::FILE_SOURCE == 0 {
+                    return Err(refuse(
+                        ErrorCode::Unsupported,
+                        "file source was not negotiated",
+                    ));
+                }
+                let fd = fds
+                    .pop()
+                    .ok_or_else(|| refuse(ErrorCode::BadMessage, "file source without its fd"))?;
+                let src = FileSource::new(File::from(fd))
+                    .map_err(|e| refuse(ErrorCode::BadSource, error_chain(&e)))?;
+                Box::new(src)
+            }
+        };
+        let id = self.next_vm.fetch_add(1, Ordering::Relaxed);
+        let memory = GuestMemory::new(id, &create.regions)
+            .map_err(|e| refuse(ErrorCode::Internal, error_chain(&e)))?;
+        let memfds = memory
+            .regions()
+            .iter()
+            .map(|r| r.memfd().try_clone_to_owned())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| {
+                refuse(
+                    ErrorCode::Internal,
+                    format!("cannot duplicate a memfd: {e}"),
+                )
+            })?;
+        let mut uffd_features = u64::from(
+            k::UFFD_FEATURE_MISSING_SHMEM
+                | k::UFFD_FEATURE_EVENT_REMOVE
+                | k::UFFD_FEATURE_EVENT_UNMAP
+                | k::UFFD_FEATURE_EVENT_REMAP,
+        );
+        if self.host.has(k::UFFD_FEATURE_POISON) {
+            uffd_features |= u64::from(k::UFFD_FEATURE_POISON);
+        }
+        if populate == Populate::Continue {
+            uffd_features |= u64::from(k::UFFD_FEATURE_MINOR_SHMEM);
+        }
+        let vm = Arc::new(Vm {
+            id,
+            memory,
+            source,
+            populate,
+            metrics: VmMetrics::new(),
+        });
+        let reply = VmCreated {
+            vm_id: id,
+            uffd_modes: populate.register_modes(),
+            uffd_features,
+            region_count: create.regions.len() as u32,
+        };
+        tracing::debug!(
+            vm = id,
+            bytes = total,
+            ?populate,
+            source = vm.source.name(),
+            "VM created"
+        );
+        if let Some(conn) = self.conns.get_mut(&token) {
+            conn.vms.insert(id, VmEntry { vm, worker: None });
+            self.live.add(1);
+        }
+        Ok((Message::VmCreated(reply), memfds))
+    }
+
+    fn attach(
+        &mut self,
+        token: usize,
+        attach: AttachUffd,
+        mut fds: Vec<OwnedFd>,
+    ) -> Result<(Message, Vec<OwnedFd>), Refusal> {
+        let workers = self.workers.len();
+        let Some(conn) = self.conns.get_mut(&token) else {
+            return Err(refuse(ErrorCode::Internal, "connection vanished"));
+        };
+        let vm_id = attach.vm_id;
+        let entry = conn.vms.get_mut(&vm_id).ok_or_else(|| unknown_vm(vm_id))?;
+        if entry.worker.is_some() {
+            return Err(refuse(
+                ErrorCode::BadState,
+                format!("VM {vm_id} already has a uffd"),
+            ));
+        }
+        let regions = entry.vm.memory.regions();
+        if attach.host_addrs.len() != regions.len() {
+            return Err(refuse(
+                ErrorCode::BadMessage,
+                format!(
+                    "{} host addresses for {} regions",
+                    attach.host_addrs.len(),
+                    regions.len()
+                ),
+            ));
+        }
+        let mut spans: Vec<(u64, u64)> = Vec::with_capacity(regions.len());
+        for (r, &addr) in regions.iter().zip(&attach.host_addrs) {
+            let end = addr
+                .checked_add(r.size())
+                .filter(|_| addr % PAGE_SIZE == 0 && addr != 0);
+            let Some(end) = end else {
+                return Err(refuse(
+                    ErrorCode::BadMessage,
+                    format!("bad host address {addr:#x}"),
+                ));
+            };
+            spans.push((addr, end));
+        }
+        spans.sort_unstable();
+        if spans.windows(2).any(|w| w[0].1 > w[1].0) {
+            return Err(refuse(ErrorCode::BadMessage, "host mappings overlap"));
+        }
+        let fd = fds
+            .pop()
+            .ok_or_else(|| refuse(ErrorCode::BadMessage, "AttachUffd without a uffd"))?;
+        let uffd = Uffd::from_received(fd).map_err(|e| {
+            refuse(
+                ErrorCode::BadMessage,
+                format!("the fd is not a usable userfaultfd: {e}"),
+            )
+        })?;
+        let server = FaultServer::new(entry.vm.clone(), uffd, &attach.host_addrs);
+        let w = (vm_id as usize) % workers;
+        self.workers[w]
+            .send(crate::worker::Command::Serve(Box::new(server)))
+            .map_err(|e| refuse(ErrorCode::Internal, error_chain(&e)))?;
+        entry.worker = Some(w);
+        Ok((Message::Attached { vm_id }, vec![]))
+    }
+}
+
+fn unknown_vm(vm_id: u64) -> Refusal {
+    refuse(
+        ErrorCode::UnknownVm,
+        format!("no VM {vm_id} on this connection"),
+    )
+}
+
+/// "error: cause: cause" in one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,281 @@
+//! Serving one VM's userfaultfd: read events, fetch the page from the source, populate, wake.
+//!
+//! A `FaultServer` is owned by exactly one worker thread, so the page-state table needs no
+//! locking and duplicate faults on one page are coalesced by that table: the first fault fills
+//! the page (the populate ioctl wakes every thread waiting on it), later ones only wake.
+
+use crate::memory::{PageDst, PageState};
+use crate::metrics::VmMetrics;
+use crate::session::{Populate, Vm};
+use crate::source::{Fill, SourceError};
+use crate::uffd::{Event, Uffd, UffdError, MSG_SIZE};
+use rustix::io::Errno;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vmpager_protocol::PAGE_SIZE;
+
+/// Events read per `read(2)`.
+const BATCH: usize = 64;
+/// Attempts to fetch a page from the source before poisoning it.
+const SOURCE_ATTEMPTS: usize = 3;
+
+/// Where a region is mapped in the VMM.
+#[derive(Debug, Clone, Copy)]
+struct HostRange {
+    start: u64,
+    len: u64,
+}
+
+/// A fault waiting for a retry after `EAGAIN`.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    address: u64,
+    minor: bool,
+    read_at: Instant,
+}
+
+/// What became of a drain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// Nothing more to read now.
+    Idle,
+    /// The uffd failed for good (the peer is gone); stop serving it.
+    Closed,
+}
+
+/// Serves one VM's uffd.
+#[derive(Debug)]
+pub struct FaultServer {
+    vm: Arc<Vm>,
+    uffd: Uffd,
+    host: Vec<HostRange>,
+    state: Vec<PageState>,
+    bounce: Vec<u8>,
+    events: Vec<[u8; MSG_SIZE]>,
+    retry: VecDeque<Pending>,
+    latencies: Vec<Duration>,
+}
+
+impl FaultServer {
+    /// A server for `vm`'s `uffd`, whose regions the VMM mapped at `host_addrs` (region order).
+    pub fn new(vm: Arc<Vm>, uffd: Uffd, host_addrs: &[u64]) -> FaultServer {
+        let regions = vm.memory.regions();
+        let host = regions
+            .iter()
+            .zip(host_addrs)
+            .map(|(r, &start)| HostRange {
+                start,
+                len: r.size(),
+            })
+            .collect();
+        let state = regions.iter().map(|r| PageState::new(r.pages())).collect();
+        FaultServer {
+            vm,
+            uffd,
+            host,
+            state,
+            bounce: vec![0; PAGE_SIZE as usize],
+            events: vec![[0; MSG_SIZE]; BATCH],
+            retry: VecDeque::new(),
+            latencies: Vec::with_capacity(BATCH),
+        }
+    }
+
+    /// The VM served.
+    pub fn vm(&self) -> &Arc<Vm> {
+        &self.vm
+    }
+
+    /// The uffd (for registration with a poller).
+    pub fn uffd(&self) -> &Uffd {
+        &self.uffd
+    }
+
+    /// Reads and serves every pending event (edge-triggered pollers must drain).
+    pub fn drain(&mut self) -> Drained {
+        let outcome = loop {
+            match self.uffd.read_events(&mut self.events) {
+                Ok(0) => break Drained::Idle,
+                Ok(n) => {
+                    let read_at = Instant::now();
+                    for i in 0..n {
+                        let event = Event::parse(&self.events[i]);
+                        self.handle(event, read_at);
+                    }
+                }
+                Err(Errno::AGAIN) if self.retry.is_empty() => break Drained::Idle,
+                Err(Errno::AGAIN) => {
+                    // The events that caused EAGAIN may not be queued yet: retry, and read again.
+                    self.run_retries();
+                    if !self.retry.is_empty() {
+                        std::thread::yield_now();
+                    }
+                }
+                Err(_) => break Drained::Closed,
+            }
+        };
+        self.vm.metrics.record_latencies(&self.latencies);
+        self.latencies.clear();
+        outcome
+    }
+
+    fn run_retries(&mut self) {
+        for _ in 0..self.retry.len() {
+            if let Some(p) = self.retry.pop_front() {
+                self.fault(p);
+            }
+        }
+    }
+
+    fn handle(&mut self, event: Event, read_at: Instant) {
+        match event {
+            Event::PageFault { address, minor, .. } => {
+                VmMetrics::bump(&self.vm.metrics.faults);
+                self.fault(Pending {
+                    address,
+                    minor,
+                    read_at,
+                });
+            }
+            Event::Remove { start, end } => {
+                VmMetrics::bump(&self.vm.metrics.remove_events);
+                self.discard(start, end);
+            }
+            Event::Unmap { .. } => {
+                // An unmapped range cannot fault; its memory and page state stay (the memfd
+                // still holds what the guest wrote).
+                VmMetrics::bump(&self.vm.metrics.unmap_events);
+            }
+            Event::Remap { from, to, len } => {
+                VmMetrics::bump(&self.vm.metrics.remap_events);
+                for h in &mut self.host {
+                    if h.start == from && h.len == len {
+                        h.start = to;
+                    }
+                }
+                tracing::trace!(from, to, len, "remap");
+            }
+            Event::Other(kind) => tracing::trace!(kind, "ignored uffd event"),
+        }
+    }
+
+    /// Region index and offset of a VMM address.
+    fn locate(&self, address: u64) -> Option<(usize, u64)> {
+        self.host.iter().enumerate().find_map(|(i, h)| {
+            let off = address.checked_sub(h.start)?;
+            (off < h.len).then_some((i, off & !(PAGE_SIZE - 1)))
+        })
+    }
+
+    fn discard(&mut self, start: u64, end: u64) {
+        for (i, h) in self.host.iter().enumerate() {
+            let lo = start.max(h.start);
+            let hi = end.min(h.start.saturating_add(h.len));
+            if lo < hi {
+                let first = ((lo - h.start) / PAGE_SIZE) as usize;
+                let last = (hi - h.start).div_ceil(PAGE_SIZE) as usize;
+                self.state[i].discard(first, last);
+            }
+        }
+    }
+
+    fn fault(&mut self, p: Pending) {
+        let page_addr = p.address & !(PAGE_SIZE - 1);
+        let Some((ri, off)) = self.locate(p.address) else {
+            // Not memory this VM declared: no content can be right, so the VMM gets SIGBUS
+            // rather than a thread stuck in a fault forever.
+            VmMetrics::bump(&self.vm.metrics.stray_faults);
+            let _ = self.uffd.poison(page_addr, PAGE_SIZE);
+            tracing::trace!(address = p.address, "stray fault poisoned");
+            return;
+        };
+        let page = (off / PAGE_SIZE) as usize;
+        let result = if self.state[ri].is_populated(page) {
+            VmMetrics::bump(&self.vm.metrics.coalesced);
+            self.uffd.wake(page_addr, PAGE_SIZE)
+        } else {
+            self.populate(ri, off, page_addr, p.minor)
+        };
+        match result {
+            Ok(()) => self.state[ri].mark_populated(page),
+            Err(UffdError::Exists) => {
+                VmMetrics::bump(&self.vm.metrics.eexist);
+                self.state[ri].mark_populated(page);
+                let _ = self.uffd.wake(page_addr, PAGE_SIZE);
+            }
+            Err(UffdError::Again) => {
+                VmMetrics::bump(&self.vm.metrics.eagain);
+                self.retry.push_back(p);
+                return;
+            }
+            Err(UffdError::PeerGone) => return, // the mapping or the process is gone: nobody waits
+            Err(UffdError::Failed(e)) => {
+                VmMetrics::bump(&self.vm.metrics.stray_faults);
+                tracing::trace!(
+                    address = p.address,
+                    errno = e.raw_os_error(),
+                    "populate failed"
+                );
+                let _ = self.uffd.poison(page_addr, PAGE_SIZE);
+            }
+        }
+        self.latencies.push(p.read_at.elapsed());
+    }
+
+    /// Installs page `off` of region `ri` at the VMM address `dst`.
+    fn populate(&mut self, ri: usize, off: u64, dst: u64, minor: bool) -> Result<(), UffdError> {
+        let vm = &*self.vm;
+        let region = &vm.memory.regions()[ri];
+        if minor {
+            // The page is already in the memfd (the VMM or the kernel put it there): map it.
+            return self.uffd.r#continue(dst, PAGE_SIZE);
+        }
+        let fill = if self.state[ri].is_discarded(page_of(off)) {
+            Ok(Fill::Zero)
+        } else {
+            let source_off = region.spec.source_offset() + off;
+            let attempt = |dst: &mut PageDst<'_>| -> Result<Fill, SourceError> {
+                let mut last = None;
+                for _ in 0..SOURCE_ATTEMPTS {
+                    match vm.source.fill(source_off, dst) {
+                        Ok(f) => return Ok(f),
+                        Err(e) if e.is_retryable() => last = Some(e),
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(last.unwrap_or_else(|| SourceError::Unusable("no attempt made".into())))
+            };
+            match vm.populate {
+                Populate::Copy => attempt(&mut PageDst::from_buf(&mut self.bounce)),
+                Populate::Continue => match region.page_dst(off, PAGE_SIZE as usize) {
+                    Some(mut d) => attempt(&mut d),
+                    None => Err(SourceError::Unusable("page outside region".into())),
+                },
+            }
+        };
+        match fill {
+            Ok(Fill::Zero) => {
+                VmMetrics::bump(&vm.metrics.pages_zero);
+                self.uffd.zeropage(dst, PAGE_SIZE)
+            }
+            Ok(Fill::Data) => {
+                VmMetrics::bump(&vm.metrics.pages_from_source);
+                match vm.populate {
+                    Populate::Copy => self.uffd.copy(dst, &self.bounce),
+                    Populate::Continue => self.uffd.r#continue(dst, PAGE_SIZE),
+                }
+            }
+            Err(e) => {
+                // Never silently zero-fill a page the source could not deliver.
+                VmMetrics::bump(&vm.metrics.source_errors);
+                tracing::trace!(error = %e, "page source failed, poisoning");
+                self.uffd.poison(dst, PAGE_SIZE)
+            }
+        }
+    }
+}
+
+fn page_of(off: u64) -> usize {
+    (off / PAGE_SIZE) as usize
+}

@@ -1,0 +1,361 @@
+//! Guest memory the daemon owns: one sealed memfd per region, the daemon's own shared mapping
+//! of each, and the per-region page-state table.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::ptr::NonNull;
+use vmpager_protocol::{RegionSpec, PAGE_SIZE};
+
+/// Errors creating guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// memfd creation, sizing or sealing failed.
+    #[error("cannot create the memfd of region {region}")]
+    Memfd {
+        /// Region index.
+        region: usize,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Mapping the memfd into the daemon failed.
+    #[error("cannot map region {region}")]
+    Map {
+        /// Region index.
+        region: usize,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl MemoryError {
+    /// Out of a resource (memory, fds, address space): the request may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        true
+    }
+}
+
+/// The daemon's own `MAP_SHARED` mapping of a region's memfd.
+#[derive(Debug)]
+struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; it is only accessed through raw pointers handed to
+// the kernel (pread destinations), never through Rust references, so moving or sharing the
+// pointer between threads cannot create aliasing references.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; no `&`/`&mut` to the mapped bytes is ever created.
+unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly what mmap returned in `GuestMemory::new`; the mapping is
+        // owned by this value alone and no pointer into it outlives it (`PageDst` borrows `self`).
+        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// One region: its spec, its memfd and the daemon's mapping of it.
+#[derive(Debug)]
+pub struct Region {
+    /// As requested in `CreateVm`.
+    pub spec: RegionSpec,
+    memfd: File,
+    mapping: Mapping,
+}
+
+impl Region {
+    /// The region's memfd (sent to the VMM).
+    pub fn memfd(&self) -> BorrowedFd<'_> {
+        self.memfd.as_fd()
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.spec.size()
+    }
+
+    /// Number of pages.
+    pub fn pages(&self) -> usize {
+        (self.spec.size() / PAGE_SIZE) as usize
+    }
+
+    /// A writable view of `len` bytes at `offset` of the daemon's mapping, for a page source to
+    /// fill. `None` if the range is outside the region.
+    pub fn page_dst(&self, offset: u64, len: usize) -> Option<PageDst<'_>> {
+        let end = offset.checked_add(len as u64)?;
+        if end > self.mapping.len as u64 {
+            return None;
+        }
+        // SAFETY: `offset + len <= mapping.len` was checked above, so the pointer stays inside the
+        // live mapping, which `PageDst`'s lifetime ties to `self`.
+        let ptr = unsafe { self.mapping.ptr.as_ptr().add(offset as usize) };
+        Some(PageDst {
+            ptr,
+            len,
+            _lifetime: std::marker::PhantomData,
+        })
+    }
+}
+
+/// A destination for page data: either a daemon buffer or a window of the daemon's mapping of
+/// guest memory. Only the kernel (`pread`) and `fill_zero` write through it: guest memory is
+/// shared with another process, so no Rust reference to it is ever formed.
+pub struct PageDst<'a> {
+    ptr: *mut u8,
+    len: usize,
+    _lifetime: std::marker::PhantomData<&'a mut [u8]>,
+}
+
+impl<'a> PageDst<'a> {
+    /// A destination backed by an ordinary buffer.
+    pub fn from_buf(buf: &'a mut [u8]) -> PageDst<'a> {
+        PageDst {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+            _lifetime: std::marker::PhantomData,
+        }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false for a page; here for clippy's `len_without_is_empty`.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// `pread` from `fd` at `offset` into `[at, len)` of this destination; returns bytes read
+    /// (0 at end of file).
+    pub fn pread_at(&mut self, at: usize, fd: BorrowedFd<'_>, offset: u64) -> io::Result<usize> {
+        let Some(room) = self.len.checked_sub(at) else {
+            return Ok(0);
+        };
+        loop {
+            // SAFETY: `[ptr + at, ptr + len)` is valid for writes for the lifetime `'a` (a
+            // borrowed buffer, or a checked window of a live mapping), and `at <= len`.
+            let n = unsafe {
+                libc::pread(
+                    fd_raw(fd),
+                    self.ptr.add(at).cast(),
+                    room,
+                    offset as libc::off_t,
+                )
+            };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Zero `[at, len)`.
+    pub fn fill_zero(&mut self, at: usize) {
+        if at < self.len {
+            // SAFETY: as in `pread_at`: the range is valid for writes and `at < len`.
+            unsafe { std::ptr::write_bytes(self.ptr.add(at), 0, self.len - at) };
+        }
+    }
+}
+
+fn fd_raw(fd: BorrowedFd<'_>) -> i32 {
+    use std::os::fd::AsRawFd;
+    fd.as_raw_fd()
+}
+
+/// All of one VM's guest memory.
+#[derive(Debug)]
+pub struct GuestMemory {
+    regions: Vec<Region>,
+}
+
+impl GuestMemory {
+    /// Creates one memfd per region (sized, sealed against grow/shrink and further sealing) and
+    /// maps each into the daemon. `regions` must have passed `validate_regions`.
+    pub fn new(vm_id: u64, regions: &[RegionSpec]) -> Result<GuestMemory, MemoryError> {
+        let mut out = Vec::with_capacity(regions.len());
+        for (i, spec) in regions.iter().enumerate() {
+            let memfd_err = |source| MemoryError::Memfd { region: i, source };
+            let memfd = memfd::MemfdOptions::default()
+                .close_on_exec(true)
+                .allow_sealing(true)
+                .create(format!("vmpager-vm{vm_id}-r{i}"))
+                .map_err(|e| memfd_err(io::Error::other(e)))?;
+            memfd.as_file().set_len(spec.size()).map_err(memfd_err)?;
+            memfd
+                .add_seals(&[
+                    memfd::FileSeal::SealGrow,
+                    memfd::FileSeal::SealShrink,
+                    memfd::FileSeal::SealSeal,
+                ])
+                .map_err(|e| memfd_err(io::Error::other(e)))?;
+            let file = memfd.into_file();
+            let len = spec.size() as usize; // fits: validate_regions checked usize range
+                                            // SAFETY: a fresh shared mapping of a memfd we own, at an address the kernel chooses;
+                                            // it aliases no Rust object. `Mapping` unmaps it exactly once on drop.
+            let ptr = unsafe {
+                rustix::mm::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                    rustix::mm::MapFlags::SHARED,
+                    &file,
+                    0,
+                )
+            }
+            .map_err(|e| MemoryError::Map {
+                region: i,
+                source: e.into(),
+            })?;
+            let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(MemoryError::Map {
+                region: i,
+                source: io::Error::other("null mapping"),
+            })?;
+            out.push(Region {
+                spec: *spec,
+                memfd: file,
+                mapping: Mapping { ptr, len },
+            });
+        }
+        Ok(GuestMemory { regions: out })
+    }
+
+    /// The regions, in `CreateVm` order.
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    /// Total bytes of guest memory.
+    pub fn total_size(&self) -> u64 {
+        self.regions.iter().map(Region::size).sum()
+    }
+}
+
+/// Per-region page state, owned by the thread that serves the VM's faults.
+#[derive(Debug, Clone)]
+pub struct PageState {
+    populated: Vec<u64>,
+    discarded: Vec<u64>,
+}
+
+impl PageState {
+    /// All pages unpopulated, none discarded.
+    pub fn new(pages: usize) -> PageState {
+        let words = pages.div_ceil(64);
+        PageState {
+            populated: vec![0; words],
+            discarded: vec![0; words],
+        }
+    }
+
+    fn get(bits: &[u64], page: usize) -> bool {
+        bits.get(page / 64)
+            .is_some_and(|w| w & (1 << (page % 64)) != 0)
+    }
+
+    fn set(bits: &mut [u64], page: usize, on: bool) {
+        if let Some(w) = bits.get_mut(page / 64) {
+            if on {
+                *w |= 1 << (page % 64);
+            } else {
+                *w &= !(1 << (page % 64));
+            }
+        }
+    }
+
+    /// The page has been installed since it was last discarded.
+    pub fn is_populated(&self, page: usize) -> bool {
+        Self::get(&self.populated, page)
+    }
+
+    /// The page's source content was discarded (its next fill is zeros).
+    pub fn is_discarded(&self, page: usize) -> bool {
+        Self::get(&self.discarded, page)
+    }
+
+    /// Records that `page` was installed.
+    pub fn mark_populated(&mut self, page: usize) {
+        Self::set(&mut self.populated, page, true);
+    }
+
+    /// Records that pages `[first, end)` were removed by the VMM: not populated any more, and
+    /// never to be filled from the source again.
+    pub fn discard(&mut self, first: usize, end: usize) {
+        for p in first..end {
+            Self::set(&mut self.populated, p, false);
+            Self::set(&mut self.discarded, p, true);
+        }
+    }
+
+    /// Number of populated pages.
+    pub fn populated_count(&self) -> usize {
+        self.populated.iter().map(|w| w.count_ones() as usize).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_state_tracks_populate_and_discard() {
+        let mut s = PageState::new(130);
+        assert!(!s.is_populated(129));
+        s.mark_populated(129);
+        s.mark_populated(3);
+        assert!(s.is_populated(129) && s.is_populated(3));
+        assert_eq!(s.populated_count(), 2);
+        s.discard(2, 5);
+        assert!(!s.is_populated(3) && s.is_discarded(3) && s.is_discarded(4));
+        assert!(!s.is_discarded(5));
+        assert_eq!(s.populated_count(), 1);
+        // Out of range is ignored, never a panic.
+        s.mark_populated(10_000);
+        assert!(!s.is_populated(10_000));
+    }
+
+    #[test]
+    fn memory_is_sealed_sized_and_mapped() {
+        let regions = [
+            RegionSpec::new(0, 1 << 20, 0),
+            RegionSpec::new(1 << 30, 8192, 0),
+        ];
+        let mem = GuestMemory::new(1, &regions).unwrap();
+        assert_eq!(mem.total_size(), (1 << 20) + 8192);
+        let r = &mem.regions()[1];
+        assert_eq!(rustix::fs::fstat(r.memfd()).unwrap().st_size, 8192);
+        let seals = rustix::fs::fcntl_get_seals(r.memfd()).unwrap();
+        assert!(seals.contains(rustix::fs::SealFlags::GROW | rustix::fs::SealFlags::SHRINK));
+        assert!(r.page_dst(8192, 1).is_none());
+        let mut dst = r.page_dst(4096, 4096).unwrap();
+        dst.fill_zero(0);
+        let (rd, wr) = rustix::pipe::pipe().unwrap();
+        rustix::io::write(&wr, b"hello").unwrap();
+        drop(wr);
+        // A pipe cannot pread; a file can.
+        assert!(dst.pread_at(0, rd.as_fd(), 0).is_err());
+        let f = tempfile_with(b"snapshot");
+        assert_eq!(dst.pread_at(0, f.as_fd(), 0).unwrap(), 8);
+        let mut back = [0u8; 8];
+        rustix::io::pread(r.memfd(), &mut back, 4096).unwrap();
+        assert_eq!(&back, b"snapshot");
+    }
+
+    fn tempfile_with(bytes: &[u8]) -> File {
+        let f = memfd::MemfdOptions::default()
+            .create("t")
+            .unwrap()
+            .into_file();
+        rustix::io::pwrite(&f, bytes, 0).unwrap();
+        f
+    }
+}

@@ -1,0 +1,127 @@
+//! Per-VM counters and the fault-service latency histogram (fault read → populate/wake done).
+//!
+//! Guest-triggerable events are counted here, never logged per event.
+
+use hdrhistogram::Histogram;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Duration;
+use vmpager_protocol::Stats;
+
+/// Counters of one VM. Written by the thread serving its uffd, read by the control thread.
+#[derive(Debug, Default)]
+pub struct VmMetrics {
+    /// Page-fault events read.
+    pub faults: AtomicU64,
+    /// Pages installed with source data.
+    pub pages_from_source: AtomicU64,
+    /// Pages installed as zeros.
+    pub pages_zero: AtomicU64,
+    /// Faults on pages already installed.
+    pub coalesced: AtomicU64,
+    /// `EEXIST` from a populate ioctl.
+    pub eexist: AtomicU64,
+    /// `EAGAIN` retries.
+    pub eagain: AtomicU64,
+    /// Remove events.
+    pub remove_events: AtomicU64,
+    /// Unmap events.
+    pub unmap_events: AtomicU64,
+    /// Remap events.
+    pub remap_events: AtomicU64,
+    /// Faults outside every declared region.
+    pub stray_faults: AtomicU64,
+    /// Pages poisoned because the source failed.
+    pub source_errors: AtomicU64,
+    latency: Mutex<Option<Histogram<u64>>>,
+}
+
+impl VmMetrics {
+    /// Fresh counters and an empty histogram (1 ns .. 60 s, 3 significant digits).
+    pub fn new() -> VmMetrics {
+        let h = Histogram::new_with_bounds(1, 60_000_000_000, 3).ok();
+        VmMetrics {
+            latency: Mutex::new(h),
+            ..Default::default()
+        }
+    }
+
+    /// Adds one to a counter.
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Relaxed);
+    }
+
+    /// Records latency samples of a batch of served faults.
+    pub fn record_latencies(&self, samples: &[Duration]) {
+        if samples.is_empty() {
+            return;
+        }
+        if let Ok(mut guard) = self.latency.lock() {
+            if let Some(h) = guard.as_mut() {
+                for s in samples {
+                    h.saturating_record(s.as_nanos().min(u128::from(u64::MAX)) as u64);
+                }
+            }
+        }
+    }
+
+    /// A consistent-enough snapshot for a `Stats` reply.
+    pub fn snapshot(&self, vm_id: u64, populate_method: u64) -> Stats {
+        let mut s = Stats {
+            vm_id,
+            faults: self.faults.load(Relaxed),
+            pages_from_source: self.pages_from_source.load(Relaxed),
+            pages_zero: self.pages_zero.load(Relaxed),
+            coalesced: self.coalesced.load(Relaxed),
+            eexist: self.eexist.load(Relaxed),
+            eagain: self.eagain.load(Relaxed),
+            remove_events: self.remove_events.load(Relaxed),
+            unmap_events: self.unmap_events.load(Relaxed),
+            remap_events: self.remap_events.load(Relaxed),
+            stray_faults: self.stray_faults.load(Relaxed),
+            source_errors: self.source_errors.load(Relaxed),
+            populate_method,
+            ..Stats::default()
+        };
+        if let Ok(guard) = self.latency.lock() {
+            if let Some(h) = guard.as_ref().filter(|h| !h.is_empty()) {
+                s.latency_samples = h.len();
+                s.latency_p50_ns = h.value_at_quantile(0.50);
+                s.latency_p99_ns = h.value_at_quantile(0.99);
+                s.latency_p999_ns = h.value_at_quantile(0.999);
+                s.latency_max_ns = h.max();
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_reports_counters_and_percentiles() {
+        let m = VmMetrics::new();
+        VmMetrics::bump(&m.faults);
+        VmMetrics::bump(&m.faults);
+        let samples: Vec<_> = (1..=1000).map(|us| Duration::from_micros(us)).collect();
+        m.record_latencies(&samples);
+        let s = m.snapshot(7, 1);
+        assert_eq!(
+            (s.vm_id, s.faults, s.latency_samples, s.populate_method),
+            (7, 2, 1000, 1)
+        );
+        assert!(
+            (499_000..=501_000).contains(&s.latency_p50_ns),
+            "{}",
+            s.latency_p50_ns
+        );
+        assert!(
+            (989_000..=991_000).contains(&s.latency_p99_ns),
+            "{}",
+            s.latency_p99_ns
+        );
+        assert!((999_000..=1_001_000).contains(&s.latency_max_ns));
+    }
+}

@@ -1,0 +1,53 @@
+//! Page sources: where a page's content comes from the first time the guest touches it.
+
+mod file;
+mod zero;
+
+pub use file::FileSource;
+pub use zero::ZeroSource;
+
+use crate::memory::PageDst;
+
+/// Errors of a page source.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// Reading the backing store failed.
+    #[error("reading the page source at offset {offset:#x} failed")]
+    Read {
+        /// Byte offset in the source.
+        offset: u64,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The source cannot be used at all (wrong file type, ...).
+    #[error("unusable page source: {0}")]
+    Unusable(String),
+}
+
+impl SourceError {
+    /// A later attempt may succeed (transient I/O error).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, SourceError::Read { source, .. }
+            if matches!(source.kind(), std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock))
+    }
+}
+
+/// What a fill produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    /// The destination now holds the page's bytes.
+    Data,
+    /// The page is all zeros; the destination was not written (install a zero page instead).
+    Zero,
+}
+
+/// A source of page content, addressed by byte offset (`RegionSpec.source_offset` + offset in
+/// the region). Implementations are shared by the threads that serve faults.
+pub trait PageSource: Send + Sync + std::fmt::Debug {
+    /// Short name for stats and logs.
+    fn name(&self) -> &'static str;
+
+    /// Fills `dst` with the bytes at `offset`, or answers that they are all zeros.
+    fn fill(&self, offset: u64, dst: &mut PageDst<'_>) -> Result<Fill, SourceError>;
+}
