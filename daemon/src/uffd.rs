@@ -327,7 +327,7 @@ mod tests {
         assert_eq!(
             Event::parse(&m),
             Event::Remove {
-                start: 2,
+                start: u64::from(UFFD_PAGEFAULT_FLAG_WRITE),
                 end: 0x7000_0000_1000
             }
         );
