@@ -23,9 +23,12 @@
 //! * [`client`]: the control connection (handshake, create, attach, stats, detach).
 //! * [`memory`]: mapping the daemon's memfds and registering them on the VMM's userfaultfd.
 //! * [`refvmm`] (feature `refvmm`): a small reference VMM that runs real guest code.
+//! * [`demo`] (feature `refvmm`): the end-to-end scenario of `vmpager demo` and the tests.
 #![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
 pub mod client;
+#[cfg(feature = "refvmm")]
+pub mod demo;
 pub mod memory;
 #[cfg(feature = "refvmm")]
 pub mod refvmm;

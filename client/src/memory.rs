@@ -199,3 +199,14 @@ impl VmMemory {
         self.uffd.as_fd()
     }
 }
+
+impl Drop for VmMemory {
+    fn drop(&mut self) {
+        // Unregister before unmapping: with UFFD_FEATURE_EVENT_UNMAP, munmap of a registered
+        // range blocks until someone reads the UNMAP event, and after a Detach (or a daemon
+        // crash) nobody will.
+        for r in &self.regions {
+            let _ = self.uffd.unregister(r.addr.as_ptr().cast(), r.len);
+        }
+    }
+}
