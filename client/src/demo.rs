@@ -72,7 +72,8 @@ pub fn write_image(path: &Path, size: u64, seed: u64) -> Result<(), DemoError> {
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
         gen.fill(&mut buf[..n]);
-        out.write_all(&buf[..n]).map_err(io("cannot write the image"))?;
+        out.write_all(&buf[..n])
+            .map_err(io("cannot write the image"))?;
         left -= n as u64;
     }
     out.flush().map_err(io("cannot write the image"))
@@ -120,7 +121,11 @@ pub struct DaemonProcess {
 impl DaemonProcess {
     /// Binds `socket_path` here and starts `binary --fd N` with the listening socket, plus
     /// `extra_args`.
-    pub fn spawn(binary: &Path, socket_path: &Path, extra_args: &[&str]) -> Result<DaemonProcess, DemoError> {
+    pub fn spawn(
+        binary: &Path,
+        socket_path: &Path,
+        extra_args: &[&str],
+    ) -> Result<DaemonProcess, DemoError> {
         let _ = std::fs::remove_file(socket_path);
         let sock = rustix::net::socket_with(
             rustix::net::AddressFamily::UNIX,
@@ -133,7 +138,12 @@ impl DaemonProcess {
             .map_err(|e| DemoError::Io("bad socket path".into(), e.into()))?;
         rustix::net::bind(&sock, &addr)
             .and_then(|()| rustix::net::listen(&sock, 128))
-            .map_err(|e| DemoError::Io(format!("cannot listen on {}", socket_path.display()), e.into()))?;
+            .map_err(|e| {
+                DemoError::Io(
+                    format!("cannot listen on {}", socket_path.display()),
+                    e.into(),
+                )
+            })?;
         Self::spawn_with_listener(binary, sock, socket_path, extra_args)
     }
 
@@ -145,7 +155,13 @@ impl DaemonProcess {
     ) -> Result<DaemonProcess, DemoError> {
         let raw = listener.as_raw_fd();
         let mut cmd = Command::new(binary);
-        cmd.arg("--fd").arg(raw.to_string()).args(extra_args).stdin(Stdio::null());
+        cmd.arg("--fd")
+            .arg(raw.to_string())
+            .args(extra_args)
+            .stdin(Stdio::null());
+        if std::env::var_os("VMPAGER_LOG").is_none() {
+            cmd.env("VMPAGER_LOG", "warn");
+        }
         // SAFETY: the closure runs in the child between fork and exec and only calls fcntl on an
         // fd number that is open in the parent (kept alive by `listener` until spawn returns),
         // which is async-signal-safe.
@@ -158,9 +174,14 @@ impl DaemonProcess {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(io(format!("cannot start {}", binary.display())))?;
+        let child = cmd
+            .spawn()
+            .map_err(io(format!("cannot start {}", binary.display())))?;
         drop(listener);
-        Ok(DaemonProcess { child, socket_path: socket_path.to_owned() })
+        Ok(DaemonProcess {
+            child,
+            socket_path: socket_path.to_owned(),
+        })
     }
 
     /// The socket path.
@@ -215,7 +236,9 @@ pub fn find_vmpagerd() -> Option<PathBuf> {
         }
     }
     std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths).map(|d| d.join("vmpagerd")).find(|p| p.is_file())
+        std::env::split_paths(&paths)
+            .map(|d| d.join("vmpagerd"))
+            .find(|p| p.is_file())
     })
 }
 
@@ -265,7 +288,11 @@ pub fn run_scenario(
     let regions: Vec<GuestRegion> = memory
         .regions()
         .iter()
-        .map(|r| GuestRegion { gpa: r.spec().gpa(), host_addr: r.host_addr(), size: r.len() as u64 })
+        .map(|r| GuestRegion {
+            gpa: r.spec().gpa(),
+            host_addr: r.host_addr(),
+            size: r.len() as u64,
+        })
         .collect();
     // SAFETY: the regions are mapped by `memory`, which outlives `vm` (dropped at the end of this
     // function, before `memory` is returned).
@@ -291,8 +318,12 @@ pub fn run_scenario(
         }
     }
     if cfg.write_pattern {
-        let key = 0x5eed_0f_da7a;
-        vm.run(&split_evenly(&regions, cfg.vcpus, Workload::WritePattern { key }))?;
+        let key = 0x005e_ed0f_da7a;
+        vm.run(&split_evenly(
+            &regions,
+            cfg.vcpus,
+            Workload::WritePattern { key },
+        ))?;
         for r in memory.regions() {
             for page in 0..(r.len() as u64 / PAGE_SIZE) {
                 let mut word = [0u8; 8];
@@ -300,7 +331,9 @@ pub fn run_scenario(
                     .map_err(|e| DemoError::Io("cannot read guest memory".into(), e.into()))?;
                 let gpa = r.spec().gpa() + page * PAGE_SIZE;
                 if u64::from_le_bytes(word) != gpa ^ key {
-                    return Err(DemoError::Mismatch(format!("the guest's write to GPA {gpa:#x} is not in the memfd")));
+                    return Err(DemoError::Mismatch(format!(
+                        "the guest's write to GPA {gpa:#x} is not in the memfd"
+                    )));
                 }
             }
         }
@@ -309,5 +342,13 @@ pub fn run_scenario(
     let stats = client.stats(memory.vm_id())?;
     let pages = cfg.memory / PAGE_SIZE;
     let pages_per_sec = pages as f64 / read_elapsed.as_secs_f64().max(1e-9);
-    Ok((memory, ScenarioReport { stats, pages, read_elapsed, pages_per_sec }))
+    Ok((
+        memory,
+        ScenarioReport {
+            stats,
+            pages,
+            read_elapsed,
+            pages_per_sec,
+        },
+    ))
 }

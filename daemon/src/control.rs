@@ -23,9 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use vmpager_protocol::socket::Received;
 use vmpager_protocol::{
-    features, AttachUffd, Connection, CreateVm, ErrorCode, ErrorReply, Message, PageSourceKind,
-    PopulateMethod, SocketError, VmCreated, Welcome, MAX_PAYLOAD, MAX_REGIONS, PAGE_SIZE,
-    PROTOCOL_VERSION,
+    features, AttachUffd, Connection, CreateVm, DecodeError, ErrorCode, ErrorReply, Message,
+    PageSourceKind, PopulateMethod, SocketError, VmCreated, Welcome, MAX_PAYLOAD, MAX_REGIONS,
+    PAGE_SIZE, PROTOCOL_VERSION,
 };
 
 const LISTENER: Token = Token(0);
@@ -103,6 +103,30 @@ pub struct Reactor {
     next_token: usize,
     next_vm: AtomicU64,
     live: Arc<LiveVms>,
+    refused: RateLimitedWarning,
+}
+
+/// A warning a client can trigger at will: logged at most once per second, with the number of
+/// occurrences in between.
+struct RateLimitedWarning {
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedWarning {
+    fn note(&mut self, what: &str) {
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(1))
+        {
+            self.suppressed += 1;
+            return;
+        }
+        tracing::warn!(suppressed = self.suppressed, "{what}");
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
 }
 
 impl Reactor {
@@ -146,6 +170,10 @@ impl Reactor {
             next_token: FIRST_CONN,
             next_vm: AtomicU64::new(1),
             live,
+            refused: RateLimitedWarning {
+                last: None,
+                suppressed: 0,
+            },
         })
     }
 
@@ -185,10 +213,17 @@ impl Reactor {
             ) {
                 Ok(fd) => {
                     if self.conns.len() >= self.config.max_connections {
-                        tracing::warn!("connection limit reached, refusing a client");
+                        self.refused
+                            .note("connection limit reached, refusing clients");
                         continue; // dropped: closed
                     }
                     let peer = rustix::net::sockopt::socket_peercred(&fd).ok();
+                    let uid = peer.as_ref().map(|p| p.uid.as_raw());
+                    if !uid.is_some_and(|u| self.config.allowed_uids.contains(&u)) {
+                        self.refused
+                            .note("a peer whose uid is not allowed was refused");
+                        continue;
+                    }
                     let token = self.next_token;
                     self.next_token += 1;
                     if let Err(e) = self.poll.registry().register(
@@ -236,7 +271,11 @@ impl Reactor {
                 Ok(received) => {
                     conn.bad_in_a_row = 0;
                     let id = received.header.request_id.get();
-                    let reply = self.dispatch(token, received);
+                    let reply = if id == 0 {
+                        Err(refuse(ErrorCode::BadMessage, "request id 0 is reserved"))
+                    } else {
+                        self.dispatch(token, received)
+                    };
                     let Some(conn) = self.conns.get(&token) else {
                         return;
                     };
@@ -262,13 +301,22 @@ impl Reactor {
                 Err(e) if e.is_bad_input() => {
                     conn.bad_in_a_row += 1;
                     tracing::debug!(token, error = %e, "malformed message");
-                    let text = error_chain(&e);
+                    let (code, id) = match &e {
+                        SocketError::Decode {
+                            request_id,
+                            error: DecodeError::Regions(_),
+                        } => (ErrorCode::InvalidRegions, *request_id),
+                        SocketError::Decode { request_id, .. } => {
+                            (ErrorCode::BadMessage, *request_id)
+                        }
+                        _ => (ErrorCode::BadMessage, 0),
+                    };
                     let reply = Message::Error(ErrorReply {
-                        code: ErrorCode::BadMessage,
-                        text,
+                        code,
+                        text: error_chain(&e),
                     });
                     if conn.bad_in_a_row > MAX_BAD_IN_A_ROW
-                        || conn.socket.send(&reply, 0, &[]).is_err()
+                        || conn.socket.send(&reply, id, &[]).is_err()
                     {
                         self.close(token);
                         return;
@@ -358,6 +406,11 @@ impl Reactor {
                 let entry = conn.vms.remove(&vm_id).ok_or_else(|| unknown_vm(vm_id))?;
                 self.free_vm(vm_id, entry);
                 Ok((Message::Detached { vm_id }, vec![]))
+            }
+            (State::Ready { features }, Message::GetStats { .. })
+                if features & features::STATS == 0 =>
+            {
+                Err(refuse(ErrorCode::Unsupported, "stats were not negotiated"))
             }
             (State::Ready { .. }, Message::GetStats { vm_id }) => {
                 let entry = conn.vms.get(&vm_id).ok_or_else(|| unknown_vm(vm_id))?;
@@ -460,9 +513,8 @@ impl Reactor {
                 | k::UFFD_FEATURE_EVENT_UNMAP
                 | k::UFFD_FEATURE_EVENT_REMAP,
         );
-        if self.host.has(k::UFFD_FEATURE_POISON) {
-            uffd_features |= u64::from(k::UFFD_FEATURE_POISON);
-        }
+        // `serve` refused to start without POISON.
+        uffd_features |= u64::from(k::UFFD_FEATURE_POISON);
         if populate == Populate::Continue {
             uffd_features |= u64::from(k::UFFD_FEATURE_MINOR_SHMEM);
         }
@@ -551,7 +603,7 @@ impl Reactor {
         let server = FaultServer::new(entry.vm.clone(), uffd, &attach.host_addrs);
         let w = (vm_id as usize) % workers;
         self.workers[w]
-            .send(crate::worker::Command::Serve(Box::new(server)))
+            .serve(server)
             .map_err(|e| refuse(ErrorCode::Internal, error_chain(&e)))?;
         entry.worker = Some(w);
         Ok((Message::Attached { vm_id }, vec![]))

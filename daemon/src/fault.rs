@@ -191,13 +191,15 @@ impl FaultServer {
             return;
         };
         let page = (off / PAGE_SIZE) as usize;
-        let result = if self.state[ri].is_populated(page) {
+        if self.state[ri].is_populated(page) {
+            // A duplicate: the page was installed (and its waiters woken) after this fault was
+            // raised. Wake in case this thread started waiting after that wake.
             VmMetrics::bump(&self.vm.metrics.coalesced);
-            self.uffd.wake(page_addr, PAGE_SIZE)
-        } else {
-            self.populate(ri, off, page_addr, p.minor)
-        };
-        match result {
+            let _ = self.uffd.wake(page_addr, PAGE_SIZE);
+            self.latencies.push(p.read_at.elapsed());
+            return;
+        }
+        match self.populate(ri, off, page_addr, p.minor) {
             Ok(()) => self.state[ri].mark_populated(page),
             Err(UffdError::Exists) => {
                 VmMetrics::bump(&self.vm.metrics.eexist);
@@ -209,9 +211,14 @@ impl FaultServer {
                 self.retry.push_back(p);
                 return;
             }
-            Err(UffdError::PeerGone) => return, // the mapping or the process is gone: nobody waits
+            Err(UffdError::PeerGone) => {
+                // The mapping or the process is gone. Wake anyway: should a thread still wait
+                // on this address, it re-faults and gets a fresh answer.
+                let _ = self.uffd.wake(page_addr, PAGE_SIZE);
+                return;
+            }
             Err(UffdError::Failed(e)) => {
-                VmMetrics::bump(&self.vm.metrics.stray_faults);
+                VmMetrics::bump(&self.vm.metrics.populate_errors);
                 tracing::trace!(
                     address = p.address,
                     errno = e.raw_os_error(),
@@ -267,10 +274,14 @@ impl FaultServer {
                 }
             }
             Err(e) => {
-                // Never silently zero-fill a page the source could not deliver.
+                // Never silently zero-fill a page the source could not deliver: poison it, so
+                // the VMM gets SIGBUS on this page.
                 VmMetrics::bump(&vm.metrics.source_errors);
                 tracing::trace!(error = %e, "page source failed, poisoning");
-                self.uffd.poison(dst, PAGE_SIZE)
+                match self.uffd.poison(dst, PAGE_SIZE) {
+                    Ok(()) | Err(UffdError::Exists) => Ok(()),
+                    Err(e) => Err(e),
+                }
             }
         }
     }

@@ -46,6 +46,9 @@ pub struct Config {
     pub max_vms_per_connection: usize,
     /// Guest memory per VM, bytes.
     pub max_vm_memory: u64,
+    /// Uids allowed to connect (checked with `SO_PEERCRED`); by default root and the daemon's
+    /// own uid.
+    pub allowed_uids: Vec<u32>,
 }
 
 impl Default for Config {
@@ -56,6 +59,14 @@ impl Default for Config {
             max_connections: 256,
             max_vms_per_connection: 64,
             max_vm_memory: 1 << 40,
+            allowed_uids: {
+                let own = rustix::process::getuid().as_raw();
+                if own == 0 {
+                    vec![0]
+                } else {
+                    vec![0, own]
+                }
+            },
         }
     }
 }
@@ -69,6 +80,9 @@ pub enum DaemonError {
     /// The control reactor failed.
     #[error("control reactor failed")]
     Control(#[from] control::ControlError),
+    /// The host lacks a userfaultfd feature the daemon cannot work without.
+    #[error("this host's userfaultfd lacks {0} (see vmpagerd --print-capabilities)")]
+    MissingFeature(&'static str),
     /// Creating the shutdown eventfd or the thread failed.
     #[error("cannot start the daemon")]
     Start(#[source] std::io::Error),
@@ -122,6 +136,21 @@ pub fn serve(
     live: Arc<LiveVms>,
 ) -> Result<(), DaemonError> {
     let uffd = uffd::Uffd::probe().map(|p| p.features).unwrap_or(0);
+    // Fail at start, not at the first fault: shared-memory MISSING faults, remove events
+    // (removed ranges must read as zeros) and POISON (a page that cannot be served must raise
+    // SIGBUS, never hang or read as zeros) are not optional.
+    use linux_raw_sys::general as k;
+    for (bit, name) in [
+        (k::UFFD_FEATURE_MISSING_SHMEM, "UFFD_FEATURE_MISSING_SHMEM"),
+        (k::UFFD_FEATURE_EVENT_REMOVE, "UFFD_FEATURE_EVENT_REMOVE"),
+        (k::UFFD_FEATURE_EVENT_UNMAP, "UFFD_FEATURE_EVENT_UNMAP"),
+        (k::UFFD_FEATURE_EVENT_REMAP, "UFFD_FEATURE_EVENT_REMAP"),
+        (k::UFFD_FEATURE_POISON, "UFFD_FEATURE_POISON"),
+    ] {
+        if uffd & u64::from(bit) == 0 {
+            return Err(DaemonError::MissingFeature(name));
+        }
+    }
     let reactor = control::Reactor::new(
         listener,
         shutdown,

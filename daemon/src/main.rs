@@ -42,6 +42,10 @@ struct Args {
     /// Maximum guest memory per VM, in MiB.
     #[arg(long, default_value_t = 1 << 20)]
     max_vm_memory_mib: u64,
+    /// Uid allowed to connect, checked with SO_PEERCRED (repeatable; default: root and the
+    /// daemon's own uid).
+    #[arg(long, value_name = "UID")]
+    allow_uid: Vec<u32>,
     /// Maximum concurrent client connections.
     #[arg(long, default_value_t = 256)]
     max_connections: usize,
@@ -65,6 +69,9 @@ impl Args {
             .checked_mul(1 << 20)
             .context("--max-vm-memory-mib is too large")?;
         c.max_connections = self.max_connections.max(1);
+        if !self.allow_uid.is_empty() {
+            c.allowed_uids = self.allow_uid.clone();
+        }
         Ok(c)
     }
 }

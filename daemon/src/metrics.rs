@@ -33,6 +33,8 @@ pub struct VmMetrics {
     pub stray_faults: AtomicU64,
     /// Pages poisoned because the source failed.
     pub source_errors: AtomicU64,
+    /// Populate ioctls that failed (page poisoned).
+    pub populate_errors: AtomicU64,
     latency: Mutex<Option<Histogram<u64>>>,
 }
 
@@ -80,6 +82,7 @@ impl VmMetrics {
             remap_events: self.remap_events.load(Relaxed),
             stray_faults: self.stray_faults.load(Relaxed),
             source_errors: self.source_errors.load(Relaxed),
+            populate_errors: self.populate_errors.load(Relaxed),
             populate_method,
             ..Stats::default()
         };
@@ -105,7 +108,7 @@ mod tests {
         let m = VmMetrics::new();
         VmMetrics::bump(&m.faults);
         VmMetrics::bump(&m.faults);
-        let samples: Vec<_> = (1..=1000).map(|us| Duration::from_micros(us)).collect();
+        let samples: Vec<_> = (1..=1000).map(Duration::from_micros).collect();
         m.record_latencies(&samples);
         let s = m.snapshot(7, 1);
         assert_eq!(

@@ -17,7 +17,12 @@ const WAKER: Token = Token(usize::MAX);
 #[derive(Debug)]
 pub enum Command {
     /// Start serving a VM's uffd.
-    Serve(Box<FaultServer>),
+    Serve {
+        /// The server.
+        server: Box<FaultServer>,
+        /// Signalled once the uffd is registered with the poller (or could not be).
+        done: Sender<std::io::Result<()>>,
+    },
     /// Stop serving a VM; `done` is signalled once the server (and its uffd) is dropped.
     Stop {
         /// VM id.
@@ -80,6 +85,19 @@ impl Worker {
         self.waker.wake().map_err(|_| WorkerError::Gone(self.index))
     }
 
+    /// Hands a VM's fault server to this worker and waits until its uffd is polled.
+    pub fn serve(&self, server: FaultServer) -> Result<(), WorkerError> {
+        let (done, wait) = crossbeam::channel::bounded(1);
+        self.send(Command::Serve {
+            server: Box::new(server),
+            done,
+        })?;
+        match wait.recv() {
+            Ok(r) => r.map_err(WorkerError::Start),
+            Err(_) => Err(WorkerError::Gone(self.index)),
+        }
+    }
+
     /// Stops serving `vm_id` and waits until its uffd is dropped.
     pub fn stop_vm(&self, vm_id: u64) -> Result<(), WorkerError> {
         let (done, wait) = crossbeam::channel::bounded(1);
@@ -127,14 +145,17 @@ fn run(mut poll: Poll, commands: Receiver<Command>) {
         }
         loop {
             match commands.try_recv() {
-                Ok(Command::Serve(mut server)) => {
+                Ok(Command::Serve { mut server, done }) => {
                     let key = server.vm().id as usize;
                     let fd = server.uffd().as_fd().as_raw_fd();
-                    if let Err(e) =
-                        poll.registry()
-                            .register(&mut SourceFd(&fd), Token(key), Interest::READABLE)
-                    {
-                        tracing::warn!(vm = server.vm().id, error = %e, "cannot poll uffd");
+                    let registered = poll.registry().register(
+                        &mut SourceFd(&fd),
+                        Token(key),
+                        Interest::READABLE,
+                    );
+                    let failed = registered.is_err();
+                    let _ = done.send(registered);
+                    if failed {
                         continue;
                     }
                     // Faults may have queued before registration.

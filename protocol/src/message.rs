@@ -237,6 +237,8 @@ stats_struct! {
     remap_events,
     /// Faults outside every region the VMM declared: poisoned (the VMM gets SIGBUS).
     stray_faults,
+    /// Populate ioctls that failed for another reason than EEXIST/EAGAIN: page poisoned.
+    populate_errors,
     /// Pages poisoned because the page source failed to deliver them.
     source_errors,
     /// Populate method in use (`PopulateMethod` value).
@@ -752,7 +754,14 @@ fn decode_payload(kind: Kind, p: &[u8]) -> Result<Message, DecodeError> {
                 .ok()
                 .filter(|w| w.len() == Stats::FIELDS)
                 .ok_or(DecodeError::Malformed { kind, len: p.len() })?;
-            Message::Stats(Stats::from_words(words))
+            let stats = Stats::from_words(words);
+            if stats.vm_id == 0 {
+                return Err(DecodeError::BadValue {
+                    field: "vm_id",
+                    value: 0,
+                });
+            }
+            Message::Stats(stats)
         }
         Kind::Error => {
             let (w, rest): (ErrorWire, _) = prefix(kind, p)?;

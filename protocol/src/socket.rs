@@ -13,6 +13,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use zerocopy::FromBytes;
 
 /// Transport errors, classified with [`SocketError::is_peer_gone`] and
 /// [`SocketError::is_retryable`].
@@ -39,8 +40,14 @@ pub enum SocketError {
         given: usize,
     },
     /// The record could not be decoded.
-    #[error("malformed message")]
-    Decode(#[from] DecodeError),
+    #[error("malformed message (request {request_id})")]
+    Decode {
+        /// The request id from the header, or 0 if the header itself was unreadable.
+        request_id: u64,
+        /// Why.
+        #[source]
+        error: DecodeError,
+    },
     /// The reply did not match the request.
     #[error("unexpected reply {0}")]
     UnexpectedReply(String),
@@ -77,7 +84,7 @@ impl SocketError {
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            SocketError::Truncated | SocketError::TooManyFds | SocketError::Decode(_)
+            SocketError::Truncated | SocketError::TooManyFds | SocketError::Decode { .. }
         )
     }
 }
@@ -216,7 +223,11 @@ impl Connection {
         if msg.bytes == 0 && fds.is_empty() {
             return Err(SocketError::Closed);
         }
-        let (header, message) = Message::decode(&buf[..msg.bytes], fds.len())?;
+        let bytes = &buf[..msg.bytes];
+        let (header, message) = Message::decode(bytes, fds.len()).map_err(|error| {
+            let request_id = Header::read_from_prefix(bytes).map_or(0, |(h, _)| h.request_id.get());
+            SocketError::Decode { request_id, error }
+        })?;
         Ok(Received {
             header,
             message,

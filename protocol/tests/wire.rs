@@ -72,7 +72,7 @@ fn message_strategy() -> impl Strategy<Value = Message> {
         id.clone().prop_map(|vm_id| Message::Detach { vm_id }),
         id.clone().prop_map(|vm_id| Message::Detached { vm_id }),
         id.clone().prop_map(|vm_id| Message::GetStats { vm_id }),
-        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c)| Message::Stats(Stats {
+        (1u64.., any::<u64>(), any::<u64>()).prop_map(|(a, b, c)| Message::Stats(Stats {
             vm_id: a,
             faults: b,
             latency_max_ns: c,
@@ -125,7 +125,7 @@ proptest! {
         let short = &bytes[..bytes.len().saturating_sub(cut)];
         prop_assert!(Message::decode(short, msg.fd_count()).is_err());
         let mut long = bytes.clone();
-        long.extend(std::iter::repeat(0).take(cut));
+        long.extend(std::iter::repeat_n(0, cut));
         prop_assert!(Message::decode(&long, msg.fd_count()).is_err());
     }
 }
@@ -207,7 +207,7 @@ fn refuses_bad_create_vm() {
             RegionSpec::new(0, 1 << 20, 0),
             RegionSpec::new(1 << 19, 1 << 20, 0),
         ],
-        vec![RegionSpec::new(u64::MAX & !4095, 8192, 0)],
+        vec![RegionSpec::new(!4095, 8192, 0)],
         vec![],
     ];
     for regions in cases {

@@ -12,7 +12,10 @@ use vmpager_client::demo::{self, DaemonProcess, ScenarioConfig};
 use vmpager_client::{Client, PopulateMethod};
 
 #[derive(Debug, Parser)]
-#[command(version, about = "vmpager: userspace page-fault service for virtual machines")]
+#[command(
+    version,
+    about = "vmpager: userspace page-fault service for virtual machines"
+)]
 struct Args {
     #[command(subcommand)]
     command: Cmd,
@@ -60,14 +63,20 @@ fn parse_size(s: &str) -> Result<u64, String> {
         None => (s, ""),
     };
     let n: u64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
-    let m: u64 = match mult.to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+    let m: u64 = match mult
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
         "" => 1,
         "K" => 1 << 10,
         "M" => 1 << 20,
         "G" => 1 << 30,
         _ => return Err(format!("bad size suffix in {s:?} (use K, M or G)")),
     };
-    let v = n.checked_mul(m).ok_or_else(|| format!("size {s:?} is too large"))?;
+    let v = n
+        .checked_mul(m)
+        .ok_or_else(|| format!("size {s:?} is too large"))?;
     if v == 0 || v % 4096 != 0 {
         return Err(format!("size {s:?} must be a non-zero multiple of 4 KiB"));
     }
@@ -83,9 +92,14 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let result = match Args::parse().command {
-        Cmd::Demo { memory, vcpus, socket_path, populate, workdir, seed } => {
-            demo_cmd(memory, vcpus, socket_path, populate, workdir, seed)
-        }
+        Cmd::Demo {
+            memory,
+            vcpus,
+            socket_path,
+            populate,
+            workdir,
+            seed,
+        } => demo_cmd(memory, vcpus, socket_path, populate, workdir, seed),
     };
     if let Err(e) = result {
         eprintln!("vmpager: {e:#}");
@@ -104,7 +118,9 @@ fn demo_cmd(
     if vcpus == 0 {
         bail!("--vcpus must be at least 1");
     }
-    let dir = workdir.unwrap_or_else(std::env::temp_dir).join(format!("vmpager-demo-{}", std::process::id()));
+    let dir = workdir
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!("vmpager-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let _cleanup = RemoveDir(dir.clone());
 
@@ -130,7 +146,8 @@ fn demo_cmd(
         image_path.display()
     );
 
-    let client = Client::connect(&socket).with_context(|| format!("cannot reach vmpagerd at {}", socket.display()))?;
+    let client = Client::connect(&socket)
+        .with_context(|| format!("cannot reach vmpagerd at {}", socket.display()))?;
     let cfg = ScenarioConfig {
         memory,
         vcpus,
@@ -148,7 +165,11 @@ fn demo_cmd(
         2 => "continue (write memfd + UFFDIO_CONTINUE)",
         _ => "unknown",
     };
-    println!("guest: {vcpus} vCPUs (ring-3 long mode) read {} pages in {:.3} s", report.pages, report.read_elapsed.as_secs_f64());
+    println!(
+        "guest: {vcpus} vCPUs (ring-3 long mode) read {} pages in {:.3} s",
+        report.pages,
+        report.read_elapsed.as_secs_f64()
+    );
     println!("populate method: {method}");
     println!(
         "faults served: {} ({} from the snapshot, {} zero, {} coalesced, {} EEXIST)",
@@ -162,7 +183,11 @@ fn demo_cmd(
     );
     println!("throughput: {:.0} pages/s", report.pages_per_sec);
     if s.pages_from_source + s.pages_zero < report.pages {
-        bail!("the daemon installed {} pages but the guest has {}", s.pages_from_source + s.pages_zero, report.pages);
+        bail!(
+            "the daemon installed {} pages but the guest has {}",
+            s.pages_from_source + s.pages_zero,
+            report.pages
+        );
     }
     client.detach(vm.vm_id())?;
     drop(vm);

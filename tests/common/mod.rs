@@ -1,0 +1,84 @@
+//! Helpers shared by the end-to-end tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use vmpager_client::demo::{self, DaemonProcess};
+use vmpager_client::refvmm::RefVm;
+
+/// True when the host has `what`; otherwise prints why the test is skipped, or panics when
+/// `VMPAGER_REQUIRE_KVM=1` (CI on a host that must have every feature).
+pub fn have(what: &str, available: bool) -> bool {
+    if available {
+        return true;
+    }
+    if std::env::var("VMPAGER_REQUIRE_KVM").as_deref() == Ok("1") {
+        panic!("{what} is not available on this host but VMPAGER_REQUIRE_KVM=1");
+    }
+    eprintln!(
+        "SKIPPED: {what} is not available on this host (set VMPAGER_REQUIRE_KVM=1 to fail instead)"
+    );
+    false
+}
+
+/// userfaultfd usable here.
+pub fn have_uffd() -> bool {
+    have("userfaultfd", vmpagerd::uffd::Uffd::probe().is_ok())
+}
+
+/// userfaultfd and /dev/kvm usable here.
+pub fn have_kvm() -> bool {
+    have_uffd() && have("/dev/kvm", RefVm::kvm_available())
+}
+
+/// A temporary directory removed on drop.
+pub struct TestDir(PathBuf);
+
+impl TestDir {
+    pub fn new(name: &str) -> TestDir {
+        let dir = std::env::temp_dir().join(format!("vmpager-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create test dir");
+        TestDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The vmpagerd binary built by `cargo build --workspace` (the README's test command builds it).
+pub fn vmpagerd_binary() -> PathBuf {
+    demo::find_vmpagerd().expect(
+        "vmpagerd binary not found next to the test binary: run `cargo build --workspace --all-features` first (the README's test command does)",
+    )
+}
+
+/// vmpagerd as a separate process, serving a socket in `dir`.
+pub fn daemon_process(dir: &TestDir, extra_args: &[&str]) -> DaemonProcess {
+    DaemonProcess::spawn(&vmpagerd_binary(), &dir.join("vmpagerd.sock"), extra_args)
+        .expect("start vmpagerd")
+}
+
+/// A snapshot image of `size` bytes in `dir`, opened for reading.
+pub fn image(dir: &TestDir, name: &str, size: u64, seed: u64) -> std::fs::File {
+    let path = dir.join(name);
+    demo::write_image(&path, size, seed).expect("write image");
+    std::fs::File::open(path).expect("open image")
+}
+
+/// Number of open fds of this process.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}

@@ -1,0 +1,250 @@
+//! Fault-serving semantics with the daemon on a thread of this process and host threads
+//! faulting on the VMM mapping (as the kernel's uffd selftests do): removed ranges read as
+//! zeros, duplicate faults from many threads are coalesced, EEXIST wakes the faulting thread,
+//! a VMM that disconnects leaves nothing behind and disturbs no other session.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+use vmpager_client::demo::PatternGen;
+use vmpager_client::{Client, MappedRegion, PageSource, PopulateMethod, RegionSpec, VmSpec};
+use vmpagerd::{Config, DaemonHandle};
+
+const PAGE: usize = 4096;
+
+fn daemon(dir: &TestDir) -> DaemonHandle {
+    vmpagerd::spawn(
+        Config {
+            workers: 2,
+            ..Config::default()
+        },
+        &dir.join("d.sock"),
+    )
+    .unwrap()
+}
+
+fn read_page(r: &MappedRegion, page: usize) -> Vec<u8> {
+    let mut out = vec![0u8; PAGE];
+    for (i, b) in out.iter_mut().enumerate() {
+        // SAFETY: inside the live mapping of `r`; a read of shared memory that the daemon
+        // populates on first touch (the read blocks in the fault until then).
+        *b = unsafe { r.host_addr().as_ptr().add(page * PAGE + i).read_volatile() };
+    }
+    out
+}
+
+fn image_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    PatternGen::new(seed).fill(&mut v);
+    v
+}
+
+#[test]
+fn a_removed_range_reads_as_zeros_never_the_old_snapshot() {
+    if !have_uffd() {
+        return;
+    }
+    let dir = TestDir::new("remove");
+    let d = daemon(&dir);
+    let pages = 64;
+    let img = image(&dir, "img", (pages * PAGE) as u64, 11);
+    let snapshot = image_bytes(pages * PAGE, 11);
+    let client = Client::connect(d.socket_path()).unwrap();
+    for populate in [PopulateMethod::Copy, PopulateMethod::Continue] {
+        let vm = client
+            .create_mapped_vm(VmSpec {
+                regions: vec![RegionSpec::new(1 << 32, (pages * PAGE) as u64, 0)],
+                source: PageSource::File(img.try_clone().unwrap()),
+                populate,
+            })
+            .unwrap();
+        let r = &vm.regions()[0];
+        for p in 0..pages {
+            assert_eq!(
+                read_page(r, p),
+                snapshot[p * PAGE..(p + 1) * PAGE],
+                "page {p}"
+            );
+        }
+        // The VMM discards pages 8..24 (balloon, or a guest's free-page report): the daemon
+        // gets UFFD_EVENT_REMOVE before madvise returns.
+        // SAFETY: the range is inside the mapping; its contents are not borrowed anywhere.
+        unsafe {
+            rustix::mm::madvise(
+                r.host_addr().as_ptr().add(8 * PAGE).cast(),
+                16 * PAGE,
+                rustix::mm::Advice::LinuxRemove,
+            )
+        }
+        .unwrap();
+        for p in 0..pages {
+            let expect = if (8..24).contains(&p) {
+                vec![0; PAGE]
+            } else {
+                snapshot[p * PAGE..(p + 1) * PAGE].to_vec()
+            };
+            assert_eq!(
+                read_page(r, p),
+                expect,
+                "{populate:?}: page {p} after remove"
+            );
+        }
+        let s = client.stats(vm.vm_id()).unwrap();
+        assert_eq!(s.remove_events, 1);
+        assert_eq!(s.pages_from_source, pages as u64);
+        assert_eq!(s.pages_zero, 16);
+        client.detach(vm.vm_id()).unwrap();
+    }
+}
+
+#[test]
+fn many_threads_faulting_on_the_same_pages_are_coalesced() {
+    if !have_uffd() {
+        return;
+    }
+    let dir = TestDir::new("threads");
+    let d = daemon(&dir);
+    let pages = 512;
+    let img = image(&dir, "img", (pages * PAGE) as u64, 12);
+    let snapshot = image_bytes(pages * PAGE, 12);
+    let client = Client::connect(d.socket_path()).unwrap();
+    for populate in [PopulateMethod::Copy, PopulateMethod::Continue] {
+        let vm = client
+            .create_mapped_vm(VmSpec {
+                regions: vec![RegionSpec::new(1 << 32, (pages * PAGE) as u64, 0)],
+                source: PageSource::File(img.try_clone().unwrap()),
+                populate,
+            })
+            .unwrap();
+        let r = &vm.regions()[0];
+        let barrier = std::sync::Barrier::new(8);
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let (barrier, snapshot) = (&barrier, &snapshot);
+                s.spawn(move || {
+                    barrier.wait();
+                    // Threads walk the pages from different starting points and directions,
+                    // so most pages are faulted on by several threads at once.
+                    for i in 0..pages {
+                        let p = if t % 2 == 0 {
+                            (i + t * 64) % pages
+                        } else {
+                            pages - 1 - (i + t * 64) % pages
+                        };
+                        let got = read_page(r, p);
+                        assert!(
+                            got == snapshot[p * PAGE..(p + 1) * PAGE],
+                            "thread {t} page {p}"
+                        );
+                    }
+                });
+            }
+        });
+        let s = client.stats(vm.vm_id()).unwrap();
+        assert_eq!(
+            s.pages_from_source, pages as u64,
+            "{populate:?}: each page installed once: {s:?}"
+        );
+        assert_eq!(
+            s.faults,
+            s.pages_from_source + s.coalesced + s.eexist,
+            "{s:?}"
+        );
+        client.detach(vm.vm_id()).unwrap();
+    }
+}
+
+#[test]
+fn eexist_wakes_the_faulting_thread() {
+    if !have_uffd() {
+        return;
+    }
+    let dir = TestDir::new("eexist");
+    let d = daemon(&dir);
+    let client = Client::connect(d.socket_path()).unwrap();
+    // Create, map and register, but keep the uffd to ourselves for a moment.
+    let created = client
+        .create_vm(VmSpec {
+            regions: vec![RegionSpec::new(1 << 32, 16 * PAGE as u64, 0)],
+            source: PageSource::Zero,
+            populate: PopulateMethod::Copy,
+        })
+        .unwrap();
+    let vm_id = created.vm_id;
+    let vm = vmpager_client::VmMemory::map(created).unwrap();
+    let r = &vm.regions()[0];
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| read_page(r, 3));
+        // Wait until the reader is blocked in its fault: the uffd becomes readable.
+        let uffd = vm.uffd();
+        let mut fds = [rustix::event::PollFd::new(
+            &uffd,
+            rustix::event::PollFlags::IN,
+        )];
+        rustix::event::poll(&mut fds, None).unwrap();
+        // The page appears in the memfd by another path than the fault (the VMM restoring it
+        // with pwrite): UFFDIO_COPY will find it there and fail with EEXIST.
+        let content = vec![0xabu8; PAGE];
+        rustix::io::pwrite(r.memfd(), &content, 3 * PAGE as u64).unwrap();
+        client
+            .attach_uffd(vm_id, vm.uffd(), &vm.host_addrs())
+            .unwrap();
+        // Without the wake on EEXIST this join would hang forever.
+        assert_eq!(reader.join().unwrap(), content);
+    });
+    let s = client.stats(vm_id).unwrap();
+    assert_eq!((s.faults, s.eexist), (1, 1), "{s:?}");
+}
+
+#[test]
+fn a_vmm_that_disconnects_leaves_nothing_behind_and_disturbs_no_other() {
+    if !have_uffd() {
+        return;
+    }
+    let dir = TestDir::new("disconnect");
+    let d = daemon(&dir);
+    let img = image(&dir, "img", 64 * PAGE as u64, 13);
+    let snapshot = image_bytes(64 * PAGE, 13);
+    let spec = || VmSpec {
+        regions: vec![RegionSpec::new(1 << 32, 64 * PAGE as u64, 0)],
+        source: PageSource::File(img.try_clone().unwrap()),
+        populate: PopulateMethod::Default,
+    };
+    // A long-lived session on its own connection.
+    let steady = Client::connect(d.socket_path()).unwrap();
+    let steady_vm = steady.create_mapped_vm(spec()).unwrap();
+    assert_eq!(read_page(&steady_vm.regions()[0], 0), snapshot[..PAGE]);
+    assert!(d.live_vms().wait_for(1, Duration::from_secs(10)));
+
+    let fds_before = open_fds();
+    for round in 0..20 {
+        let client = Client::connect(d.socket_path()).unwrap();
+        let vm = client.create_mapped_vm(spec()).unwrap();
+        let r = &vm.regions()[0];
+        for p in 0..(round % 8) {
+            assert_eq!(read_page(r, p), snapshot[p * PAGE..(p + 1) * PAGE]);
+        }
+        // Sometimes with a second VM, sometimes without detaching: the connection's close
+        // frees whatever it owns.
+        let extra = (round % 3 == 0).then(|| client.create_vm(spec()).unwrap());
+        drop(extra);
+        drop(vm);
+        drop(client);
+        assert!(
+            d.live_vms().wait_for(1, Duration::from_secs(10)),
+            "round {round}: VMs not freed"
+        );
+    }
+    // Every memfd, mapping fd, uffd copy and socket of those sessions is closed.
+    assert_eq!(open_fds(), fds_before);
+    // The steady session never noticed.
+    let r = &steady_vm.regions()[0];
+    for p in 0..64 {
+        assert_eq!(read_page(r, p), snapshot[p * PAGE..(p + 1) * PAGE]);
+    }
+    assert_eq!(
+        steady.stats(steady_vm.vm_id()).unwrap().pages_from_source,
+        64
+    );
+}
