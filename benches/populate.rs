@@ -14,7 +14,10 @@ use vmpager_client::{Client, PageSource, PopulateMethod, RegionSpec, VmSpec};
 const PAGE: usize = 4096;
 
 fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -33,7 +36,11 @@ fn touch_all(base: *const u8, pages: usize) -> (f64, f64, f64) {
         h.saturating_record(t.elapsed().as_nanos() as u64);
     }
     let secs = start.elapsed().as_secs_f64();
-    (h.value_at_quantile(0.5) as f64, h.value_at_quantile(0.99) as f64, pages as f64 / secs)
+    (
+        h.value_at_quantile(0.5) as f64,
+        h.value_at_quantile(0.99) as f64,
+        pages as f64 / secs,
+    )
 }
 
 fn kernel_first_touch(pages: usize) -> (f64, f64, f64) {
@@ -81,7 +88,10 @@ fn main() {
     let image = std::fs::File::open(&image_path).expect("open image");
     let client = Client::connect(daemon.socket_path()).expect("connect");
 
-    let methods = [("copy", PopulateMethod::Copy), ("continue", PopulateMethod::Continue)];
+    let methods = [
+        ("copy", PopulateMethod::Copy),
+        ("continue", PopulateMethod::Continue),
+    ];
     let sources = ["file", "zero"];
     // [method][source] -> per-round p50, p99, pages/s
     let mut host = vec![vec![(Vec::new(), Vec::new(), Vec::new()); 2]; 2];
@@ -93,7 +103,11 @@ fn main() {
         base.1.push(p99);
         base.2.push(rate);
         // Alternate the order every round so neither method always runs first.
-        let order: Vec<usize> = if round % 2 == 0 { vec![0, 1] } else { vec![1, 0] };
+        let order: Vec<usize> = if round % 2 == 0 {
+            vec![0, 1]
+        } else {
+            vec![1, 0]
+        };
         for &m in &order {
             for (s, source) in sources.iter().enumerate() {
                 let vm = client
@@ -114,15 +128,24 @@ fn main() {
                 client.detach(vm.vm_id()).expect("detach");
             }
             if vmpager_client::refvmm::RefVm::kvm_available() {
-                let cfg = ScenarioConfig { memory: vcpu_mib << 20, vcpus: 1, populate: methods[m].1, write_pattern: false };
-                let (vm, report) = run_scenario(&client, Some(&image), &cfg).expect("vcpu scenario");
+                let cfg = ScenarioConfig {
+                    memory: vcpu_mib << 20,
+                    vcpus: 1,
+                    populate: methods[m].1,
+                    write_pattern: false,
+                };
+                let (vm, report) =
+                    run_scenario(&client, Some(&image), &cfg).expect("vcpu scenario");
                 vcpu[m].push(report.pages_per_sec);
                 client.detach(vm.vm_id()).expect("detach");
             }
         }
     }
     println!("populate-method benchmark: {rounds} rounds, medians over rounds; one host thread touching {pages} pages (4 KiB) of a fresh VM; vmpagerd in a separate process");
-    println!("{:<34} {:>10} {:>10} {:>12}", "path", "p50 us", "p99 us", "pages/s");
+    println!(
+        "{:<34} {:>10} {:>10} {:>12}",
+        "path", "p50 us", "p99 us", "pages/s"
+    );
     println!(
         "{:<34} {:>10.2} {:>10.2} {:>12.0}",
         "kernel first touch (memfd, no uffd)",
@@ -135,11 +158,20 @@ fn main() {
         for (s, source) in sources.iter().enumerate() {
             let (a, b, c) = &mut host[m][s];
             p50s[m][s] = median(a);
-            println!("{:<34} {:>10.2} {:>10.2} {:>12.0}", format!("vmpagerd {name}, {source} source"), p50s[m][s] / 1e3, median(b) / 1e3, median(c));
+            println!(
+                "{:<34} {:>10.2} {:>10.2} {:>12.0}",
+                format!("vmpagerd {name}, {source} source"),
+                p50s[m][s] / 1e3,
+                median(b) / 1e3,
+                median(c)
+            );
         }
     }
     for (s, source) in sources.iter().enumerate() {
-        println!("ratio continue/copy p50, {source} source: {:.3}", p50s[1][s] / p50s[0][s]);
+        println!(
+            "ratio continue/copy p50, {source} source: {:.3}",
+            p50s[1][s] / p50s[0][s]
+        );
     }
     if !vcpu[0].is_empty() {
         let copy = median(&mut vcpu[0]);

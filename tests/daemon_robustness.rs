@@ -231,14 +231,16 @@ fn daemon_never_panics_and_exits_cleanly_on_sigterm() {
     let dir = TestDir::new("sigterm");
     // Run the binary directly so its stderr can be read.
     let sock = dir.join("d.sock");
-    let mut child = std::process::Command::new(vmpagerd_binary())
-        .arg("--socket-path")
-        .arg(&sock)
-        .env("VMPAGER_LOG", "debug")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
+    let mut child = KillOnDrop(
+        std::process::Command::new(vmpagerd_binary())
+            .arg("--socket-path")
+            .arg(&sock)
+            .env("VMPAGER_LOG", "debug")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stderr = child.0.stderr.take().unwrap();
     // Readiness: the daemon logs "vmpagerd serving" once it listens; read until then.
     let mut log = Vec::new();
     let mut buf = [0u8; 4096];
@@ -287,15 +289,27 @@ fn daemon_never_panics_and_exits_cleanly_on_sigterm() {
     assert_eq!(answered, 32);
     let started = Instant::now();
     rustix::process::kill_process(
-        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Pid::from_raw(child.0.id() as i32).unwrap(),
         rustix::process::Signal::TERM,
     )
     .unwrap();
-    let status = child.wait().unwrap();
+    let status = child.0.wait().unwrap();
     eprintln!("vmpagerd exited after SIGTERM in {:?}", started.elapsed());
     stderr.read_to_end(&mut log).unwrap();
     let log = String::from_utf8_lossy(&log);
     assert!(status.success(), "exit status {status}: {log}");
     assert!(!log.contains("panicked"), "{log}");
     assert!(!sock.exists(), "the socket file is removed on exit");
+}
+
+/// Kills the child if the test fails before it exits.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }

@@ -276,6 +276,18 @@ pub fn run_scenario(
     image: Option<&File>,
     cfg: &ScenarioConfig,
 ) -> Result<(VmMemory, ScenarioReport), DemoError> {
+    let memory = create_scenario_vm(client, image, cfg)?;
+    let report = run_guest(client, &memory, image, cfg)?;
+    Ok((memory, report))
+}
+
+/// The first half of [`run_scenario`]: one region of `cfg.memory` bytes at [`DEMO_GPA`], mapped
+/// here and attached.
+pub fn create_scenario_vm(
+    client: &Client,
+    image: Option<&File>,
+    cfg: &ScenarioConfig,
+) -> Result<VmMemory, DemoError> {
     let source = match image {
         Some(f) => PageSource::File(f.try_clone().map_err(io("cannot duplicate the image fd"))?),
         None => PageSource::Zero,
@@ -285,6 +297,16 @@ pub fn run_scenario(
         source,
         populate: cfg.populate,
     })?;
+    Ok(memory)
+}
+
+/// The second half of [`run_scenario`]: the guest reads (and optionally writes) all of `memory`.
+pub fn run_guest(
+    client: &Client,
+    memory: &VmMemory,
+    image: Option<&File>,
+    cfg: &ScenarioConfig,
+) -> Result<ScenarioReport, DemoError> {
     let regions: Vec<GuestRegion> = memory
         .regions()
         .iter()
@@ -294,8 +316,8 @@ pub fn run_scenario(
             size: r.len() as u64,
         })
         .collect();
-    // SAFETY: the regions are mapped by `memory`, which outlives `vm` (dropped at the end of this
-    // function, before `memory` is returned).
+    // SAFETY: the regions are mapped by `memory`, borrowed for longer than `vm` lives (it is
+    // dropped at the end of this function).
     let vm = unsafe { RefVm::new(&regions, cfg.vcpus)? };
     let plans = split_evenly(&regions, cfg.vcpus, Workload::Checksum);
     let reports = vm.run(&plans)?;
@@ -342,13 +364,10 @@ pub fn run_scenario(
     let stats = client.stats(memory.vm_id())?;
     let pages = cfg.memory / PAGE_SIZE;
     let pages_per_sec = pages as f64 / read_elapsed.as_secs_f64().max(1e-9);
-    Ok((
-        memory,
-        ScenarioReport {
-            stats,
-            pages,
-            read_elapsed,
-            pages_per_sec,
-        },
-    ))
+    Ok(ScenarioReport {
+        stats,
+        pages,
+        read_elapsed,
+        pages_per_sec,
+    })
 }

@@ -47,6 +47,9 @@ pub struct UffdCaps {
     pub feature_bits: u64,
     /// Named features.
     pub features: Vec<&'static str>,
+    /// A feature vmpagerd requires that this host lacks (the daemon will not start).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub missing_required: Option<&'static str>,
 }
 
 /// KVM support.
@@ -120,10 +123,10 @@ pub fn probe() -> Capabilities {
         Ok(p) => (p.features, None),
         Err(e) => (0, Some(e.to_string())),
     };
-    let needed = u64::from(k::UFFD_FEATURE_MISSING_SHMEM | k::UFFD_FEATURE_EVENT_REMOVE);
     let mut populate_methods = Vec::new();
     let mut features = Vec::new();
-    if uffd_err.is_none() && uffd_bits & needed == needed {
+    let missing = crate::uffd::missing_required(uffd_bits);
+    if uffd_err.is_none() && missing.is_none() {
         populate_methods.push("copy");
         features.extend(["file_source", "stats"]);
         if uffd_bits & u64::from(k::UFFD_FEATURE_MINOR_SHMEM) != 0 {
@@ -143,6 +146,7 @@ pub fn probe() -> Capabilities {
             error: uffd_err,
             feature_bits: uffd_bits,
             features: uffd_feature_names(uffd_bits),
+            missing_required: missing,
         },
         kvm: probe_kvm(),
     }

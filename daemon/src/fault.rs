@@ -262,17 +262,16 @@ impl FaultServer {
             }
         };
         match fill {
-            Ok(Fill::Zero) => {
-                VmMetrics::bump(&vm.metrics.pages_zero);
-                self.uffd.zeropage(dst, PAGE_SIZE)
+            // Counted once installed: EEXIST and EAGAIN have their own counters.
+            Ok(Fill::Zero) => self
+                .uffd
+                .zeropage(dst, PAGE_SIZE)
+                .inspect(|()| VmMetrics::bump(&vm.metrics.pages_zero)),
+            Ok(Fill::Data) => match vm.populate {
+                Populate::Copy => self.uffd.copy(dst, &self.bounce),
+                Populate::Continue => self.uffd.r#continue(dst, PAGE_SIZE),
             }
-            Ok(Fill::Data) => {
-                VmMetrics::bump(&vm.metrics.pages_from_source);
-                match vm.populate {
-                    Populate::Copy => self.uffd.copy(dst, &self.bounce),
-                    Populate::Continue => self.uffd.r#continue(dst, PAGE_SIZE),
-                }
-            }
+            .inspect(|()| VmMetrics::bump(&vm.metrics.pages_from_source)),
             Err(e) => {
                 // Never silently zero-fill a page the source could not deliver: poison it, so
                 // the VMM gets SIGBUS on this page.

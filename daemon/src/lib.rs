@@ -136,20 +136,9 @@ pub fn serve(
     live: Arc<LiveVms>,
 ) -> Result<(), DaemonError> {
     let uffd = uffd::Uffd::probe().map(|p| p.features).unwrap_or(0);
-    // Fail at start, not at the first fault: shared-memory MISSING faults, remove events
-    // (removed ranges must read as zeros) and POISON (a page that cannot be served must raise
-    // SIGBUS, never hang or read as zeros) are not optional.
-    use linux_raw_sys::general as k;
-    for (bit, name) in [
-        (k::UFFD_FEATURE_MISSING_SHMEM, "UFFD_FEATURE_MISSING_SHMEM"),
-        (k::UFFD_FEATURE_EVENT_REMOVE, "UFFD_FEATURE_EVENT_REMOVE"),
-        (k::UFFD_FEATURE_EVENT_UNMAP, "UFFD_FEATURE_EVENT_UNMAP"),
-        (k::UFFD_FEATURE_EVENT_REMAP, "UFFD_FEATURE_EVENT_REMAP"),
-        (k::UFFD_FEATURE_POISON, "UFFD_FEATURE_POISON"),
-    ] {
-        if uffd & u64::from(bit) == 0 {
-            return Err(DaemonError::MissingFeature(name));
-        }
+    // Fail at start, not at the first fault.
+    if let Some(name) = uffd::missing_required(uffd) {
+        return Err(DaemonError::MissingFeature(name));
     }
     let reactor = control::Reactor::new(
         listener,

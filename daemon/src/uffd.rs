@@ -14,6 +14,40 @@ use linux_raw_sys::general::{
 use rustix::io::Errno;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
+/// Features the daemon cannot work without: shared-memory MISSING faults, the events that keep
+/// the page-state table true (removed ranges must read as zeros), and POISON (a page that
+/// cannot be served must raise SIGBUS, never hang or read as zeros).
+pub const REQUIRED_FEATURES: &[(u32, &str)] = &[
+    (
+        linux_raw_sys::general::UFFD_FEATURE_MISSING_SHMEM,
+        "UFFD_FEATURE_MISSING_SHMEM",
+    ),
+    (
+        linux_raw_sys::general::UFFD_FEATURE_EVENT_REMOVE,
+        "UFFD_FEATURE_EVENT_REMOVE",
+    ),
+    (
+        linux_raw_sys::general::UFFD_FEATURE_EVENT_UNMAP,
+        "UFFD_FEATURE_EVENT_UNMAP",
+    ),
+    (
+        linux_raw_sys::general::UFFD_FEATURE_EVENT_REMAP,
+        "UFFD_FEATURE_EVENT_REMAP",
+    ),
+    (
+        linux_raw_sys::general::UFFD_FEATURE_POISON,
+        "UFFD_FEATURE_POISON",
+    ),
+];
+
+/// The first required feature `features` lacks, if any.
+pub fn missing_required(features: u64) -> Option<&'static str> {
+    REQUIRED_FEATURES
+        .iter()
+        .find(|(bit, _)| features & u64::from(*bit) == 0)
+        .map(|&(_, n)| n)
+}
+
 /// Size of one `struct uffd_msg`.
 pub const MSG_SIZE: usize = 32;
 const _: () = assert!(core::mem::size_of::<linux_raw_sys::general::uffd_msg>() == MSG_SIZE);

@@ -158,7 +158,14 @@ fn demo_cmd(
         },
         write_pattern: true,
     };
-    let (vm, report) = demo::run_scenario(&client, Some(&image), &cfg)?;
+    let vm = demo::create_scenario_vm(&client, Some(&image), &cfg)?;
+    println!(
+        "vm {}: {} MiB at GPA {:#x} attached to vmpagerd; guest starting",
+        vm.vm_id(),
+        memory >> 20,
+        demo::DEMO_GPA
+    );
+    let report = demo::run_guest(&client, &vm, Some(&image), &cfg)?;
     let s = report.stats;
     let method = match s.populate_method {
         1 => "copy (UFFDIO_COPY)",

@@ -1,0 +1,160 @@
+//! The command-line interfaces users and scripts depend on: `vmpagerd --print-capabilities`,
+//! `vmpager demo`, and a VMM process killed mid-run next to a healthy session.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use vmpager_client::demo::{run_scenario, ScenarioConfig};
+use vmpager_client::{Client, PopulateMethod};
+
+fn vmpager_binary() -> PathBuf {
+    let bin = vmpagerd_binary().with_file_name("vmpager");
+    assert!(
+        bin.is_file(),
+        "{} missing: run `cargo build --workspace --all-features` first",
+        bin.display()
+    );
+    bin
+}
+
+#[test]
+fn print_capabilities_is_json_describing_this_host() {
+    let out = Command::new(vmpagerd_binary())
+        .arg("--print-capabilities")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let caps: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let uffd_ok = vmpagerd::uffd::Uffd::probe().is_ok();
+    assert_eq!(caps["userfaultfd"]["available"], uffd_ok);
+    assert_eq!(
+        caps["kvm"]["available"],
+        std::path::Path::new("/dev/kvm").exists() && kvm_ioctls::Kvm::new().is_ok()
+    );
+    assert_eq!(caps["protocol"]["version"], 1);
+    if uffd_ok {
+        let names: Vec<_> = caps["userfaultfd"]["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert!(names.contains(&"missing_shmem"), "{names:?}");
+        assert!(caps["protocol"]["populate_methods"]
+            .as_array()
+            .unwrap()
+            .contains(&"copy".into()));
+    }
+    // Every key a management tool reads is there.
+    for key in [
+        "memory_attributes",
+        "guest_memfd",
+        "guest_memfd_flags",
+        "vm_types",
+        "memory_fault_info",
+    ] {
+        assert!(caps["kvm"].get(key).is_some(), "kvm.{key} missing");
+    }
+}
+
+#[test]
+fn vmpagerd_refuses_bad_arguments_early() {
+    for args in [
+        &[][..],
+        &["--fd", "1"],
+        &["--workers", "0", "--socket-path", "/tmp/x.sock"],
+    ] {
+        let out = Command::new(vmpagerd_binary()).args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} accepted");
+        assert!(!out.stderr.is_empty());
+    }
+}
+
+#[test]
+fn demo_verifies_every_byte() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = TestDir::new("demo");
+    let out = Command::new(vmpager_binary())
+        .args(["demo", "--memory", "16M", "--vcpus", "2", "--workdir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("faults served: 4096 (4096 from the snapshot"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("fault latency (fault read -> wake): p50"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("pages/s"), "{stdout}");
+    assert!(
+        stdout.lines().last() == Some("verified: guest saw every byte of the snapshot"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_vmm_killed_mid_run_disturbs_no_other_session() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = TestDir::new("killed");
+    let daemon = daemon_process(&dir, &[]);
+    // A VMM process (the demo against our daemon) killed with SIGKILL while its guest faults.
+    let mut vmm = Command::new(vmpager_binary())
+        .args(["demo", "--memory", "256M", "--vcpus", "1", "--socket-path"])
+        .arg(daemon.socket_path())
+        .arg("--workdir")
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(vmm.stdout.take().unwrap()).lines();
+    // "snapshot: ..." is printed just before it connects and its guest starts faulting.
+    // "vm N: ... guest starting" is printed once the VM is attached, just before its vCPU runs.
+    let started = lines.find(|l| l.as_ref().is_ok_and(|l| l.contains("guest starting")));
+    assert!(started.is_some(), "the VMM never started its guest");
+    // A healthy session runs on the same daemon while the other VMM is killed.
+    let path = daemon.socket_path().to_owned();
+    let img = image(&dir, "steady.img", 16 << 20, 21);
+    let steady = std::thread::spawn(move || {
+        let client = Client::connect(&path).unwrap();
+        let cfg = ScenarioConfig {
+            memory: 16 << 20,
+            vcpus: 1,
+            populate: PopulateMethod::Default,
+            write_pattern: true,
+        };
+        run_scenario(&client, Some(&img), &cfg).map(|(_, r)| r.stats.pages_from_source)
+    });
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(vmm.id() as i32).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    let status = vmm.wait().unwrap();
+    assert!(!status.success());
+    assert_eq!(steady.join().unwrap().unwrap(), 4096);
+    // And the daemon goes on serving new VMMs.
+    let client = Client::connect(daemon.socket_path()).unwrap();
+    let cfg = ScenarioConfig {
+        memory: 4 << 20,
+        vcpus: 2,
+        populate: PopulateMethod::Continue,
+        write_pattern: false,
+    };
+    let (_vm, report) = run_scenario(&client, None, &cfg).unwrap();
+    assert_eq!(report.stats.pages_zero, 1024);
+}
