@@ -10,6 +10,7 @@
 #![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
 pub mod header;
+pub mod mailbox;
 pub mod message;
 pub mod region;
 pub mod socket;

@@ -1,0 +1,568 @@
+//! The per-vCPU mailbox: the lock-free channel that carries KVM memory-fault and conversion
+//! exits from a VMM's vCPU threads to the daemon and the answers back (DESIGN.md §6).
+//!
+//! A mailbox is a memfd mapped by both processes: a 128-byte header, then one 128-byte slot per
+//! vCPU. A vCPU has at most one outstanding exit, so each slot is a single-producer /
+//! single-consumer exchange:
+//!
+//! 1. the VMM writes the request fields, then release-stores a new `req_seq`;
+//! 2. if the daemon said it sleeps (`daemon_idle`, read after a SeqCst fence), the VMM rings
+//!    the doorbell eventfd;
+//! 3. the daemon reads `req_seq` (acquire), the fields, answers into the slot's second cache
+//!    line, release-stores `resp_seq = req_seq`, and if the VMM said it sleeps
+//!    (`vmm_waiting`, after a SeqCst fence) wakes the futex on `resp_seq`;
+//! 4. the VMM spins briefly (crossbeam `Backoff`) on `resp_seq`, then sets `vmm_waiting`, fences
+//!    and sleeps on the futex with a timeout, checking that the daemon is alive in between.
+//!
+//! Every field is an atomic: both processes may touch the memory at any time, and nothing in a
+//! slot is trusted by the daemon before it is validated. No lock is shared between the
+//! processes, so a crashed peer can never wedge the other: the survivor's waits are bounded.
+//!
+//! Layout (all little-endian, offsets in bytes):
+//!
+//! | header | size | field |
+//! |---|---|---|
+//! | 0 | 4 | magic `"VMPM"` |
+//! | 4 | 4 | layout version (1) |
+//! | 8 | 4 | number of slots (vCPUs) |
+//! | 12 | 4 | slot size (128) |
+//! | 64 | 4 | `daemon_idle`: non-zero while the daemon sleeps on the doorbell |
+//!
+//! | slot | size | field | written by |
+//! |---|---|---|---|
+//! | 0 | 4 | `req_seq` | VMM |
+//! | 4 | 4 | `vmm_waiting` | VMM |
+//! | 8 | 4 | `kind` ([`RequestKind`]) | VMM |
+//! | 12 | 4 | `flags` ([`REQ_PRIVATE`]) | VMM |
+//! | 16 | 8 | `gpa` | VMM |
+//! | 24 | 8 | `size` | VMM |
+//! | 64 | 4 | `resp_seq` (futex word) | daemon |
+//! | 68 | 4 | `status` ([`Status`]) | daemon |
+//! | 72 | 4 | `code` (error code when denied/fatal) | daemon |
+//! | 80 | 8 | `ret` (hypercall return value) | daemon |
+
+use crossbeam_utils::Backoff;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// `"VMPM"` as a little-endian u32.
+pub const MAILBOX_MAGIC: u32 = u32::from_le_bytes(*b"VMPM");
+/// Layout version.
+pub const MAILBOX_VERSION: u32 = 1;
+/// Bytes per slot (two cache lines: requests, responses).
+pub const SLOT_SIZE: usize = 128;
+/// Bytes of the header.
+pub const HEADER_SIZE: usize = 128;
+/// Largest number of slots.
+pub const MAX_SLOTS: u32 = 1024;
+/// Request flag: the access or the conversion target is private.
+pub const REQ_PRIVATE: u32 = 1;
+
+/// Mailbox header (only atomics: both processes touch it).
+#[repr(C, align(64))]
+pub struct Header {
+    magic: AtomicU32,
+    version: AtomicU32,
+    slots: AtomicU32,
+    slot_size: AtomicU32,
+    _reserved: [AtomicU64; 6],
+    daemon_idle: AtomicU32,
+    _reserved2: [AtomicU32; 15],
+}
+
+/// One vCPU's slot.
+#[repr(C, align(64))]
+pub struct Slot {
+    req_seq: AtomicU32,
+    vmm_waiting: AtomicU32,
+    kind: AtomicU32,
+    flags: AtomicU32,
+    gpa: AtomicU64,
+    size: AtomicU64,
+    _req_pad: [AtomicU64; 4],
+    resp_seq: AtomicU32,
+    status: AtomicU32,
+    code: AtomicU32,
+    _resp_pad0: AtomicU32,
+    ret: AtomicU64,
+    _resp_pad: [AtomicU64; 5],
+}
+
+const _: () = assert!(std::mem::size_of::<Header>() == HEADER_SIZE);
+const _: () = assert!(std::mem::size_of::<Slot>() == SLOT_SIZE);
+
+/// What a vCPU asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum RequestKind {
+    /// `KVM_EXIT_MEMORY_FAULT`: an access KVM could not map; `REQ_PRIVATE` when KVM set
+    /// `KVM_MEMORY_EXIT_FLAG_PRIVATE` (the access wants the page private).
+    MemoryFault = 1,
+    /// `KVM_HC_MAP_GPA_RANGE`: the guest asks to convert a range; `REQ_PRIVATE` when the
+    /// target is private (`KVM_MAP_GPA_RANGE_ENCRYPTED`).
+    MapGpaRange = 2,
+}
+
+/// One exit forwarded by a vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    /// What it is.
+    pub kind: RequestKind,
+    /// First guest physical address.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// The access / conversion target is private.
+    pub private: bool,
+}
+
+/// The daemon's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Status {
+    /// Done: re-enter the guest (for a memory fault, the access will now succeed).
+    Retry = 1,
+    /// Refused by policy or validation; `code` says why. For a hypercall, put `ret` in
+    /// `kvm_run` and re-enter; for a memory fault the VMM must not re-enter blindly.
+    Denied = 2,
+    /// The daemon failed; the VM cannot go on.
+    Fatal = 3,
+}
+
+/// An answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Response {
+    /// Verdict.
+    pub status: Status,
+    /// Error code (0 for `Retry`).
+    pub code: u32,
+    /// Hypercall return value for `kvm_run.hypercall.ret` (0 = success, else a negative
+    /// errno as u64, as KVM defines).
+    pub ret: u64,
+}
+
+/// Errors of the mailbox.
+#[derive(Debug, thiserror::Error)]
+pub enum MailboxError {
+    /// The memfd is not a mailbox of this layout version.
+    #[error("not a vmpager mailbox of layout version {MAILBOX_VERSION}")]
+    BadLayout,
+    /// Slot index out of range.
+    #[error("no slot {0}")]
+    NoSlot(u32),
+    /// The peer went away (control connection closed) while we waited.
+    #[error("the daemon went away during the exchange")]
+    PeerGone,
+    /// The daemon answered with values outside the protocol.
+    #[error("malformed answer in slot {0}")]
+    BadAnswer(u32),
+    /// A system call failed.
+    #[error("mailbox system call failed")]
+    Io(#[from] std::io::Error),
+}
+
+impl MailboxError {
+    /// The daemon is gone: the VM must stop (or reconnect).
+    pub fn peer_gone(&self) -> bool {
+        matches!(self, MailboxError::PeerGone)
+    }
+}
+
+/// A mapped mailbox.
+#[derive(Debug)]
+pub struct Mailbox {
+    ptr: NonNull<u8>,
+    len: usize,
+    slots: u32,
+}
+
+// SAFETY: the mapping holds only atomics (`Header`, `Slot`), which may be accessed from any
+// thread (and process); the mapping is owned by this value and unmapped only on drop.
+unsafe impl Send for Mailbox {}
+// SAFETY: as above.
+unsafe impl Sync for Mailbox {}
+
+impl Drop for Mailbox {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping made in `map_fd`; references into it borrow `self`.
+        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+fn len_for(slots: u32) -> usize {
+    HEADER_SIZE + slots as usize * SLOT_SIZE
+}
+
+impl Mailbox {
+    /// Creates a mailbox memfd with `slots` slots (daemon side) and maps it.
+    pub fn create(slots: u32) -> Result<(Mailbox, OwnedFd), MailboxError> {
+        if slots == 0 || slots > MAX_SLOTS {
+            return Err(MailboxError::NoSlot(slots));
+        }
+        let fd = rustix::fs::memfd_create(
+            "vmpager-mailbox",
+            rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING,
+        )
+        .map_err(std::io::Error::from)?;
+        rustix::fs::ftruncate(&fd, len_for(slots) as u64).map_err(std::io::Error::from)?;
+        rustix::fs::fcntl_add_seals(
+            &fd,
+            rustix::fs::SealFlags::GROW
+                | rustix::fs::SealFlags::SHRINK
+                | rustix::fs::SealFlags::SEAL,
+        )
+        .map_err(std::io::Error::from)?;
+        let mb = Self::map_raw(fd.as_fd(), len_for(slots), slots)?;
+        let h = mb.header();
+        h.version.store(MAILBOX_VERSION, Ordering::Relaxed);
+        h.slots.store(slots, Ordering::Relaxed);
+        h.slot_size.store(SLOT_SIZE as u32, Ordering::Relaxed);
+        h.magic.store(MAILBOX_MAGIC, Ordering::Release);
+        Ok((mb, fd))
+    }
+
+    /// Maps a mailbox received from the daemon (VMM side) after checking its size and header.
+    pub fn map(fd: BorrowedFd<'_>) -> Result<Mailbox, MailboxError> {
+        let size = rustix::fs::fstat(fd).map_err(std::io::Error::from)?.st_size;
+        let size = usize::try_from(size).map_err(|_| MailboxError::BadLayout)?;
+        if size < HEADER_SIZE {
+            return Err(MailboxError::BadLayout);
+        }
+        let slots = ((size - HEADER_SIZE) / SLOT_SIZE) as u32;
+        if slots == 0 || slots > MAX_SLOTS || size != len_for(slots) {
+            return Err(MailboxError::BadLayout);
+        }
+        let mb = Self::map_raw(fd, size, slots)?;
+        let h = mb.header();
+        if h.magic.load(Ordering::Acquire) != MAILBOX_MAGIC
+            || h.version.load(Ordering::Relaxed) != MAILBOX_VERSION
+            || h.slots.load(Ordering::Relaxed) != slots
+            || h.slot_size.load(Ordering::Relaxed) != SLOT_SIZE as u32
+        {
+            return Err(MailboxError::BadLayout);
+        }
+        Ok(mb)
+    }
+
+    fn map_raw(fd: BorrowedFd<'_>, len: usize, slots: u32) -> Result<Mailbox, MailboxError> {
+        // SAFETY: a new shared mapping at a kernel-chosen address, aliasing no Rust object;
+        // `len` is the file's size, so every byte of it is backed. Unmapped once on drop.
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::SHARED,
+                fd,
+                0,
+            )
+        }
+        .map_err(std::io::Error::from)?;
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(MailboxError::BadLayout)?;
+        Ok(Mailbox { ptr, len, slots })
+    }
+
+    /// Number of slots.
+    pub fn slots(&self) -> u32 {
+        self.slots
+    }
+
+    fn header(&self) -> &Header {
+        // SAFETY: the mapping is page aligned and at least HEADER_SIZE bytes long; `Header` is
+        // made only of atomics, valid for any bit pattern and for concurrent access by another
+        // process; the reference borrows `self`, which keeps the mapping alive.
+        unsafe { &*self.ptr.as_ptr().cast::<Header>() }
+    }
+
+    /// Slot `i`, if it exists.
+    pub fn slot(&self, i: u32) -> Option<&Slot> {
+        if i >= self.slots {
+            return None;
+        }
+        // SAFETY: `i < slots` and the mapping is `HEADER_SIZE + slots * SLOT_SIZE` bytes, so the
+        // slot lies inside it, 64-byte aligned (page-aligned base, sizes multiples of 64); `Slot`
+        // is only atomics (any bit pattern is valid, concurrent access is fine); the reference
+        // borrows `self`.
+        Some(unsafe {
+            &*self
+                .ptr
+                .as_ptr()
+                .add(HEADER_SIZE + i as usize * SLOT_SIZE)
+                .cast::<Slot>()
+        })
+    }
+
+    /// Daemon side: announce sleeping on the doorbell (`true`) or running (`false`). After
+    /// announcing sleep, the daemon must scan every slot once more before it really sleeps.
+    pub fn set_daemon_idle(&self, idle: bool) {
+        self.header()
+            .daemon_idle
+            .store(u32::from(idle), Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+    }
+
+    fn daemon_idle(&self) -> bool {
+        self.header().daemon_idle.load(Ordering::Relaxed) != 0
+    }
+}
+
+impl Slot {
+    /// Daemon side: the pending request's sequence number and fields, if a request newer than
+    /// `answered` is there. The fields are untrusted: `kind` may be unknown (`Err` with the
+    /// sequence number, so it can be answered).
+    pub fn pending(&self, answered: u32) -> Option<(u32, Result<Request, u32>)> {
+        let seq = self.req_seq.load(Ordering::Acquire);
+        if seq == answered {
+            return None;
+        }
+        let kind = match self.kind.load(Ordering::Relaxed) {
+            1 => RequestKind::MemoryFault,
+            2 => RequestKind::MapGpaRange,
+            other => return Some((seq, Err(other))),
+        };
+        let flags = self.flags.load(Ordering::Relaxed);
+        Some((
+            seq,
+            Ok(Request {
+                kind,
+                gpa: self.gpa.load(Ordering::Relaxed),
+                size: self.size.load(Ordering::Relaxed),
+                private: flags & REQ_PRIVATE != 0,
+            }),
+        ))
+    }
+
+    /// Daemon side: answers request `seq` and wakes the vCPU if it sleeps.
+    pub fn answer(&self, seq: u32, response: Response) {
+        self.status.store(response.status as u32, Ordering::Relaxed);
+        self.code.store(response.code, Ordering::Relaxed);
+        self.ret.store(response.ret, Ordering::Relaxed);
+        self.resp_seq.store(seq, Ordering::Release);
+        fence(Ordering::SeqCst);
+        if self.vmm_waiting.load(Ordering::Relaxed) != 0 {
+            let _ = rustix::thread::futex::wake(
+                &self.resp_seq,
+                rustix::thread::futex::Flags::empty(),
+                1,
+            );
+        }
+    }
+}
+
+/// How the VMM side waits for an answer.
+#[derive(Debug, Clone, Copy)]
+pub struct WaitPolicy {
+    /// Spin (crossbeam `Backoff` steps) before sleeping.
+    pub spin: bool,
+    /// Longest single futex sleep before checking that the daemon is alive.
+    pub liveness_check: Duration,
+}
+
+impl Default for WaitPolicy {
+    fn default() -> Self {
+        WaitPolicy {
+            spin: true,
+            liveness_check: Duration::from_millis(20),
+        }
+    }
+}
+
+/// The VMM end of one vCPU's slot. Owned by that vCPU's thread.
+#[derive(Debug)]
+pub struct VcpuChannel {
+    mailbox: std::sync::Arc<Mailbox>,
+    index: u32,
+    seq: u32,
+    doorbell: std::sync::Arc<OwnedFd>,
+    liveness: std::sync::Arc<OwnedFd>,
+    policy: WaitPolicy,
+}
+
+impl VcpuChannel {
+    /// The channel of slot `index`. `doorbell` is the daemon's eventfd; `liveness` is an fd that
+    /// reports `POLLHUP` when the daemon is gone (the control connection).
+    pub fn new(
+        mailbox: std::sync::Arc<Mailbox>,
+        index: u32,
+        doorbell: std::sync::Arc<OwnedFd>,
+        liveness: std::sync::Arc<OwnedFd>,
+        policy: WaitPolicy,
+    ) -> Result<VcpuChannel, MailboxError> {
+        let slot = mailbox.slot(index).ok_or(MailboxError::NoSlot(index))?;
+        // Continue from whatever the slot holds (a restarted VMM reattaching).
+        let seq = slot.req_seq.load(Ordering::Relaxed);
+        Ok(VcpuChannel {
+            mailbox,
+            index,
+            seq,
+            doorbell,
+            liveness,
+            policy,
+        })
+    }
+
+    /// Forwards one exit and waits for the answer.
+    pub fn exchange(&mut self, request: Request) -> Result<Response, MailboxError> {
+        let slot = self
+            .mailbox
+            .slot(self.index)
+            .ok_or(MailboxError::NoSlot(self.index))?;
+        self.seq = self.seq.wrapping_add(1);
+        if self.seq == 0 {
+            self.seq = 1; // 0 is "never used"
+        }
+        let seq = self.seq;
+        slot.kind.store(request.kind as u32, Ordering::Relaxed);
+        slot.flags.store(
+            if request.private { REQ_PRIVATE } else { 0 },
+            Ordering::Relaxed,
+        );
+        slot.gpa.store(request.gpa, Ordering::Relaxed);
+        slot.size.store(request.size, Ordering::Relaxed);
+        slot.req_seq.store(seq, Ordering::Release);
+        fence(Ordering::SeqCst);
+        if self.mailbox.daemon_idle() {
+            rustix::io::write(&*self.doorbell, &1u64.to_ne_bytes())
+                .map_err(std::io::Error::from)?;
+        }
+        self.wait(slot, seq)?;
+        let status = match slot.status.load(Ordering::Relaxed) {
+            1 => Status::Retry,
+            2 => Status::Denied,
+            3 => Status::Fatal,
+            _ => return Err(MailboxError::BadAnswer(self.index)),
+        };
+        Ok(Response {
+            status,
+            code: slot.code.load(Ordering::Relaxed),
+            ret: slot.ret.load(Ordering::Relaxed),
+        })
+    }
+
+    fn wait(&self, slot: &Slot, seq: u32) -> Result<(), MailboxError> {
+        if self.policy.spin {
+            let backoff = Backoff::new();
+            while !backoff.is_completed() {
+                if slot.resp_seq.load(Ordering::Acquire) == seq {
+                    return Ok(());
+                }
+                backoff.snooze();
+            }
+        }
+        slot.vmm_waiting.store(1, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        let result = loop {
+            let now = slot.resp_seq.load(Ordering::Acquire);
+            if now == seq {
+                break Ok(());
+            }
+            let started = Instant::now();
+            let timeout = rustix::thread::futex::Timespec {
+                tv_sec: self.policy.liveness_check.as_secs() as i64,
+                tv_nsec: i64::from(self.policy.liveness_check.subsec_nanos()),
+            };
+            match rustix::thread::futex::wait(
+                &slot.resp_seq,
+                rustix::thread::futex::Flags::empty(),
+                now,
+                Some(&timeout),
+            ) {
+                Ok(()) | Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::TIMEDOUT) => {}
+                Err(e) => break Err(MailboxError::Io(e.into())),
+            }
+            if started.elapsed() >= self.policy.liveness_check && !self.peer_alive() {
+                break Err(MailboxError::PeerGone);
+            }
+        };
+        slot.vmm_waiting.store(0, Ordering::Relaxed);
+        result
+    }
+
+    fn peer_alive(&self) -> bool {
+        let mut fds = [rustix::event::PollFd::new(
+            &*self.liveness,
+            rustix::event::PollFlags::empty(),
+        )];
+        match rustix::event::poll(
+            &mut fds,
+            Some(&rustix::event::Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            }),
+        ) {
+            Ok(_) => !fds[0]
+                .revents()
+                .intersects(rustix::event::PollFlags::HUP | rustix::event::PollFlags::ERR),
+            Err(_) => false,
+        }
+    }
+}
+
+/// The daemon end of a mailbox: finds pending requests in every slot and answers them.
+#[derive(Debug)]
+pub struct Consumer {
+    mailbox: std::sync::Arc<Mailbox>,
+    answered: Vec<u32>,
+}
+
+impl Consumer {
+    /// A consumer of `mailbox`; requests already answered (a reattached mailbox) stay answered.
+    pub fn new(mailbox: std::sync::Arc<Mailbox>) -> Consumer {
+        let answered = (0..mailbox.slots())
+            .map(|i| {
+                mailbox
+                    .slot(i)
+                    .map_or(0, |s| s.resp_seq.load(Ordering::Acquire))
+            })
+            .collect();
+        Consumer { mailbox, answered }
+    }
+
+    /// The mailbox.
+    pub fn mailbox(&self) -> &std::sync::Arc<Mailbox> {
+        &self.mailbox
+    }
+
+    /// One pass over every slot: answers each pending request with `handle(slot, request)`
+    /// (`Err(kind)` for an unknown request kind). Returns how many were answered.
+    pub fn poll(
+        &mut self,
+        handle: &mut impl FnMut(u32, Result<Request, u32>) -> Response,
+    ) -> usize {
+        let mut served = 0;
+        for (i, answered) in self.answered.iter_mut().enumerate() {
+            let Some(slot) = self.mailbox.slot(i as u32) else {
+                continue;
+            };
+            if let Some((seq, request)) = slot.pending(*answered) {
+                let response = handle(i as u32, request);
+                slot.answer(seq, response);
+                *answered = seq;
+                served += 1;
+            }
+        }
+        served
+    }
+
+    /// Serves until a pass finds nothing after announcing that the daemon sleeps; on return the
+    /// caller may block on the doorbell: any request made after that pass rings it.
+    pub fn drain(
+        &mut self,
+        handle: &mut impl FnMut(u32, Result<Request, u32>) -> Response,
+    ) -> usize {
+        let mut served = 0;
+        loop {
+            self.mailbox.set_daemon_idle(false);
+            served += self.poll(handle);
+            self.mailbox.set_daemon_idle(true);
+            let late = self.poll(handle);
+            served += late;
+            if late == 0 {
+                return served;
+            }
+        }
+    }
+}
