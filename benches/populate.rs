@@ -119,6 +119,7 @@ fn main() {
                             PageSource::Zero
                         },
                         populate: methods[m].1,
+                        ..Default::default()
                     })
                     .expect("create vm");
                 let (p50, p99, rate) = touch_all(vm.regions()[0].host_addr().as_ptr(), pages);

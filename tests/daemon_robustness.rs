@@ -12,7 +12,7 @@ use std::time::Instant;
 use vmpager_client::demo::{DaemonProcess, PatternGen};
 use vmpager_client::{Client, ClientError, PageSource, PopulateMethod, RegionSpec, VmSpec};
 use vmpager_protocol::{
-    features, AttachUffd, Connection, CreateVm, ErrorCode, Hello, Message, PageSourceKind,
+    features, AttachUffd, Connection, CreateVm, ErrorCode, Hello, Message, PageSourceKind, VmType,
     HEADER_LEN, PROTOCOL_VERSION,
 };
 
@@ -49,6 +49,7 @@ fn well_formed_client_works(daemon: &DaemonProcess) {
             regions: vec![RegionSpec::new(1 << 32, 1 << 20, 0)],
             source: PageSource::Zero,
             populate: PopulateMethod::Default,
+            ..Default::default()
         })
         .unwrap();
     let r = &vm.regions()[0];
@@ -154,6 +155,8 @@ fn garbage_never_takes_the_daemon_down() {
     // A pipe is not a snapshot image, and not a userfaultfd.
     let (r, _w) = rustix::pipe::pipe().unwrap();
     let create = Message::CreateVm(CreateVm {
+        vm_type: VmType::Default,
+        policy: None,
         source: PageSourceKind::File,
         populate: PopulateMethod::Copy,
         regions: vec![RegionSpec::new(0, 1 << 20, 0)],
@@ -161,6 +164,8 @@ fn garbage_never_takes_the_daemon_down() {
     conn.send(&create, 7, &[r.as_fd()]).unwrap();
     expect_error(&conn, ErrorCode::BadSource);
     let zero = Message::CreateVm(CreateVm {
+        vm_type: VmType::Default,
+        policy: None,
         source: PageSourceKind::Zero,
         populate: PopulateMethod::Copy,
         regions: vec![RegionSpec::new(0, 1 << 20, 0)],

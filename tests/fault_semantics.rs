@@ -57,6 +57,7 @@ fn a_removed_range_reads_as_zeros_never_the_old_snapshot() {
                 regions: vec![RegionSpec::new(1 << 32, (pages * PAGE) as u64, 0)],
                 source: PageSource::File(img.try_clone().unwrap()),
                 populate,
+                ..Default::default()
             })
             .unwrap();
         let r = &vm.regions()[0];
@@ -115,6 +116,7 @@ fn many_threads_faulting_on_the_same_pages_are_coalesced() {
                 regions: vec![RegionSpec::new(1 << 32, (pages * PAGE) as u64, 0)],
                 source: PageSource::File(img.try_clone().unwrap()),
                 populate,
+                ..Default::default()
             })
             .unwrap();
         let r = &vm.regions()[0];
@@ -169,6 +171,7 @@ fn eexist_wakes_the_faulting_thread() {
             regions: vec![RegionSpec::new(1 << 32, 16 * PAGE as u64, 0)],
             source: PageSource::Zero,
             populate: PopulateMethod::Copy,
+            ..Default::default()
         })
         .unwrap();
     let vm_id = created.vm_id;
@@ -214,6 +217,7 @@ fn faults_racing_with_removes_never_hang_or_resurrect_old_bytes() {
                 regions: vec![RegionSpec::new(1 << 32, (pages * PAGE) as u64, 0)],
                 source: PageSource::File(img.try_clone().unwrap()),
                 populate,
+                ..Default::default()
             })
             .unwrap();
         let r = &vm.regions()[0];

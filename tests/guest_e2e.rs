@@ -101,6 +101,7 @@ fn vcpus_faulting_on_the_same_pages_are_coalesced() {
                 regions: vec![RegionSpec::new(DEMO_GPA, memory, 0)],
                 source: PageSource::File(img.try_clone().unwrap()),
                 populate,
+                ..Default::default()
             })
             .unwrap();
         let r = &vm_mem.regions()[0];
@@ -177,6 +178,7 @@ fn vcpus_on_different_pages_in_several_regions() {
             regions: specs.clone(),
             source: PageSource::File(img.try_clone().unwrap()),
             populate: PopulateMethod::Default,
+            ..Default::default()
         })
         .unwrap();
     let regions: Vec<_> = vm_mem

@@ -44,6 +44,7 @@ fn a_vmm_that_disconnects_leaves_nothing_behind_and_disturbs_no_other() {
         regions: vec![RegionSpec::new(1 << 32, 64 * PAGE as u64, 0)],
         source: PageSource::File(img.try_clone().unwrap()),
         populate: PopulateMethod::Default,
+        ..Default::default()
     };
     // A long-lived session on its own connection.
     let steady = Client::connect(d.socket_path()).unwrap();

@@ -4,10 +4,13 @@ use crate::memory::{MemoryError, VmMemory};
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
+use std::sync::Arc;
+use vmpager_protocol::mailbox::{Mailbox, VcpuChannel, WaitPolicy};
 use vmpager_protocol::socket::Received;
 use vmpager_protocol::{
-    features, AttachUffd, Connection, CreateVm, ErrorCode, Hello, Message, PageSourceKind,
-    PopulateMethod, RegionSpec, SocketError, Stats, Welcome, PROTOCOL_VERSION,
+    features, AttachUffd, Connection, ConversionEvent, CreateVm, ErrorCode, Hello, Message,
+    PageSourceKind, PopulateMethod, RegionSpec, SocketError, Stats, VmType, Welcome,
+    PROTOCOL_VERSION,
 };
 
 /// Errors talking to the daemon, classified with [`ClientError::peer_gone`] and
@@ -66,12 +69,32 @@ pub enum PageSource {
 /// What to create.
 #[derive(Debug)]
 pub struct VmSpec {
-    /// Guest RAM regions.
+    /// Guest RAM regions (flag private-capable ones with `RegionSpec::private`).
     pub regions: Vec<RegionSpec>,
     /// Page source.
     pub source: PageSource,
     /// Populate method (`Default` lets the daemon choose).
     pub populate: PopulateMethod,
+    /// KVM VM type the VMM created.
+    pub vm_type: VmType,
+    /// The VMM's KVM VM fd: required for VM types with private memory (the daemon creates the
+    /// guest_memfds and sets memory attributes through it).
+    pub vm_fd: Option<OwnedFd>,
+    /// Per-VM policy overrides (TOML with a `[policy]` table), if any.
+    pub policy: Option<String>,
+}
+
+impl Default for VmSpec {
+    fn default() -> VmSpec {
+        VmSpec {
+            regions: Vec::new(),
+            source: PageSource::Zero,
+            populate: PopulateMethod::Default,
+            vm_type: VmType::Default,
+            vm_fd: None,
+            policy: None,
+        }
+    }
 }
 
 /// A VM the daemon created, before the VMM maps it.
@@ -83,6 +106,10 @@ pub struct CreatedVm {
     pub regions: Vec<RegionSpec>,
     /// One memfd per region.
     pub memfds: Vec<OwnedFd>,
+    /// One guest_memfd per private-capable region, in region order (`None` for the others).
+    pub guest_memfds: Vec<Option<OwnedFd>>,
+    /// Secret for `Client::subscribe` (hand it to device backends that must see conversions).
+    pub token: u64,
     /// `UFFDIO_REGISTER_MODE_*` to register the mappings with.
     pub uffd_modes: u64,
     /// `UFFD_FEATURE_*` to enable at `UFFDIO_API`.
@@ -133,18 +160,35 @@ impl Client {
             PageSource::File(f) => (PageSourceKind::File, Some(f)),
         };
         let msg = Message::CreateVm(CreateVm {
+            vm_type: spec.vm_type,
+            policy: spec.policy.clone(),
             source,
             populate: spec.populate,
             regions: spec.regions.clone(),
         });
-        let fds: Vec<BorrowedFd<'_>> = file.iter().map(|f| f.as_fd()).collect();
+        let mut fds: Vec<BorrowedFd<'_>> = file.iter().map(|f| f.as_fd()).collect();
+        if spec.vm_type.has_private_memory() {
+            let vm_fd = spec.vm_fd.as_ref().ok_or_else(|| {
+                ClientError::Protocol(format!("VM type {} needs the VM fd", spec.vm_type.name()))
+            })?;
+            fds.push(vm_fd.as_fd());
+        }
         let reply = request(&self.conn, &msg, &fds)?;
         match reply.message {
             Message::VmCreated(v) if v.region_count as usize == spec.regions.len() => {
+                let mut all = reply.fds.into_iter();
+                let memfds: Vec<OwnedFd> = all.by_ref().take(spec.regions.len()).collect();
+                let guest_memfds = spec
+                    .regions
+                    .iter()
+                    .map(|r| if r.is_private() { all.next() } else { None })
+                    .collect();
                 Ok(CreatedVm {
                     vm_id: v.vm_id,
                     regions: spec.regions,
-                    memfds: reply.fds,
+                    memfds,
+                    guest_memfds,
+                    token: v.token,
                     uffd_modes: v.uffd_modes,
                     uffd_features: v.uffd_features,
                 })
@@ -186,6 +230,55 @@ impl Client {
         Ok(memory)
     }
 
+    /// Creates the VM's per-vCPU mailbox. Build one [`VcpuChannel`] per vCPU thread with
+    /// [`VmExits::channel`].
+    pub fn open_mailbox(&self, vm_id: u64, vcpus: u32) -> Result<VmExits, ClientError> {
+        let reply = request(&self.conn, &Message::OpenMailbox { vm_id, vcpus }, &[])?;
+        match reply.message {
+            Message::MailboxOpened {
+                vm_id: id,
+                vcpus: n,
+            } if id == vm_id && n == vcpus => {
+                let mut fds = reply.fds.into_iter();
+                let (Some(mailbox), Some(doorbell)) = (fds.next(), fds.next()) else {
+                    return Err(ClientError::Protocol(
+                        "MailboxOpened without its fds".into(),
+                    ));
+                };
+                let mailbox = Mailbox::map(mailbox.as_fd())
+                    .map_err(|e| ClientError::Protocol(format!("bad mailbox: {e}")))?;
+                let liveness = self
+                    .conn
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(ClientError::Io)?;
+                Ok(VmExits {
+                    mailbox: Arc::new(mailbox),
+                    doorbell: Arc::new(doorbell),
+                    liveness: Arc::new(liveness),
+                })
+            }
+            other => Err(ClientError::Protocol(format!(
+                "{:?} instead of MailboxOpened",
+                other.kind()
+            ))),
+        }
+    }
+
+    /// Turns this connection into a listener of `vm_id`'s conversion events (what a VFIO or
+    /// vhost-user backend needs). `token` comes from the VMM (`CreatedVm::token`).
+    pub fn subscribe(self, vm_id: u64, token: u64) -> Result<Subscription, ClientError> {
+        match request(&self.conn, &Message::Subscribe { vm_id, token }, &[])?.message {
+            Message::Subscribed { vm_id: id } if id == vm_id => {
+                Ok(Subscription { conn: self.conn })
+            }
+            other => Err(ClientError::Protocol(format!(
+                "{:?} instead of Subscribed",
+                other.kind()
+            ))),
+        }
+    }
+
     /// The VM's counters and fault latency percentiles.
     pub fn stats(&self, vm_id: u64) -> Result<Stats, ClientError> {
         match request(&self.conn, &Message::GetStats { vm_id }, &[])?.message {
@@ -222,4 +315,45 @@ fn request(
         });
     }
     Ok(reply)
+}
+
+/// A VM's mailbox, as the VMM holds it: hand one [`VcpuChannel`] to each vCPU thread.
+#[derive(Debug, Clone)]
+pub struct VmExits {
+    mailbox: Arc<Mailbox>,
+    doorbell: Arc<OwnedFd>,
+    liveness: Arc<OwnedFd>,
+}
+
+impl VmExits {
+    /// The channel of vCPU `index` (one per vCPU thread; never share one between threads).
+    pub fn channel(&self, index: u32, policy: WaitPolicy) -> Result<VcpuChannel, ClientError> {
+        VcpuChannel::new(
+            self.mailbox.clone(),
+            index,
+            self.doorbell.clone(),
+            self.liveness.clone(),
+            policy,
+        )
+        .map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+}
+
+/// A connection that receives a VM's conversion events.
+#[derive(Debug)]
+pub struct Subscription {
+    conn: Connection,
+}
+
+impl Subscription {
+    /// Waits for the next conversion event.
+    pub fn next_event(&self) -> Result<ConversionEvent, ClientError> {
+        match self.conn.recv()?.message {
+            Message::ConversionEvent(e) => Ok(e),
+            other => Err(ClientError::Protocol(format!(
+                "{:?} instead of ConversionEvent",
+                other.kind()
+            ))),
+        }
+    }
 }

@@ -296,6 +296,7 @@ pub fn create_scenario_vm(
         regions: vec![RegionSpec::new(DEMO_GPA, cfg.memory, 0)],
         source,
         populate: cfg.populate,
+        ..Default::default()
     })?;
     Ok(memory)
 }

@@ -12,6 +12,7 @@
 //!     regions: vec![RegionSpec::new(4 << 30, 1 << 30, 0)],
 //!     source: PageSource::File(snapshot),
 //!     populate: vmpager_protocol::PopulateMethod::Default,
+//!     ..Default::default()
 //! })?;
 //! let region = &vm.regions()[0];
 //! // Give region.host_addr() / region.len() to KVM_SET_USER_MEMORY_REGION; the guest's first
@@ -33,6 +34,10 @@ pub mod memory;
 #[cfg(feature = "refvmm")]
 pub mod refvmm;
 
-pub use client::{Client, ClientError, CreatedVm, PageSource, VmSpec};
+pub use client::{Client, ClientError, CreatedVm, PageSource, Subscription, VmExits, VmSpec};
 pub use memory::{MappedRegion, VmMemory};
+pub use vmpager_protocol::mailbox::{
+    Request, RequestKind, Response, Status, VcpuChannel, WaitPolicy,
+};
+pub use vmpager_protocol::{ConversionEvent, VmType, REGION_PRIVATE};
 pub use vmpager_protocol::{PopulateMethod, RegionSpec, Stats};

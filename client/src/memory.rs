@@ -58,6 +58,7 @@ pub enum MemoryError {
 pub struct MappedRegion {
     spec: RegionSpec,
     memfd: OwnedFd,
+    guest_memfd: Option<OwnedFd>,
     addr: NonNull<u8>,
     len: usize,
 }
@@ -93,6 +94,12 @@ impl MappedRegion {
     /// The region's memfd (owned by the daemon too).
     pub fn memfd(&self) -> BorrowedFd<'_> {
         self.memfd.as_fd()
+    }
+
+    /// The region's guest_memfd (private memory), for `KVM_SET_USER_MEMORY_REGION2` with
+    /// `KVM_MEM_GUEST_MEMFD`, if the region is private-capable.
+    pub fn guest_memfd(&self) -> Option<BorrowedFd<'_>> {
+        self.guest_memfd.as_ref().map(|f| f.as_fd())
     }
 }
 
@@ -134,7 +141,17 @@ impl VmMemory {
             })?;
         let mode = RegisterMode::from_bits_retain(created.uffd_modes);
         let mut regions = Vec::with_capacity(created.regions.len());
-        for (i, (spec, memfd)) in created.regions.into_iter().zip(created.memfds).enumerate() {
+        let gmems = created
+            .guest_memfds
+            .into_iter()
+            .chain(std::iter::repeat_with(|| None));
+        for (i, ((spec, memfd), guest_memfd)) in created
+            .regions
+            .into_iter()
+            .zip(created.memfds)
+            .zip(gmems)
+            .enumerate()
+        {
             let len = usize::try_from(spec.size()).map_err(|_| MemoryError::Map {
                 region: i,
                 source: std::io::Error::other("region larger than the address space"),
@@ -162,6 +179,7 @@ impl VmMemory {
             let region = MappedRegion {
                 spec,
                 memfd,
+                guest_memfd,
                 addr,
                 len,
             };

@@ -77,6 +77,8 @@ pub struct KvmCaps {
     pub vm_types: Vec<&'static str>,
     /// `KVM_CAP_EXIT_HYPERCALL` bitmap.
     pub exit_hypercall: u64,
+    /// Whether private VM types can be served here, and why not.
+    pub private_memory: String,
 }
 
 const UFFD_FEATURES: &[(u32, &str)] = &[
@@ -165,6 +167,7 @@ fn probe_kvm() -> KvmCaps {
         guest_memfd_flags: vec![],
         vm_types: vec![],
         exit_hypercall: 0,
+        private_memory: String::new(),
     };
     let kvm = match Kvm::new() {
         Ok(kvm) => kvm,
@@ -204,5 +207,12 @@ fn probe_kvm() -> KvmCaps {
         }
         Err(e) => caps.error = Some(format!("cannot create a VM: {e}")),
     }
+    caps.private_memory = if !caps.guest_memfd {
+        "unavailable: no guest_memfd".into()
+    } else if caps.memory_attributes & u64::from(kb::KVM_MEMORY_ATTRIBUTE_PRIVATE) == 0 {
+        "unavailable: no KVM_CAP_MEMORY_ATTRIBUTES; vmpagerd refuses private VM types unless run with --emulate-attributes (testing only)".into()
+    } else {
+        "available".into()
+    };
     caps
 }

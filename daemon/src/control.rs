@@ -4,10 +4,19 @@
 //! One thread, one mio poller. A connection owns its VMs: when it closes (or its process dies)
 //! every VM it created is stopped and freed, and no other connection can name them.
 
+use crate::caps::KVM_CAP_GUEST_MEMFD_FLAGS;
+use crate::exits::ExitServer;
 use crate::fault::FaultServer;
-use crate::memory::GuestMemory;
+use crate::guest_memfd;
+use crate::memory::{GmemSpec, GuestMemory};
 use crate::metrics::VmMetrics;
-use crate::session::{Populate, Vm};
+use crate::policy::RateLimit;
+use crate::session::{AttributeKeeper, Populate, PrivateMemory, Vm};
+use vmpager_protocol::mailbox::Mailbox;
+use vmpager_protocol::{ConversionEvent, VmType};
+
+/// `KVM_CAP_MEMORY_ATTRIBUTES`.
+const KVM_CAP_MEMORY_ATTRIBUTES: u64 = kvm_bindings::KVM_CAP_MEMORY_ATTRIBUTES as u64;
 use crate::source::{FileSource, PageSource, ZeroSource};
 use crate::uffd::Uffd;
 use crate::worker::Worker;
@@ -30,7 +39,30 @@ use vmpager_protocol::{
 
 const LISTENER: Token = Token(0);
 const SHUTDOWN: Token = Token(1);
-const FIRST_CONN: usize = 2;
+const EVENTS: Token = Token(2);
+const FIRST_CONN: usize = 3;
+
+/// Conversion events from the workers to the reactor, which sends them to subscribers.
+#[derive(Clone)]
+struct EventQueue {
+    tx: crossbeam::channel::Sender<ConversionEvent>,
+    waker: Arc<mio::Waker>,
+}
+
+impl EventQueue {
+    fn send(&self, e: ConversionEvent) {
+        if self.tx.send(e).is_ok() {
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+/// A random 64-bit secret (0 never).
+fn random_token() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty());
+    u64::from_ne_bytes(b).max(1)
+}
 /// Malformed messages in a row after which a connection is dropped.
 const MAX_BAD_IN_A_ROW: u32 = 32;
 
@@ -67,7 +99,10 @@ enum State {
 
 struct VmEntry {
     vm: Arc<Vm>,
+    /// The worker serving its uffd and/or its mailbox.
     worker: Option<usize>,
+    attached: bool,
+    exits: bool,
 }
 
 struct Conn {
@@ -76,6 +111,8 @@ struct Conn {
     vms: HashMap<u64, VmEntry>,
     peer: Option<rustix::net::UCred>,
     bad_in_a_row: u32,
+    /// VMs whose conversion events this connection receives.
+    subscriptions: Vec<u64>,
 }
 
 /// What the host offers that changes how VMs are served.
@@ -104,6 +141,8 @@ pub struct Reactor {
     next_vm: AtomicU64,
     live: Arc<LiveVms>,
     refused: RateLimitedWarning,
+    events: EventQueue,
+    event_rx: crossbeam::channel::Receiver<ConversionEvent>,
 }
 
 /// A warning a client can trigger at will: logged at most once per second, with the number of
@@ -156,6 +195,9 @@ impl Reactor {
                 Interest::READABLE,
             )
             .map_err(ControlError::Poll)?;
+        let waker = Arc::new(mio::Waker::new(poll.registry(), EVENTS).map_err(ControlError::Poll)?);
+        let (tx, event_rx) = crossbeam::channel::unbounded();
+        let events = EventQueue { tx, waker };
         let workers = (0..config.workers.max(1))
             .map(Worker::start)
             .collect::<Result<Vec<_>, _>>()?;
@@ -174,6 +216,8 @@ impl Reactor {
                 last: None,
                 suppressed: 0,
             },
+            events,
+            event_rx,
         })
     }
 
@@ -199,6 +243,7 @@ impl Reactor {
                         return Ok(());
                     }
                     LISTENER => self.accept(),
+                    EVENTS => self.deliver_events(),
                     Token(t) => self.service(t),
                 }
             }
@@ -248,6 +293,7 @@ impl Reactor {
                             vms: HashMap::new(),
                             peer,
                             bad_in_a_row: 0,
+                            subscriptions: Vec::new(),
                         },
                     );
                 }
@@ -331,6 +377,27 @@ impl Reactor {
         }
     }
 
+    /// Sends queued conversion events to the connections subscribed to their VM. A subscriber
+    /// that does not keep up (its socket is full) is dropped.
+    fn deliver_events(&mut self) {
+        let mut dead = Vec::new();
+        while let Ok(e) = self.event_rx.try_recv() {
+            for (&t, conn) in &self.conns {
+                if conn.subscriptions.contains(&e.vm_id)
+                    && conn
+                        .socket
+                        .send(&Message::ConversionEvent(e), 0, &[])
+                        .is_err()
+                {
+                    dead.push(t);
+                }
+            }
+        }
+        for t in dead {
+            self.close(t);
+        }
+    }
+
     /// Stops and frees every VM of a connection, then closes it.
     fn close(&mut self, token: usize) {
         let Some(conn) = self.conns.remove(&token) else {
@@ -402,6 +469,48 @@ impl Reactor {
                 self.create_vm(token, features, create, fds)
             }
             (State::Ready { .. }, Message::AttachUffd(attach)) => self.attach(token, attach, fds),
+            (State::Ready { features }, Message::OpenMailbox { .. })
+                if features & features::MAILBOX == 0 =>
+            {
+                Err(refuse(
+                    ErrorCode::Unsupported,
+                    "the mailbox was not negotiated",
+                ))
+            }
+            (State::Ready { .. }, Message::OpenMailbox { vm_id, vcpus }) => {
+                self.open_mailbox(token, vm_id, vcpus)
+            }
+            (State::Ready { features }, Message::Subscribe { .. })
+                if features & features::CONVERSION_EVENTS == 0 =>
+            {
+                Err(refuse(
+                    ErrorCode::Unsupported,
+                    "conversion events were not negotiated",
+                ))
+            }
+            (
+                State::Ready { .. },
+                Message::Subscribe {
+                    vm_id,
+                    token: secret,
+                },
+            ) => {
+                let known = self
+                    .conns
+                    .values()
+                    .filter_map(|c| c.vms.get(&vm_id))
+                    .any(|e| e.vm.token == secret);
+                if !known {
+                    // The same answer for a wrong token and an unknown VM.
+                    return Err(unknown_vm(vm_id));
+                }
+                if let Some(conn) = self.conns.get_mut(&token) {
+                    if !conn.subscriptions.contains(&vm_id) {
+                        conn.subscriptions.push(vm_id);
+                    }
+                }
+                Ok((Message::Subscribed { vm_id }, vec![]))
+            }
             (State::Ready { .. }, Message::Detach { vm_id }) => {
                 let entry = conn.vms.remove(&vm_id).ok_or_else(|| unknown_vm(vm_id))?;
                 self.free_vm(vm_id, entry);
@@ -440,7 +549,7 @@ impl Reactor {
         token: usize,
         features: u64,
         create: CreateVm,
-        mut fds: Vec<OwnedFd>,
+        fds: Vec<OwnedFd>,
     ) -> Result<(Message, Vec<OwnedFd>), Refusal> {
         let conn_vms = self.conns.get(&token).map_or(0, |c| c.vms.len());
         if conn_vms >= self.config.max_vms_per_connection {
@@ -476,6 +585,31 @@ impl Reactor {
             }
             PopulateMethod::Default => Populate::Copy,
         };
+        if create.vm_type != VmType::Default && features & features::PRIVATE_MEMORY == 0 {
+            return Err(refuse(
+                ErrorCode::Unsupported,
+                "VM types were not negotiated",
+            ));
+        }
+        if !create.vm_type.has_private_memory() && create.regions.iter().any(|r| r.is_private()) {
+            return Err(refuse(
+                ErrorCode::InvalidRegions,
+                format!(
+                    "VM type {} has no private memory: no region may be private",
+                    create.vm_type.name()
+                ),
+            ));
+        }
+        let policy = match &create.policy {
+            Some(text) => self
+                .config
+                .policy
+                .overridden_by(text)
+                .map_err(|e| refuse(ErrorCode::BadMessage, error_chain(&e)))?,
+            None => self.config.policy.clone(),
+        };
+        // The decoder checked the fd count: [snapshot if file source][VM fd if private type].
+        let mut fds = fds.into_iter();
         let source: Box<dyn PageSource> = match create.source {
             PageSourceKind::Zero => Box::new(ZeroSource),
             PageSourceKind::File => {
@@ -486,20 +620,41 @@ impl Reactor {
                     ));
                 }
                 let fd = fds
-                    .pop()
+                    .next()
                     .ok_or_else(|| refuse(ErrorCode::BadMessage, "file source without its fd"))?;
-                let src = FileSource::new(File::from(fd))
-                    .map_err(|e| refuse(ErrorCode::BadSource, error_chain(&e)))?;
-                Box::new(src)
+                Box::new(
+                    FileSource::new(File::from(fd))
+                        .map_err(|e| refuse(ErrorCode::BadSource, error_chain(&e)))?,
+                )
+            }
+        };
+        let private = match create.vm_type.has_private_memory() {
+            false => None,
+            true => {
+                let vm_fd = fds.next().ok_or_else(|| {
+                    refuse(ErrorCode::BadMessage, "private VM type without its VM fd")
+                })?;
+                Some(self.private_memory(vm_fd, create.vm_type)?)
             }
         };
         let id = self.next_vm.fetch_add(1, Ordering::Relaxed);
-        let memory = GuestMemory::new(id, &create.regions)
+        let gmem = private.as_ref().map(|p| GmemSpec {
+            vm_fd: p.vm_fd.as_fd(),
+            flags: p.gmem_flags,
+        });
+        let memory = GuestMemory::new(id, &create.regions, gmem)
             .map_err(|e| refuse(ErrorCode::Internal, error_chain(&e)))?;
-        let memfds = memory
-            .regions()
-            .iter()
-            .map(|r| r.memfd().try_clone_to_owned())
+        let mut out_fds = Vec::new();
+        for r in memory.regions() {
+            out_fds.push(r.memfd().try_clone_to_owned());
+        }
+        for r in memory.regions() {
+            if let Some(g) = r.guest_memfd() {
+                out_fds.push(g.try_clone_to_owned());
+            }
+        }
+        let out_fds = out_fds
+            .into_iter()
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| {
                 refuse(
@@ -507,6 +662,7 @@ impl Reactor {
                     format!("cannot duplicate a memfd: {e}"),
                 )
             })?;
+        let gmem_count = (out_fds.len() - create.regions.len()) as u32;
         let mut uffd_features = u64::from(
             k::UFFD_FEATURE_MISSING_SHMEM
                 | k::UFFD_FEATURE_EVENT_REMOVE
@@ -518,31 +674,131 @@ impl Reactor {
         if populate == Populate::Continue {
             uffd_features |= u64::from(k::UFFD_FEATURE_MINOR_SHMEM);
         }
+        let metrics = VmMetrics::new();
+        if private
+            .as_ref()
+            .is_some_and(|p| p.attributes == AttributeKeeper::Emulated)
+        {
+            metrics.attributes_emulated.store(1, Ordering::Relaxed);
+        }
+        let secret = random_token();
+        let events = self.events.clone();
         let vm = Arc::new(Vm {
             id,
             memory,
             source,
             populate,
-            metrics: VmMetrics::new(),
+            metrics,
+            vm_type: create.vm_type,
+            private,
+            rate: std::sync::Mutex::new(RateLimit::new(policy.max_conversions_per_sec)),
+            policy,
+            listener: Box::new(move |e| events.send(e)),
+            token: secret,
         });
         let reply = VmCreated {
             vm_id: id,
             uffd_modes: populate.register_modes(),
             uffd_features,
             region_count: create.regions.len() as u32,
+            gmem_count,
+            token: secret,
         };
         tracing::debug!(
             vm = id,
             bytes = total,
             ?populate,
             source = vm.source.name(),
+            vm_type = vm.vm_type.name(),
             "VM created"
         );
         if let Some(conn) = self.conns.get_mut(&token) {
-            conn.vms.insert(id, VmEntry { vm, worker: None });
+            conn.vms.insert(
+                id,
+                VmEntry {
+                    vm,
+                    worker: None,
+                    attached: false,
+                    exits: false,
+                },
+            );
             self.live.add(1);
         }
-        Ok((Message::VmCreated(reply), memfds))
+        Ok((Message::VmCreated(reply), out_fds))
+    }
+
+    /// Private memory of a new VM: who keeps the attributes, and the guest_memfd flags.
+    fn private_memory(&self, vm_fd: OwnedFd, vm_type: VmType) -> Result<PrivateMemory, Refusal> {
+        // Is it a KVM VM fd at all? KVM_CHECK_EXTENSION answers only on KVM fds.
+        let attrs =
+            guest_memfd::vm_capability(vm_fd.as_fd(), KVM_CAP_MEMORY_ATTRIBUTES).map_err(|e| {
+                refuse(
+                    ErrorCode::BadMessage,
+                    format!("the VM fd is not a KVM VM: {e}"),
+                )
+            })?;
+        let attributes = if attrs & u64::from(kvm_bindings::KVM_MEMORY_ATTRIBUTE_PRIVATE) != 0 {
+            AttributeKeeper::Kvm
+        } else if self.config.emulate_attributes {
+            AttributeKeeper::Emulated
+        } else {
+            return Err(refuse(
+                ErrorCode::Unsupported,
+                format!(
+                    "this host has no KVM memory attributes (KVM_CAP_MEMORY_ATTRIBUTES), so VM type {} cannot have private memory; run vmpagerd --emulate-attributes to keep them in the daemon (for testing)",
+                    vm_type.name()
+                ),
+            ));
+        };
+        // Private and shared halves live in different files (guest_memfd, memfd): no in-place
+        // sharing, so only MMAP is wanted (the daemon can then inspect and test private pages).
+        let supported =
+            guest_memfd::vm_capability(vm_fd.as_fd(), KVM_CAP_GUEST_MEMFD_FLAGS).unwrap_or(0);
+        let gmem_flags = supported & (guest_memfd::FLAG_MMAP | guest_memfd::FLAG_INIT_SHARED);
+        Ok(PrivateMemory {
+            vm_fd,
+            attributes,
+            gmem_flags,
+        })
+    }
+
+    fn open_mailbox(
+        &mut self,
+        token: usize,
+        vm_id: u64,
+        vcpus: u32,
+    ) -> Result<(Message, Vec<OwnedFd>), Refusal> {
+        let workers = self.workers.len();
+        let Some(conn) = self.conns.get_mut(&token) else {
+            return Err(refuse(ErrorCode::Internal, "connection vanished"));
+        };
+        let entry = conn.vms.get_mut(&vm_id).ok_or_else(|| unknown_vm(vm_id))?;
+        if entry.exits {
+            return Err(refuse(
+                ErrorCode::BadState,
+                format!("VM {vm_id} already has a mailbox"),
+            ));
+        }
+        let internal = |e: &dyn std::error::Error| refuse(ErrorCode::Internal, error_chain(e));
+        let (mailbox, mailbox_fd) = Mailbox::create(vcpus).map_err(|e| internal(&e))?;
+        let doorbell = rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )
+        .map_err(|e| internal(&std::io::Error::from(e)))?;
+        let doorbell_copy = doorbell.try_clone().map_err(|e| internal(&e))?;
+        let server = ExitServer::new(entry.vm.clone(), Arc::new(mailbox), doorbell);
+        // The same worker as the VM's uffd: one VM's work stays on one thread.
+        let w = (vm_id as usize) % workers;
+        self.workers[w]
+            .serve_exits(server)
+            .map_err(|e| internal(&e))?;
+        entry.exits = true;
+        entry.worker = Some(w);
+        Ok((
+            Message::MailboxOpened { vm_id, vcpus },
+            vec![mailbox_fd, doorbell_copy],
+        ))
     }
 
     fn attach(
@@ -557,7 +813,7 @@ impl Reactor {
         };
         let vm_id = attach.vm_id;
         let entry = conn.vms.get_mut(&vm_id).ok_or_else(|| unknown_vm(vm_id))?;
-        if entry.worker.is_some() {
+        if entry.attached {
             return Err(refuse(
                 ErrorCode::BadState,
                 format!("VM {vm_id} already has a uffd"),
@@ -606,6 +862,7 @@ impl Reactor {
             .serve(server)
             .map_err(|e| refuse(ErrorCode::Internal, error_chain(&e)))?;
         entry.worker = Some(w);
+        entry.attached = true;
         Ok((Message::Attached { vm_id }, vec![]))
     }
 }

@@ -4,7 +4,7 @@
 //! locking and duplicate faults on one page are coalesced by that table: the first fault fills
 //! the page (the populate ioctl wakes every thread waiting on it), later ones only wake.
 
-use crate::memory::{PageDst, PageState};
+use crate::memory::PageDst;
 use crate::metrics::VmMetrics;
 use crate::session::{Populate, Vm};
 use crate::source::{Fill, SourceError};
@@ -50,7 +50,6 @@ pub struct FaultServer {
     vm: Arc<Vm>,
     uffd: Uffd,
     host: Vec<HostRange>,
-    state: Vec<PageState>,
     bounce: Vec<u8>,
     events: Vec<[u8; MSG_SIZE]>,
     retry: VecDeque<Pending>,
@@ -69,12 +68,10 @@ impl FaultServer {
                 len: r.size(),
             })
             .collect();
-        let state = regions.iter().map(|r| PageState::new(r.pages())).collect();
         FaultServer {
             vm,
             uffd,
             host,
-            state,
             bounce: vec![0; PAGE_SIZE as usize],
             events: vec![[0; MSG_SIZE]; BATCH],
             retry: VecDeque::new(),
@@ -175,7 +172,7 @@ impl FaultServer {
             if lo < hi {
                 let first = ((lo - h.start) / PAGE_SIZE) as usize;
                 let last = (hi - h.start).div_ceil(PAGE_SIZE) as usize;
-                self.state[i].discard(first, last);
+                self.vm.memory.regions()[i].state.discard(first, last);
             }
         }
     }
@@ -191,24 +188,46 @@ impl FaultServer {
             return;
         };
         let page = (off / PAGE_SIZE) as usize;
-        if self.state[ri].is_populated(page) {
-            // A duplicate: the page was installed (and its waiters woken) after this fault was
-            // raised. Wake in case this thread started waiting after that wake.
-            VmMetrics::bump(&self.vm.metrics.coalesced);
-            let _ = self.uffd.wake(page_addr, PAGE_SIZE);
-            self.latencies.push(p.read_at.elapsed());
+        if self.vm.memory.regions()[ri].state.is_private(page) {
+            // The shared side of a private page: never serve data (DESIGN.md §5); the VMM gets
+            // a clear SIGBUS on it.
+            VmMetrics::bump(&self.vm.metrics.private_faults_poisoned);
+            let _ = self.uffd.poison(page_addr, PAGE_SIZE);
             return;
         }
+        let region = &self.vm.memory.regions()[ri];
+        if !p.minor && region.state.is_populated(page) {
+            // A duplicate: the page was installed (and its waiters woken) after this fault was
+            // raised; wake in case this thread started waiting after that wake. The bit is only
+            // a hint: a REMOVE event arrives *before* the kernel zaps the range, so a page
+            // installed between the two is gone although marked populated. The page cache
+            // (seen through the daemon's own mapping) says whether it really is there.
+            if region.is_resident(off) {
+                VmMetrics::bump(&self.vm.metrics.coalesced);
+                let _ = self.uffd.wake(page_addr, PAGE_SIZE);
+                self.latencies.push(p.read_at.elapsed());
+                return;
+            }
+            region.state.discard(page, page + 1);
+        }
         match self.populate(ri, off, page_addr, p.minor) {
-            Ok(()) => self.state[ri].mark_populated(page),
+            Ok(()) => self.vm.memory.regions()[ri].state.mark_populated(page),
             Err(UffdError::Exists) => {
                 VmMetrics::bump(&self.vm.metrics.eexist);
-                self.state[ri].mark_populated(page);
+                self.vm.memory.regions()[ri].state.mark_populated(page);
                 let _ = self.uffd.wake(page_addr, PAGE_SIZE);
             }
             Err(UffdError::Again) => {
                 VmMetrics::bump(&self.vm.metrics.eagain);
                 self.retry.push_back(p);
+                return;
+            }
+            Err(UffdError::Failed(Errno::FAULT)) if self.vm.populate == Populate::Continue => {
+                // UFFDIO_CONTINUE found no page in the page cache: a REMOVE punched it between
+                // our fill and the ioctl (its event is already read, so the page is marked
+                // discarded). Retry as a missing page: it becomes a zero page.
+                VmMetrics::bump(&self.vm.metrics.eagain);
+                self.retry.push_back(Pending { minor: false, ..p });
                 return;
             }
             Err(UffdError::PeerGone) => {
@@ -238,7 +257,10 @@ impl FaultServer {
             // The page is already in the memfd (the VMM or the kernel put it there): map it.
             return self.uffd.r#continue(dst, PAGE_SIZE);
         }
-        let fill = if self.state[ri].is_discarded(page_of(off)) {
+        let fill = if self.vm.memory.regions()[ri]
+            .state
+            .is_discarded(page_of(off))
+        {
             Ok(Fill::Zero)
         } else {
             let source_off = region.spec.source_offset() + off;

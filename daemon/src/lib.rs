@@ -16,10 +16,14 @@
 
 pub mod caps;
 pub mod control;
+pub mod convert;
+pub mod exits;
 pub mod fault;
+pub mod guest_memfd;
 pub mod listener;
 pub mod memory;
 pub mod metrics;
+pub mod policy;
 pub mod session;
 pub mod source;
 pub mod uffd;
@@ -46,6 +50,11 @@ pub struct Config {
     pub max_vms_per_connection: usize,
     /// Guest memory per VM, bytes.
     pub max_vm_memory: u64,
+    /// Keep memory attributes in the daemon on hosts without `KVM_CAP_MEMORY_ATTRIBUTES`, so
+    /// private VM types can be tested there (every stats reply says so).
+    pub emulate_attributes: bool,
+    /// The daemon-wide private/shared policy (`--config`), overridable per VM.
+    pub policy: policy::Policy,
     /// Uids allowed to connect (checked with `SO_PEERCRED`); by default root and the daemon's
     /// own uid.
     pub allowed_uids: Vec<u32>,
@@ -59,6 +68,8 @@ impl Default for Config {
             max_connections: 256,
             max_vms_per_connection: 64,
             max_vm_memory: 1 << 40,
+            emulate_attributes: false,
+            policy: policy::Policy::default(),
             allowed_uids: {
                 let own = rustix::process::getuid().as_raw();
                 if own == 0 {

@@ -46,6 +46,14 @@ struct Args {
     /// daemon's own uid).
     #[arg(long, value_name = "UID")]
     allow_uid: Vec<u32>,
+    /// Daemon configuration file (TOML; its [policy] table is the private/shared policy, see
+    /// docs/private-memory.md).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// On hosts without KVM memory attributes, keep them in the daemon so private VM types can
+    /// be tested (every stats reply says so). Never for production guests.
+    #[arg(long)]
+    emulate_attributes: bool,
     /// Maximum concurrent client connections.
     #[arg(long, default_value_t = 256)]
     max_connections: usize,
@@ -69,6 +77,13 @@ impl Args {
             .checked_mul(1 << 20)
             .context("--max-vm-memory-mib is too large")?;
         c.max_connections = self.max_connections.max(1);
+        c.emulate_attributes = self.emulate_attributes;
+        if let Some(path) = &self.config {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            c.policy = vmpagerd::policy::Policy::parse(&text)
+                .with_context(|| format!("in {}", path.display()))?;
+        }
         if !self.allow_uid.is_empty() {
             c.allowed_uids = self.allow_uid.clone();
         }
@@ -148,6 +163,11 @@ fn run() -> anyhow::Result<()> {
         }
         _ => bail!("one of --socket-path PATH, --fd N or --print-capabilities is required"),
     };
+    if config.emulate_attributes {
+        tracing::warn!(
+            "memory attributes are emulated by the daemon (--emulate-attributes): for testing only"
+        );
+    }
     tracing::info!(
         socket = ?args.socket_path,
         workers = config.workers,

@@ -5,6 +5,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 use vmpager_protocol::{RegionSpec, PAGE_SIZE};
 
 /// Errors creating guest memory.
@@ -13,6 +14,15 @@ pub enum MemoryError {
     /// memfd creation, sizing or sealing failed.
     #[error("cannot create the memfd of region {region}")]
     Memfd {
+        /// Region index.
+        region: usize,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// `KVM_CREATE_GUEST_MEMFD` failed.
+    #[error("cannot create the guest_memfd of region {region}")]
+    GuestMemfd {
         /// Region index.
         region: usize,
         /// Cause.
@@ -64,7 +74,10 @@ impl Drop for Mapping {
 pub struct Region {
     /// As requested in `CreateVm`.
     pub spec: RegionSpec,
+    /// Page state, shared by fault serving and conversions.
+    pub state: PageState,
     memfd: File,
+    gmem: Option<File>,
     mapping: Mapping,
 }
 
@@ -72,6 +85,21 @@ impl Region {
     /// The region's memfd (sent to the VMM).
     pub fn memfd(&self) -> BorrowedFd<'_> {
         self.memfd.as_fd()
+    }
+
+    /// The region's guest_memfd (private memory), if it has one.
+    pub fn guest_memfd(&self) -> Option<BorrowedFd<'_>> {
+        self.gmem.as_ref().map(|f| f.as_fd())
+    }
+
+    /// The guest_memfd as a file (hole punching on conversion to shared).
+    pub fn gmem_file(&self) -> Option<&File> {
+        self.gmem.as_ref()
+    }
+
+    /// The memfd as a file (hole punching on conversion to private).
+    pub fn memfd_file(&self) -> &File {
+        &self.memfd
     }
 
     /// Size in bytes.
@@ -82,6 +110,26 @@ impl Region {
     /// Number of pages.
     pub fn pages(&self) -> usize {
         (self.spec.size() / PAGE_SIZE) as usize
+    }
+
+    /// Whether the page at `offset` is in the memfd's page cache (`mincore` on the daemon's
+    /// mapping). False for offsets outside the region.
+    pub fn is_resident(&self, offset: u64) -> bool {
+        if offset >= self.mapping.len as u64 {
+            return false;
+        }
+        let page = offset & !(PAGE_SIZE - 1);
+        let mut vec = 0u8;
+        // SAFETY: `[ptr + page, ptr + page + PAGE_SIZE)` lies inside the live mapping (checked
+        // above, the length is a multiple of the page size); mincore writes one byte to `vec`.
+        let rc = unsafe {
+            libc::mincore(
+                self.mapping.ptr.as_ptr().add(page as usize).cast(),
+                PAGE_SIZE as usize,
+                &mut vec,
+            )
+        };
+        rc == 0 && vec & 1 != 0
     }
 
     /// A writable view of `len` bytes at `offset` of the daemon's mapping, for a page source to
@@ -172,6 +220,15 @@ fn fd_raw(fd: BorrowedFd<'_>) -> i32 {
     fd.as_raw_fd()
 }
 
+/// How to create guest_memfds: through the VMM's VM fd, with these `GUEST_MEMFD_FLAG_*`.
+#[derive(Debug, Clone, Copy)]
+pub struct GmemSpec<'a> {
+    /// The VMM's KVM VM fd.
+    pub vm_fd: BorrowedFd<'a>,
+    /// Flags for `KVM_CREATE_GUEST_MEMFD`.
+    pub flags: u64,
+}
+
 /// All of one VM's guest memory.
 #[derive(Debug)]
 pub struct GuestMemory {
@@ -180,8 +237,13 @@ pub struct GuestMemory {
 
 impl GuestMemory {
     /// Creates one memfd per region (sized, sealed against grow/shrink and further sealing) and
-    /// maps each into the daemon. `regions` must have passed `validate_regions`.
-    pub fn new(vm_id: u64, regions: &[RegionSpec]) -> Result<GuestMemory, MemoryError> {
+    /// maps each into the daemon; with `gmem`, also one guest_memfd per region flagged
+    /// `REGION_PRIVATE`. `regions` must have passed `validate_regions`.
+    pub fn new(
+        vm_id: u64,
+        regions: &[RegionSpec],
+        gmem: Option<GmemSpec<'_>>,
+    ) -> Result<GuestMemory, MemoryError> {
         let mut out = Vec::with_capacity(regions.len());
         for (i, spec) in regions.iter().enumerate() {
             let memfd_err = |source| MemoryError::Memfd { region: i, source };
@@ -220,9 +282,18 @@ impl GuestMemory {
                 region: i,
                 source: io::Error::other("null mapping"),
             })?;
+            let gmem = match gmem {
+                Some(g) if spec.is_private() => Some(
+                    crate::guest_memfd::create(g.vm_fd, spec.size(), g.flags)
+                        .map_err(|source| MemoryError::GuestMemfd { region: i, source })?,
+                ),
+                _ => None,
+            };
             out.push(Region {
                 spec: *spec,
+                state: PageState::new((spec.size() / PAGE_SIZE) as usize),
                 memfd: file,
+                gmem,
                 mapping: Mapping { ptr, len },
             });
         }
@@ -240,34 +311,38 @@ impl GuestMemory {
     }
 }
 
-/// Per-region page state, owned by the thread that serves the VM's faults.
-#[derive(Debug, Clone)]
+/// Per-region page state: atomic bitmaps shared by the thread serving the VM's uffd and the
+/// one serving its exits (conversions). One bit per 4 KiB page in each map.
+#[derive(Debug)]
 pub struct PageState {
-    populated: Vec<u64>,
-    discarded: Vec<u64>,
+    populated: Vec<AtomicU64>,
+    discarded: Vec<AtomicU64>,
+    private: Vec<AtomicU64>,
 }
 
 impl PageState {
-    /// All pages unpopulated, none discarded.
+    /// All pages unpopulated, none discarded, all shared.
     pub fn new(pages: usize) -> PageState {
         let words = pages.div_ceil(64);
+        let zeros = || (0..words).map(|_| AtomicU64::new(0)).collect();
         PageState {
-            populated: vec![0; words],
-            discarded: vec![0; words],
+            populated: zeros(),
+            discarded: zeros(),
+            private: zeros(),
         }
     }
 
-    fn get(bits: &[u64], page: usize) -> bool {
+    fn get(bits: &[AtomicU64], page: usize) -> bool {
         bits.get(page / 64)
-            .is_some_and(|w| w & (1 << (page % 64)) != 0)
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (page % 64)) != 0)
     }
 
-    fn set(bits: &mut [u64], page: usize, on: bool) {
-        if let Some(w) = bits.get_mut(page / 64) {
+    fn set(bits: &[AtomicU64], page: usize, on: bool) {
+        if let Some(w) = bits.get(page / 64) {
             if on {
-                *w |= 1 << (page % 64);
+                w.fetch_or(1 << (page % 64), Ordering::AcqRel);
             } else {
-                *w &= !(1 << (page % 64));
+                w.fetch_and(!(1 << (page % 64)), Ordering::AcqRel);
             }
         }
     }
@@ -282,23 +357,46 @@ impl PageState {
         Self::get(&self.discarded, page)
     }
 
-    /// Records that `page` was installed.
-    pub fn mark_populated(&mut self, page: usize) {
-        Self::set(&mut self.populated, page, true);
+    /// The page is private (KVM's notion: its memory is in the guest_memfd).
+    pub fn is_private(&self, page: usize) -> bool {
+        Self::get(&self.private, page)
     }
 
-    /// Records that pages `[first, end)` were removed by the VMM: not populated any more, and
-    /// never to be filled from the source again.
-    pub fn discard(&mut self, first: usize, end: usize) {
+    /// Records that `page` was installed.
+    pub fn mark_populated(&self, page: usize) {
+        Self::set(&self.populated, page, true);
+    }
+
+    /// Records that pages `[first, end)` were removed: not populated any more, and never to be
+    /// filled from the source again.
+    pub fn discard(&self, first: usize, end: usize) {
         for p in first..end {
-            Self::set(&mut self.populated, p, false);
-            Self::set(&mut self.discarded, p, true);
+            Self::set(&self.populated, p, false);
+            Self::set(&self.discarded, p, true);
+        }
+    }
+
+    /// Marks pages `[first, end)` private or shared.
+    pub fn set_private(&self, first: usize, end: usize, private: bool) {
+        for p in first..end {
+            Self::set(&self.private, p, private);
         }
     }
 
     /// Number of populated pages.
     pub fn populated_count(&self) -> usize {
-        self.populated.iter().map(|w| w.count_ones() as usize).sum()
+        Self::count(&self.populated)
+    }
+
+    /// Number of private pages.
+    pub fn private_count(&self) -> usize {
+        Self::count(&self.private)
+    }
+
+    fn count(bits: &[AtomicU64]) -> usize {
+        bits.iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones() as usize)
+            .sum()
     }
 }
 
@@ -308,7 +406,7 @@ mod tests {
 
     #[test]
     fn page_state_tracks_populate_and_discard() {
-        let mut s = PageState::new(130);
+        let s = PageState::new(130);
         assert!(!s.is_populated(129));
         s.mark_populated(129);
         s.mark_populated(3);
@@ -321,6 +419,9 @@ mod tests {
         // Out of range is ignored, never a panic.
         s.mark_populated(10_000);
         assert!(!s.is_populated(10_000));
+        s.set_private(0, 3, true);
+        assert!(s.is_private(2) && !s.is_private(3));
+        assert_eq!(s.private_count(), 3);
     }
 
     #[test]
@@ -329,7 +430,7 @@ mod tests {
             RegionSpec::new(0, 1 << 20, 0),
             RegionSpec::new(1 << 30, 8192, 0),
         ];
-        let mem = GuestMemory::new(1, &regions).unwrap();
+        let mem = GuestMemory::new(1, &regions, None).unwrap();
         assert_eq!(mem.total_size(), (1 << 20) + 8192);
         let r = &mem.regions()[1];
         assert_eq!(rustix::fs::fstat(r.memfd()).unwrap().st_size, 8192);

@@ -35,10 +35,59 @@ pub struct VmMetrics {
     pub source_errors: AtomicU64,
     /// Populate ioctls that failed (page poisoned).
     pub populate_errors: AtomicU64,
+    /// Shared-side faults on private pages (poisoned).
+    pub private_faults_poisoned: AtomicU64,
+    /// Memory-fault exits received.
+    pub memory_fault_exits: AtomicU64,
+    /// Hypercall exits received.
+    pub hypercall_exits: AtomicU64,
+    /// Ranges converted to private.
+    pub converted_to_private: AtomicU64,
+    /// Ranges converted to shared.
+    pub converted_to_shared: AtomicU64,
+    /// Conversions refused.
+    pub conversions_denied: AtomicU64,
+    /// Set when the daemon keeps the attributes itself.
+    pub attributes_emulated: AtomicU64,
+    denial_log: Mutex<DenialLog>,
     latency: Mutex<Option<Histogram<u64>>>,
 }
 
+/// Rate limit of denial log lines (a guest can trigger denials at will).
+#[derive(Debug, Default)]
+struct DenialLog {
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
 impl VmMetrics {
+    /// Logs a refused conversion: at most one line per second per VM, with the count of the
+    /// ones not logged in between (every denial is counted in `conversions_denied`).
+    pub fn note_denial(
+        &self,
+        vm: u64,
+        gpa: u64,
+        size: u64,
+        to_private: bool,
+        why: &dyn std::fmt::Display,
+    ) {
+        let Ok(mut log) = self.denial_log.lock() else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        if log
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            log.suppressed += 1;
+            tracing::trace!(vm, gpa, size, to_private, %why, "conversion refused");
+            return;
+        }
+        tracing::info!(vm, gpa, size, to_private, %why, suppressed = log.suppressed, "conversion refused");
+        log.last = Some(now);
+        log.suppressed = 0;
+    }
+
     /// Fresh counters and an empty histogram (1 ns .. 60 s, 3 significant digits).
     pub fn new() -> VmMetrics {
         let h = Histogram::new_with_bounds(1, 60_000_000_000, 3).ok();
@@ -83,6 +132,13 @@ impl VmMetrics {
             stray_faults: self.stray_faults.load(Relaxed),
             source_errors: self.source_errors.load(Relaxed),
             populate_errors: self.populate_errors.load(Relaxed),
+            private_faults_poisoned: self.private_faults_poisoned.load(Relaxed),
+            memory_fault_exits: self.memory_fault_exits.load(Relaxed),
+            hypercall_exits: self.hypercall_exits.load(Relaxed),
+            converted_to_private: self.converted_to_private.load(Relaxed),
+            converted_to_shared: self.converted_to_shared.load(Relaxed),
+            conversions_denied: self.conversions_denied.load(Relaxed),
+            attributes_emulated: self.attributes_emulated.load(Relaxed),
             populate_method,
             ..Stats::default()
         };

@@ -2,8 +2,11 @@
 
 use crate::memory::GuestMemory;
 use crate::metrics::VmMetrics;
+use crate::policy::{Policy, RateLimit};
 use crate::source::PageSource;
-use vmpager_protocol::PopulateMethod;
+use std::os::fd::OwnedFd;
+use std::sync::Mutex;
+use vmpager_protocol::{ConversionEvent, PopulateMethod, VmType};
 
 /// How pages are installed. Both are measured in `docs/populate.md`; see there for why the
 /// default is what it is.
@@ -34,8 +37,31 @@ impl Populate {
     }
 }
 
-/// A VM: shared by the control thread and the worker that serves its uffd.
+/// Who keeps the memory attributes (private/shared) of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttributeKeeper {
+    /// KVM, through `KVM_SET_MEMORY_ATTRIBUTES`; the daemon mirrors them in its page state.
+    Kvm,
+    /// The daemon alone (`--emulate-attributes`, hosts without memory attributes); reported
+    /// in every stats reply.
+    Emulated,
+}
+
+/// Private memory of a VM whose type has it.
 #[derive(Debug)]
+pub struct PrivateMemory {
+    /// The VMM's VM fd (attributes are set through it).
+    pub vm_fd: OwnedFd,
+    /// Who keeps the attributes.
+    pub attributes: AttributeKeeper,
+    /// Flags the guest_memfds were created with.
+    pub gmem_flags: u64,
+}
+
+/// Receives every conversion (to notify listeners such as VFIO or vhost-user backends).
+pub type ConversionListener = Box<dyn Fn(ConversionEvent) + Send + Sync>;
+
+/// A VM: shared by the control thread and the workers that serve its uffd and its exits.
 pub struct Vm {
     /// Non-zero id.
     pub id: u64,
@@ -47,4 +73,27 @@ pub struct Vm {
     pub populate: Populate,
     /// Counters and latency.
     pub metrics: VmMetrics,
+    /// KVM VM type.
+    pub vm_type: VmType,
+    /// Private memory, for VM types that have it.
+    pub private: Option<PrivateMemory>,
+    /// The private/shared policy.
+    pub policy: Policy,
+    /// The conversion rate limit's state.
+    pub rate: Mutex<RateLimit>,
+    /// Told of every conversion.
+    pub listener: ConversionListener,
+    /// Secret a `Subscribe` must present.
+    pub token: u64,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("id", &self.id)
+            .field("vm_type", &self.vm_type)
+            .field("populate", &self.populate)
+            .field("private", &self.private)
+            .finish_non_exhaustive()
+    }
 }

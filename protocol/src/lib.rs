@@ -17,10 +17,10 @@ pub mod socket;
 
 pub use header::{Header, HEADER_LEN, MAGIC};
 pub use message::{
-    AttachUffd, CreateVm, DecodeError, ErrorCode, ErrorReply, Hello, Message, PageSourceKind,
-    PopulateMethod, Stats, VmCreated, Welcome,
+    AttachUffd, ConversionEvent, CreateVm, DecodeError, ErrorCode, ErrorReply, Hello, Message,
+    PageSourceKind, PopulateMethod, Stats, VmCreated, VmType, Welcome,
 };
-pub use region::{RegionError, RegionSpec};
+pub use region::{RegionError, RegionSpec, REGION_PRIVATE};
 pub use socket::{Connection, SocketError};
 
 /// The protocol version this crate speaks and puts in every header. A record whose header
@@ -36,6 +36,10 @@ pub const MAX_FDS: usize = 64;
 pub const MAX_REGIONS: usize = 64;
 /// Guest page size that regions are aligned to.
 pub const PAGE_SIZE: u64 = 4096;
+/// Longest per-VM policy text in `CreateVm`.
+pub const MAX_POLICY_TEXT: usize = 16 * 1024;
+/// Largest number of vCPUs (mailbox slots) per VM.
+pub const MAX_VCPUS: u32 = crate::mailbox::MAX_SLOTS;
 /// Longest error text carried by an `Error` reply.
 pub const MAX_ERROR_TEXT: usize = 1024;
 
@@ -47,8 +51,15 @@ pub mod features {
     pub const STATS: u64 = 1 << 1;
     /// Populate by writing the daemon's memfd mapping and `UFFDIO_CONTINUE` (MINOR faults).
     pub const POPULATE_CONTINUE: u64 = 1 << 2;
+    /// Private memory: VM types, the VM fd and guest_memfd in `CreateVm`/`VmCreated`.
+    pub const PRIVATE_MEMORY: u64 = 1 << 3;
+    /// The per-vCPU mailbox (`OpenMailbox`/`MailboxOpened`) for memory-fault and conversion exits.
+    pub const MAILBOX: u64 = 1 << 4;
+    /// `Subscribe` and `ConversionEvent`.
+    pub const CONVERSION_EVENTS: u64 = 1 << 5;
     /// Every feature this version of the crate knows.
-    pub const ALL: u64 = FILE_SOURCE | STATS | POPULATE_CONTINUE;
+    pub const ALL: u64 =
+        FILE_SOURCE | STATS | POPULATE_CONTINUE | PRIVATE_MEMORY | MAILBOX | CONVERSION_EVENTS;
 }
 
 /// Registration modes the daemon asks the VMM to use on its uffd (`VmCreated.uffd_modes`); the

@@ -6,7 +6,7 @@
 
 use crate::header::{Header, HEADER_LEN, MAGIC};
 use crate::region::{validate_regions, RegionError, RegionSpec};
-use crate::{MAX_ERROR_TEXT, MAX_PAYLOAD, MAX_REGIONS, PROTOCOL_VERSION};
+use crate::{MAX_ERROR_TEXT, MAX_PAYLOAD, MAX_POLICY_TEXT, MAX_REGIONS, PROTOCOL_VERSION};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
@@ -36,6 +36,17 @@ pub enum Kind {
     Stats = 10,
     /// Daemon → client: a request failed.
     Error = 11,
+    /// Client → daemon: create the VM's per-vCPU mailbox.
+    OpenMailbox = 12,
+    /// Daemon → client: the mailbox memfd and the doorbell eventfd.
+    MailboxOpened = 13,
+    /// Any client → daemon: receive the VM's conversion events on this connection.
+    Subscribe = 14,
+    /// Daemon → client: subscribed.
+    Subscribed = 15,
+    /// Daemon → subscriber (unsolicited, request id 0): a range changed between private and
+    /// shared.
+    ConversionEvent = 16,
 }
 
 impl Kind {
@@ -53,6 +64,11 @@ impl Kind {
             9 => GetStats,
             10 => Stats,
             11 => Error,
+            12 => OpenMailbox,
+            13 => MailboxOpened,
+            14 => Subscribe,
+            15 => Subscribed,
+            16 => ConversionEvent,
             _ => return None,
         })
     }
@@ -66,6 +82,61 @@ pub enum PageSourceKind {
     Zero = 1,
     /// A raw snapshot image; its fd travels with `CreateVm`. Bytes past its end read as zeros.
     File = 2,
+}
+
+/// KVM VM type, as the VMM created it. Only KVM's notion of private memory counts: `sev` and
+/// `sev-es` encrypt memory but KVM cannot support private memslots for them, so the daemon
+/// never creates guest_memfd for them and refuses every conversion (DESIGN.md §5).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(u32)]
+pub enum VmType {
+    /// `KVM_X86_DEFAULT_VM`: no private memory.
+    #[default]
+    Default = 0,
+    /// `KVM_X86_SW_PROTECTED_VM`.
+    SwProtected = 1,
+    /// `KVM_X86_SEV_VM`.
+    Sev = 2,
+    /// `KVM_X86_SEV_ES_VM`.
+    SevEs = 3,
+    /// `KVM_X86_SNP_VM`.
+    Snp = 4,
+    /// `KVM_X86_TDX_VM`.
+    Tdx = 5,
+}
+
+impl VmType {
+    /// Decodes a wire value (the same numbers as KVM's `KVM_X86_*_VM`).
+    pub fn from_wire(v: u32) -> Option<VmType> {
+        use VmType::*;
+        Some(match v {
+            0 => Default,
+            1 => SwProtected,
+            2 => Sev,
+            3 => SevEs,
+            4 => Snp,
+            5 => Tdx,
+            _ => return None,
+        })
+    }
+
+    /// KVM can back this type's memory with guest_memfd and convert it: the VMM's VM fd must
+    /// come with `CreateVm`.
+    pub fn has_private_memory(self) -> bool {
+        matches!(self, VmType::SwProtected | VmType::Snp | VmType::Tdx)
+    }
+
+    /// The name used in configs and `--print-capabilities`.
+    pub fn name(self) -> &'static str {
+        match self {
+            VmType::Default => "default",
+            VmType::SwProtected => "sw-protected",
+            VmType::Sev => "sev",
+            VmType::SevEs => "sev-es",
+            VmType::Snp => "snp",
+            VmType::Tdx => "tdx",
+        }
+    }
 }
 
 /// How the daemon installs a page (a per-VM choice; `Default` lets the daemon decide).
@@ -150,6 +221,10 @@ pub struct Welcome {
 /// `CreateVm`: regions and page source. Carries one fd (the snapshot) when `source` is `File`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CreateVm {
+    /// KVM VM type.
+    pub vm_type: VmType,
+    /// Per-VM policy overrides (TOML, same schema as the daemon's `--config`), if any.
+    pub policy: Option<String>,
     /// Page source.
     pub source: PageSourceKind,
     /// Populate method wanted.
@@ -167,8 +242,27 @@ pub struct VmCreated {
     pub uffd_modes: u64,
     /// `UFFD_FEATURE_*` bits the VMM must enable at `UFFDIO_API`.
     pub uffd_features: u64,
-    /// Number of regions (= fds carried).
+    /// Number of regions (= memfds carried first).
     pub region_count: u32,
+    /// Number of guest_memfds carried after the memfds: one per region flagged
+    /// `REGION_PRIVATE`, in region order.
+    pub gmem_count: u32,
+    /// Secret a listener must present with `Subscribe`.
+    pub token: u64,
+}
+
+/// `ConversionEvent`: `[gpa, gpa + size)` became private (`to_private`) or shared. Its old
+/// backing on the other side has been discarded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConversionEvent {
+    /// VM id.
+    pub vm_id: u64,
+    /// First guest physical address.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Converted to private (else to shared).
+    pub to_private: bool,
 }
 
 /// `AttachUffd`: the VMM's uffd (one fd) and where it mapped each region.
@@ -241,6 +335,20 @@ stats_struct! {
     populate_errors,
     /// Pages poisoned because the page source failed to deliver them.
     source_errors,
+    /// Shared-side faults on private pages: poisoned, never served with data.
+    private_faults_poisoned,
+    /// Memory-fault exits received over the mailbox.
+    memory_fault_exits,
+    /// `KVM_HC_MAP_GPA_RANGE` exits received over the mailbox.
+    hypercall_exits,
+    /// Ranges converted to private.
+    converted_to_private,
+    /// Ranges converted to shared.
+    converted_to_shared,
+    /// Conversions refused (policy, validation, rate limit).
+    conversions_denied,
+    /// 1 when the daemon keeps the attributes itself (`--emulate-attributes`), not KVM.
+    attributes_emulated,
     /// Populate method in use (`PopulateMethod` value).
     populate_method,
     /// Latency samples recorded.
@@ -292,6 +400,34 @@ pub enum Message {
     Stats(Stats),
     /// See [`ErrorReply`].
     Error(ErrorReply),
+    /// Create the VM's mailbox with one slot per vCPU.
+    OpenMailbox {
+        /// VM id.
+        vm_id: u64,
+        /// vCPUs (slots).
+        vcpus: u32,
+    },
+    /// The mailbox memfd and the doorbell eventfd (2 fds, in that order).
+    MailboxOpened {
+        /// VM id.
+        vm_id: u64,
+        /// Slots.
+        vcpus: u32,
+    },
+    /// Receive the VM's conversion events on this connection.
+    Subscribe {
+        /// VM id.
+        vm_id: u64,
+        /// The token from `VmCreated`.
+        token: u64,
+    },
+    /// Subscribed.
+    Subscribed {
+        /// VM id.
+        vm_id: u64,
+    },
+    /// See [`ConversionEvent`].
+    ConversionEvent(ConversionEvent),
 }
 
 /// Why a received message was refused.
@@ -389,6 +525,26 @@ struct CreateVmWire {
     source_kind: U32,
     region_count: U32,
     populate: U32,
+    vm_type: U32,
+    policy_len: U32,
+    reserved: U32,
+}
+
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct IdCountWire {
+    vm_id: U64,
+    count: U32,
+    reserved: U32,
+}
+
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct ConversionWire {
+    vm_id: U64,
+    gpa: U64,
+    size: U64,
+    to_private: U32,
     reserved: U32,
 }
 
@@ -399,7 +555,8 @@ struct VmCreatedWire {
     uffd_modes: U64,
     uffd_features: U64,
     region_count: U32,
-    reserved: U32,
+    gmem_count: U32,
+    token: U64,
 }
 
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -432,15 +589,24 @@ impl Message {
             Message::GetStats { .. } => Kind::GetStats,
             Message::Stats(_) => Kind::Stats,
             Message::Error(_) => Kind::Error,
+            Message::OpenMailbox { .. } => Kind::OpenMailbox,
+            Message::MailboxOpened { .. } => Kind::MailboxOpened,
+            Message::Subscribe { .. } => Kind::Subscribe,
+            Message::Subscribed { .. } => Kind::Subscribed,
+            Message::ConversionEvent(_) => Kind::ConversionEvent,
         }
     }
 
     /// How many fds this message carries.
     pub fn fd_count(&self) -> usize {
         match self {
-            Message::CreateVm(c) if c.source == PageSourceKind::File => 1,
-            Message::VmCreated(v) => v.region_count as usize,
+            Message::CreateVm(c) => {
+                usize::from(c.source == PageSourceKind::File)
+                    + usize::from(c.vm_type.has_private_memory())
+            }
+            Message::VmCreated(v) => v.region_count as usize + v.gmem_count as usize,
             Message::AttachUffd(_) => 1,
+            Message::MailboxOpened { .. } => 2,
             _ => 0,
         }
     }
@@ -475,11 +641,16 @@ impl Message {
                         source_kind: (c.source as u32).into(),
                         region_count: (c.regions.len() as u32).into(),
                         populate: (c.populate as u32).into(),
+                        vm_type: (c.vm_type as u32).into(),
+                        policy_len: (c.policy.as_ref().map_or(0, String::len) as u32).into(),
                         reserved: 0.into(),
                     }
                     .as_bytes(),
                 );
                 payload.extend_from_slice(c.regions.as_bytes());
+                if let Some(policy) = &c.policy {
+                    payload.extend_from_slice(policy.as_bytes());
+                }
             }
             Message::VmCreated(v) => payload.extend_from_slice(
                 VmCreatedWire {
@@ -487,7 +658,8 @@ impl Message {
                     uffd_modes: v.uffd_modes.into(),
                     uffd_features: v.uffd_features.into(),
                     region_count: v.region_count.into(),
-                    reserved: 0.into(),
+                    gmem_count: v.gmem_count.into(),
+                    token: v.token.into(),
                 }
                 .as_bytes(),
             ),
@@ -508,6 +680,36 @@ impl Message {
             | Message::Detach { vm_id }
             | Message::Detached { vm_id }
             | Message::GetStats { vm_id } => payload.extend_from_slice(U64::new(*vm_id).as_bytes()),
+            Message::OpenMailbox {
+                vm_id,
+                vcpus: count,
+            }
+            | Message::MailboxOpened {
+                vm_id,
+                vcpus: count,
+            } => payload.extend_from_slice(
+                IdCountWire {
+                    vm_id: (*vm_id).into(),
+                    count: (*count).into(),
+                    reserved: 0.into(),
+                }
+                .as_bytes(),
+            ),
+            Message::Subscribe { vm_id, token } => {
+                payload.extend_from_slice(U64::new(*vm_id).as_bytes());
+                payload.extend_from_slice(U64::new(*token).as_bytes());
+            }
+            Message::Subscribed { vm_id } => payload.extend_from_slice(U64::new(*vm_id).as_bytes()),
+            Message::ConversionEvent(e) => payload.extend_from_slice(
+                ConversionWire {
+                    vm_id: e.vm_id.into(),
+                    gpa: e.gpa.into(),
+                    size: e.size.into(),
+                    to_private: u32::from(e.to_private).into(),
+                    reserved: 0.into(),
+                }
+                .as_bytes(),
+            ),
             Message::Stats(s) => {
                 for w in s.to_words() {
                     payload.extend_from_slice(U64::new(w).as_bytes());
@@ -672,14 +874,37 @@ fn decode_payload(kind: Kind, p: &[u8]) -> Result<Message, DecodeError> {
                     value: count as u64,
                 });
             }
-            if rest.len() != count * core::mem::size_of::<RegionSpec>() {
+            let vm_type = VmType::from_wire(w.vm_type.get()).ok_or(DecodeError::BadValue {
+                field: "vm_type",
+                value: w.vm_type.get().into(),
+            })?;
+            let policy_len = w.policy_len.get() as usize;
+            if policy_len > MAX_POLICY_TEXT {
+                return Err(DecodeError::Limit {
+                    field: "policy_len",
+                    value: policy_len as u64,
+                });
+            }
+            let regions_len = count * core::mem::size_of::<RegionSpec>();
+            if rest.len() != regions_len + policy_len {
                 return Err(DecodeError::Malformed { kind, len: p.len() });
             }
-            let regions = <[RegionSpec]>::ref_from_bytes(rest)
+            let (region_bytes, policy_bytes) = rest.split_at(regions_len);
+            let regions = <[RegionSpec]>::ref_from_bytes(region_bytes)
                 .map_err(|_| DecodeError::Malformed { kind, len: p.len() })?
                 .to_vec();
             validate_regions(&regions)?;
+            let policy = match policy_len {
+                0 => None,
+                _ => Some(
+                    core::str::from_utf8(policy_bytes)
+                        .map_err(|_| DecodeError::BadText)?
+                        .to_owned(),
+                ),
+            };
             Message::CreateVm(CreateVm {
+                vm_type,
+                policy,
                 source,
                 populate,
                 regions,
@@ -687,10 +912,13 @@ fn decode_payload(kind: Kind, p: &[u8]) -> Result<Message, DecodeError> {
         }
         Kind::VmCreated => {
             let w: VmCreatedWire = exact(kind, p)?;
-            if w.reserved.get() != 0 {
-                return Err(DecodeError::Reserved(kind));
-            }
             let count = w.region_count.get();
+            if w.gmem_count.get() > count {
+                return Err(DecodeError::Limit {
+                    field: "gmem_count",
+                    value: w.gmem_count.get().into(),
+                });
+            }
             if count as usize > MAX_REGIONS || count == 0 {
                 return Err(DecodeError::Limit {
                     field: "region_count",
@@ -708,6 +936,70 @@ fn decode_payload(kind: Kind, p: &[u8]) -> Result<Message, DecodeError> {
                 uffd_modes: w.uffd_modes.get(),
                 uffd_features: w.uffd_features.get(),
                 region_count: count,
+                gmem_count: w.gmem_count.get(),
+                token: w.token.get(),
+            })
+        }
+        Kind::OpenMailbox | Kind::MailboxOpened => {
+            let w: IdCountWire = exact(kind, p)?;
+            if w.reserved.get() != 0 {
+                return Err(DecodeError::Reserved(kind));
+            }
+            let (vm_id, vcpus) = (w.vm_id.get(), w.count.get());
+            if vm_id == 0 {
+                return Err(DecodeError::BadValue {
+                    field: "vm_id",
+                    value: 0,
+                });
+            }
+            if vcpus == 0 || vcpus > crate::MAX_VCPUS {
+                return Err(DecodeError::Limit {
+                    field: "vcpus",
+                    value: vcpus.into(),
+                });
+            }
+            if kind == Kind::OpenMailbox {
+                Message::OpenMailbox { vm_id, vcpus }
+            } else {
+                Message::MailboxOpened { vm_id, vcpus }
+            }
+        }
+        Kind::Subscribe => {
+            let words = <[U64]>::ref_from_bytes(p)
+                .ok()
+                .filter(|w| w.len() == 2)
+                .ok_or(DecodeError::Malformed { kind, len: p.len() })?;
+            let vm_id = words[0].get();
+            if vm_id == 0 {
+                return Err(DecodeError::BadValue {
+                    field: "vm_id",
+                    value: 0,
+                });
+            }
+            Message::Subscribe {
+                vm_id,
+                token: words[1].get(),
+            }
+        }
+        Kind::Subscribed => Message::Subscribed {
+            vm_id: vm_id(kind, p)?,
+        },
+        Kind::ConversionEvent => {
+            let w: ConversionWire = exact(kind, p)?;
+            if w.reserved.get() != 0 || w.to_private.get() > 1 {
+                return Err(DecodeError::Reserved(kind));
+            }
+            if w.vm_id.get() == 0 {
+                return Err(DecodeError::BadValue {
+                    field: "vm_id",
+                    value: 0,
+                });
+            }
+            Message::ConversionEvent(ConversionEvent {
+                vm_id: w.vm_id.get(),
+                gpa: w.gpa.get(),
+                size: w.size.get(),
+                to_private: w.to_private.get() == 1,
             })
         }
         Kind::AttachUffd => {

@@ -4,6 +4,10 @@ use crate::{MAX_REGIONS, PAGE_SIZE};
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
+/// Region flag: the region can hold private memory; the daemon creates a guest_memfd for it
+/// (only for VM types with private memory).
+pub const REGION_PRIVATE: u32 = 1;
+
 /// One region of guest RAM in `CreateVm` (32 bytes on the wire).
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
@@ -16,7 +20,7 @@ pub struct RegionSpec {
     pub size: U64,
     /// Offset of the region's first byte in the page source (the snapshot image); page aligned.
     pub source_offset: U64,
-    /// Region flags; no flag is defined in version 1, so this must be `0`.
+    /// Region flags: [`REGION_PRIVATE`] or `0`.
     pub flags: U32,
     /// Reserved, must be `0`.
     pub reserved: U32,
@@ -47,6 +51,17 @@ impl RegionSpec {
     /// Offset in the page source.
     pub fn source_offset(&self) -> u64 {
         self.source_offset.get()
+    }
+
+    /// The same region, able to hold private memory.
+    pub fn private(mut self) -> Self {
+        self.flags = REGION_PRIVATE.into();
+        self
+    }
+
+    /// Flagged [`REGION_PRIVATE`].
+    pub fn is_private(&self) -> bool {
+        self.flags.get() & REGION_PRIVATE != 0
     }
 }
 
@@ -86,7 +101,7 @@ pub fn validate_regions(regions: &[RegionSpec]) -> Result<(), RegionError> {
         return Err(RegionError::TooMany(regions.len()));
     }
     for (i, r) in regions.iter().enumerate() {
-        if r.flags.get() != 0 || r.reserved.get() != 0 {
+        if r.flags.get() & !REGION_PRIVATE != 0 || r.reserved.get() != 0 {
             return Err(RegionError::UnknownFlags(i));
         }
         if r.size() == 0 {
@@ -163,7 +178,7 @@ mod tests {
             Err(RegionError::Overlap(0, 1))
         );
         let mut flagged = RegionSpec::new(0, 4096, 0);
-        flagged.flags = 1.into();
+        flagged.flags = 2.into();
         assert_eq!(
             validate_regions(&[flagged]),
             Err(RegionError::UnknownFlags(0))

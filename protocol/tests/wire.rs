@@ -32,32 +32,44 @@ fn message_strategy() -> impl Strategy<Value = Message> {
                 })
             }
         ),
-        (region_strategy(), any::<bool>(), 0u32..3).prop_map(|(regions, file, p)| {
-            Message::CreateVm(CreateVm {
-                source: if file {
-                    PageSourceKind::File
-                } else {
-                    PageSourceKind::Zero
-                },
-                populate: [
-                    PopulateMethod::Default,
-                    PopulateMethod::Copy,
-                    PopulateMethod::Continue,
-                ][p as usize],
-                regions,
-            })
-        }),
+        (
+            region_strategy(),
+            any::<bool>(),
+            0u32..3,
+            0u32..6,
+            prop::option::of("[a-z =\"\n]{1,200}")
+        )
+            .prop_map(|(regions, file, p, t, policy)| {
+                Message::CreateVm(CreateVm {
+                    vm_type: VmType::from_wire(t).unwrap(),
+                    policy,
+                    source: if file {
+                        PageSourceKind::File
+                    } else {
+                        PageSourceKind::Zero
+                    },
+                    populate: [
+                        PopulateMethod::Default,
+                        PopulateMethod::Copy,
+                        PopulateMethod::Continue,
+                    ][p as usize],
+                    regions,
+                })
+            }),
         (
             id.clone(),
             any::<u64>(),
             any::<u64>(),
-            1u32..=MAX_REGIONS as u32
+            1u32..=MAX_REGIONS as u32,
+            any::<u64>(),
         )
-            .prop_map(|(vm_id, uffd_modes, uffd_features, region_count)| {
+            .prop_map(|(vm_id, uffd_modes, uffd_features, region_count, token)| {
                 Message::VmCreated(VmCreated {
                     vm_id,
                     uffd_modes,
                     uffd_features,
+                    gmem_count: region_count / 2,
+                    token,
                     region_count,
                 })
             }),
@@ -72,6 +84,22 @@ fn message_strategy() -> impl Strategy<Value = Message> {
         id.clone().prop_map(|vm_id| Message::Detach { vm_id }),
         id.clone().prop_map(|vm_id| Message::Detached { vm_id }),
         id.clone().prop_map(|vm_id| Message::GetStats { vm_id }),
+        (id.clone(), 1u32..=MAX_VCPUS)
+            .prop_map(|(vm_id, vcpus)| Message::OpenMailbox { vm_id, vcpus }),
+        (id.clone(), 1u32..=MAX_VCPUS)
+            .prop_map(|(vm_id, vcpus)| Message::MailboxOpened { vm_id, vcpus }),
+        (id.clone(), any::<u64>()).prop_map(|(vm_id, token)| Message::Subscribe { vm_id, token }),
+        id.clone().prop_map(|vm_id| Message::Subscribed { vm_id }),
+        (id.clone(), any::<u64>(), any::<u64>(), any::<bool>()).prop_map(
+            |(vm_id, gpa, size, to_private)| {
+                Message::ConversionEvent(ConversionEvent {
+                    vm_id,
+                    gpa,
+                    size,
+                    to_private,
+                })
+            }
+        ),
         (1u64.., any::<u64>(), any::<u64>()).prop_map(|(a, b, c)| Message::Stats(Stats {
             vm_id: a,
             faults: b,
@@ -194,6 +222,8 @@ fn refuses_bad_headers() {
 fn refuses_bad_create_vm() {
     let create = |regions: Vec<RegionSpec>| {
         Message::CreateVm(CreateVm {
+            vm_type: VmType::Default,
+            policy: None,
             source: PageSourceKind::Zero,
             populate: PopulateMethod::Default,
             regions,
@@ -256,6 +286,8 @@ fn refuses_bad_create_vm() {
     ));
     // A file source must come with its fd.
     let file = Message::CreateVm(CreateVm {
+        vm_type: VmType::Default,
+        policy: None,
         source: PageSourceKind::File,
         populate: PopulateMethod::Copy,
         regions: vec![RegionSpec::new(0, 4096, 0)],

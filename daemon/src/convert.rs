@@ -1,0 +1,191 @@
+//! Converting guest memory between shared and private, with the semantics of QEMU's
+//! `kvm_convert_memory` (DESIGN.md §5): validate, apply the policy, set the attributes, discard
+//! the other side's backing, update page state, notify listeners, answer.
+
+use crate::guest_memfd;
+use crate::metrics::VmMetrics;
+use crate::policy::Denial;
+use crate::session::{AttributeKeeper, Vm};
+use std::os::fd::AsFd;
+use vmpager_protocol::{ConversionEvent, PAGE_SIZE};
+
+/// `KVM_EPERM`/`KVM_EINVAL`/`KVM_EAGAIN`-style hypercall return values (negative errnos).
+fn neg_errno(e: i32) -> u64 {
+    (-(e as i64)) as u64
+}
+
+/// Why a conversion did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    /// Unaligned, empty or overflowing range.
+    #[error("range {gpa:#x}+{size:#x} is empty, unaligned or overflows")]
+    Invalid {
+        /// First GPA.
+        gpa: u64,
+        /// Length.
+        size: u64,
+    },
+    /// The range is not inside one region.
+    #[error("range {gpa:#x}+{size:#x} is not inside one region")]
+    NotInOneRegion {
+        /// First GPA.
+        gpa: u64,
+        /// Length.
+        size: u64,
+    },
+    /// Conversion to private of memory that has no private backing (a VM type without private
+    /// memory, `sev`/`sev-es`, or a region without guest_memfd).
+    #[error("range {gpa:#x} has no private memory")]
+    NoPrivateMemory {
+        /// First GPA.
+        gpa: u64,
+    },
+    /// The policy refused.
+    #[error("the policy refuses it: {0:?}")]
+    Denied(Denial),
+    /// The kernel refused to set the attributes or to discard: the VM's memory state is no
+    /// longer known to be consistent.
+    #[error("conversion failed in the kernel")]
+    Kernel(#[source] std::io::Error),
+}
+
+/// Denial codes carried in `Response.code` (`vmpager_protocol::mailbox`).
+pub mod codes {
+    /// Bad range.
+    pub const INVALID: u32 = 1;
+    /// Not inside one region.
+    pub const NOT_IN_ONE_REGION: u32 = 2;
+    /// No private memory there.
+    pub const NO_PRIVATE_MEMORY: u32 = 3;
+    /// Refused by a policy rule.
+    pub const POLICY_RULE: u32 = 4;
+    /// Implicit conversions are not honoured.
+    pub const IMPLICIT_NOT_ALLOWED: u32 = 5;
+    /// Over the conversion rate limit.
+    pub const RATE_LIMITED: u32 = 6;
+    /// The kernel failed the conversion.
+    pub const KERNEL: u32 = 7;
+    /// Unknown request kind in the mailbox.
+    pub const UNKNOWN_REQUEST: u32 = 8;
+}
+
+impl ConvertError {
+    /// The VM cannot go on safely.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, ConvertError::Kernel(_))
+    }
+
+    /// A guest could succeed later (rate limit).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ConvertError::Denied(Denial::RateLimited))
+    }
+
+    /// Code for `Response.code`.
+    pub fn code(&self) -> u32 {
+        match self {
+            ConvertError::Invalid { .. } => codes::INVALID,
+            ConvertError::NotInOneRegion { .. } => codes::NOT_IN_ONE_REGION,
+            ConvertError::NoPrivateMemory { .. } => codes::NO_PRIVATE_MEMORY,
+            ConvertError::Denied(Denial::Rule(_)) => codes::POLICY_RULE,
+            ConvertError::Denied(Denial::ImplicitNotAllowed) => codes::IMPLICIT_NOT_ALLOWED,
+            ConvertError::Denied(Denial::RateLimited) => codes::RATE_LIMITED,
+            ConvertError::Kernel(_) => codes::KERNEL,
+        }
+    }
+
+    /// The value for `kvm_run.hypercall.ret`, as KVM's ABI defines errors.
+    pub fn hypercall_ret(&self) -> u64 {
+        match self {
+            ConvertError::Invalid { .. } | ConvertError::NotInOneRegion { .. } => {
+                neg_errno(libc::EINVAL)
+            }
+            ConvertError::Denied(Denial::RateLimited) => neg_errno(libc::EAGAIN),
+            ConvertError::NoPrivateMemory { .. } | ConvertError::Denied(_) => {
+                neg_errno(libc::EPERM)
+            }
+            ConvertError::Kernel(_) => neg_errno(libc::EFAULT),
+        }
+    }
+}
+
+/// Converts `[gpa, gpa + size)` of `vm` to private (`to_private`) or shared. `explicit`: asked
+/// by the guest (`KVM_HC_MAP_GPA_RANGE`), else implied by a memory-fault exit.
+pub fn convert(
+    vm: &Vm,
+    gpa: u64,
+    size: u64,
+    to_private: bool,
+    explicit: bool,
+) -> Result<(), ConvertError> {
+    let result = convert_inner(vm, gpa, size, to_private, explicit);
+    match &result {
+        Ok(()) if to_private => VmMetrics::bump(&vm.metrics.converted_to_private),
+        Ok(()) => VmMetrics::bump(&vm.metrics.converted_to_shared),
+        Err(e) => {
+            VmMetrics::bump(&vm.metrics.conversions_denied);
+            vm.metrics.note_denial(vm.id, gpa, size, to_private, e);
+        }
+    }
+    result
+}
+
+fn convert_inner(
+    vm: &Vm,
+    gpa: u64,
+    size: u64,
+    to_private: bool,
+    explicit: bool,
+) -> Result<(), ConvertError> {
+    let end = gpa.checked_add(size);
+    if size == 0 || !(gpa | size).is_multiple_of(PAGE_SIZE) || end.is_none() {
+        return Err(ConvertError::Invalid { gpa, size });
+    }
+    let end = end.unwrap_or(u64::MAX);
+    let Some(region) = vm
+        .memory
+        .regions()
+        .iter()
+        .find(|r| r.spec.gpa() <= gpa && end <= r.spec.gpa() + r.size())
+    else {
+        return Err(ConvertError::NotInOneRegion { gpa, size });
+    };
+    let (Some(private), Some(gmem)) = (&vm.private, region.gmem_file()) else {
+        // No private side: converting to shared is a no-op, to private impossible (QEMU).
+        return if to_private {
+            Err(ConvertError::NoPrivateMemory { gpa })
+        } else {
+            Ok(())
+        };
+    };
+    vm.policy
+        .check(gpa, size, to_private, explicit)
+        .map_err(ConvertError::Denied)?;
+    if !vm.rate.lock().map(|mut r| r.allow()).unwrap_or(false) {
+        return Err(ConvertError::Denied(Denial::RateLimited));
+    }
+    if private.attributes == AttributeKeeper::Kvm {
+        guest_memfd::set_attributes(private.vm_fd.as_fd(), gpa, size, to_private)
+            .map_err(ConvertError::Kernel)?;
+    }
+    let offset = gpa - region.spec.gpa();
+    let first = (offset / PAGE_SIZE) as usize;
+    let last = ((offset + size) / PAGE_SIZE) as usize;
+    if to_private {
+        // Private first, so a racing shared-side fault is poisoned instead of refilled; then
+        // the shared backing goes (its pages are unmapped from the VMM too).
+        region.state.set_private(first, last, true);
+        region.state.discard(first, last);
+        guest_memfd::punch_hole(region.memfd_file(), offset, size).map_err(ConvertError::Kernel)?;
+    } else {
+        guest_memfd::punch_hole(gmem, offset, size).map_err(ConvertError::Kernel)?;
+        region.state.discard(first, last);
+        region.state.set_private(first, last, false);
+    }
+    (vm.listener)(ConversionEvent {
+        vm_id: vm.id,
+        gpa,
+        size,
+        to_private,
+    });
+    Ok(())
+}
