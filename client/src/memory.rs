@@ -10,6 +10,7 @@ use crate::client::CreatedVm;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use userfaultfd::{FeatureFlags, RegisterMode, Uffd, UffdBuilder};
+use vmpager_protocol::mailbox::{Request, Response, Status, VcpuChannel};
 use vmpager_protocol::RegionSpec;
 
 /// Errors mapping or registering guest memory.
@@ -43,6 +44,9 @@ pub enum MemoryError {
         #[source]
         source: userfaultfd::Error,
     },
+    /// The exit channel failed (the daemon is gone, or answered out of protocol).
+    #[error("exit channel failed")]
+    Channel(#[source] vmpager_protocol::mailbox::MailboxError),
     /// The daemon sent a different number of memfds than regions.
     #[error("{memfds} memfds for {regions} regions")]
     Mismatch {
@@ -215,6 +219,49 @@ impl VmMemory {
     /// The VMM's copy of the uffd.
     pub fn uffd(&self) -> BorrowedFd<'_> {
         self.uffd.as_fd()
+    }
+
+    /// Forwards one exit over a vCPU's channel and, when a range became shared, drops this
+    /// process's stale view of it: while it was private, shared-side touches were answered
+    /// with `UFFDIO_POISON`, and those poison markers stay in the page table until the VMM
+    /// zaps the range (`MADV_DONTNEED`); the next touch then faults to the daemon again.
+    pub fn forward_exit(
+        &self,
+        channel: &mut VcpuChannel,
+        request: Request,
+    ) -> Result<Response, MemoryError> {
+        let response = channel.exchange(request).map_err(MemoryError::Channel)?;
+        if response.status == Status::Retry && !request.private {
+            self.zap_shared(request.gpa, request.size)?;
+        }
+        Ok(response)
+    }
+
+    /// `MADV_DONTNEED` on the VMM's mapping of `[gpa, gpa + size)` (ignored outside every
+    /// region). The daemon keeps the page contents; only this process's page-table entries go.
+    pub fn zap_shared(&self, gpa: u64, size: u64) -> Result<(), MemoryError> {
+        for (i, r) in self.regions.iter().enumerate() {
+            let (start, end) = (r.spec.gpa(), r.spec.gpa() + r.len as u64);
+            let lo = gpa.max(start);
+            let hi = gpa.saturating_add(size).min(end);
+            if lo >= hi {
+                continue;
+            }
+            // SAFETY: `[lo - start, hi - start)` lies inside this region's live mapping; no Rust
+            // reference to the mapped bytes exists (addresses are only handed out raw).
+            unsafe {
+                rustix::mm::madvise(
+                    r.addr.as_ptr().add((lo - start) as usize).cast(),
+                    (hi - lo) as usize,
+                    rustix::mm::Advice::LinuxDontNeed,
+                )
+            }
+            .map_err(|e| MemoryError::Map {
+                region: i,
+                source: e.into(),
+            })?;
+        }
+        Ok(())
     }
 }
 

@@ -537,7 +537,11 @@ impl Reactor {
     }
 
     fn supported_features(&self) -> u64 {
-        let mut f = features::FILE_SOURCE | features::STATS;
+        let mut f = features::FILE_SOURCE
+            | features::STATS
+            | features::PRIVATE_MEMORY
+            | features::MAILBOX
+            | features::CONVERSION_EVENTS;
         if self.host.has(k::UFFD_FEATURE_MINOR_SHMEM) {
             f |= features::POPULATE_CONTINUE;
         }

@@ -180,6 +180,8 @@ fn convert_inner(
         guest_memfd::punch_hole(gmem, offset, size).map_err(ConvertError::Kernel)?;
         region.state.discard(first, last);
         region.state.set_private(first, last, false);
+        // The VMM's page table may still hold poison markers from shared-side touches while the
+        // range was private; only the VMM can drop them (`VmMemory::forward_exit` does).
     }
     (vm.listener)(ConversionEvent {
         vm_id: vm.id,
