@@ -29,6 +29,8 @@
 
 pub mod client;
 #[cfg(feature = "refvmm")]
+pub mod coco;
+#[cfg(feature = "refvmm")]
 pub mod demo;
 pub mod memory;
 #[cfg(feature = "refvmm")]

@@ -33,6 +33,14 @@ enum PopulateArg {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// The guest side of the CoCo rig (tests/coco/run): a KVM_X86_SW_PROTECTED_VM whose
+    /// conversion and memory-fault exits go to vmpagerd over the mailbox. Needs a kernel with
+    /// KVM_SW_PROTECTED_VM and memory attributes (the rig's L1 guest).
+    CocoGuest {
+        /// Use a running vmpagerd at this socket instead of starting one.
+        #[arg(long)]
+        socket_path: Option<PathBuf>,
+    },
     /// Serve a real KVM guest's memory from a snapshot through vmpagerd and verify every byte.
     Demo {
         /// Guest memory size, e.g. 256M, 1G (multiple of 4 KiB).
@@ -92,6 +100,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let result = match Args::parse().command {
+        Cmd::CocoGuest { socket_path } => coco_cmd(socket_path),
         Cmd::Demo {
             memory,
             vcpus,
@@ -205,6 +214,50 @@ fn demo_cmd(
         }
     }
     println!("verified: guest saw every byte of the snapshot");
+    Ok(())
+}
+
+fn coco_cmd(socket_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("vmpager-coco-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let _cleanup = RemoveDir(dir.clone());
+    let (daemon, socket) = match socket_path {
+        Some(p) => (None, p),
+        None => {
+            let bin = demo::find_vmpagerd().context("cannot find vmpagerd")?;
+            let path = dir.join("vmpagerd.sock");
+            (Some(DaemonProcess::spawn(&bin, &path, &[])?), path)
+        }
+    };
+    let client = Client::connect(&socket)?;
+    let report = vmpager_client::coco::run(&client)?;
+    print!("{}", vmpager_client::coco::describe(&report));
+    let s = report.stats;
+    println!(
+        "exits: hypercall={} memory_fault={} (private={}, refused={}); daemon: hypercall_exits={} memory_fault_exits={} to_private={} to_shared={} denied={} private_faults_poisoned={}; guest time {:.3} s",
+        report.hypercall_exits,
+        report.memory_fault_exits,
+        report.private_fault_exits,
+        report.denied_fault_exits,
+        s.hypercall_exits,
+        s.memory_fault_exits,
+        s.converted_to_private,
+        s.converted_to_shared,
+        s.conversions_denied,
+        s.private_faults_poisoned,
+        report.elapsed.as_secs_f64()
+    );
+    drop(client);
+    if let Some(d) = daemon {
+        let status = d.terminate()?;
+        if !status.success() {
+            bail!("vmpagerd exited with {status}");
+        }
+    }
+    if !report.passed() {
+        bail!("some CoCo checks failed");
+    }
+    println!("coco-guest: all checks passed");
     Ok(())
 }
 
