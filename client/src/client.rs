@@ -10,7 +10,7 @@ use vmpager_protocol::socket::Received;
 use vmpager_protocol::{
     features, AttachUffd, Connection, ConversionEvent, CreateVm, ErrorCode, Hello, Message,
     PageSourceKind, PopulateMethod, RegionSpec, SocketError, Stats, VmType, Welcome,
-    PROTOCOL_VERSION,
+    PROTOCOL_VERSION, VMCREATED_VMM_SETS_ATTRIBUTES,
 };
 
 /// Errors talking to the daemon, classified with [`ClientError::peer_gone`] and
@@ -77,8 +77,8 @@ pub struct VmSpec {
     pub populate: PopulateMethod,
     /// KVM VM type the VMM created.
     pub vm_type: VmType,
-    /// The VMM's KVM VM fd: required for VM types with private memory (the daemon creates the
-    /// guest_memfds and sets memory attributes through it).
+    /// The VMM's KVM VM fd: required for private regions (the client creates their
+    /// guest_memfds through it and sets memory attributes when conversions say so).
     pub vm_fd: Option<OwnedFd>,
     /// Per-VM policy overrides (TOML with a `[policy]` table), if any.
     pub policy: Option<String>,
@@ -106,8 +106,13 @@ pub struct CreatedVm {
     pub regions: Vec<RegionSpec>,
     /// One memfd per region.
     pub memfds: Vec<OwnedFd>,
-    /// One guest_memfd per private-capable region, in region order (`None` for the others).
+    /// One guest_memfd per private-capable region, in region order (`None` for the others);
+    /// created here (the daemon holds a copy).
     pub guest_memfds: Vec<Option<OwnedFd>>,
+    /// The VMM's VM fd, for the memory attributes it must set (`vmm_sets_attributes`).
+    pub vm_fd: Option<OwnedFd>,
+    /// KVM keeps the attributes: the VMM sets them whenever a conversion answer says so.
+    pub vmm_sets_attributes: bool,
     /// Secret for `Client::subscribe` (hand it to device backends that must see conversions).
     pub token: u64,
     /// `UFFDIO_REGISTER_MODE_*` to register the mappings with.
@@ -166,28 +171,34 @@ impl Client {
             populate: spec.populate,
             regions: spec.regions.clone(),
         });
-        let mut fds: Vec<BorrowedFd<'_>> = file.iter().map(|f| f.as_fd()).collect();
-        if spec.vm_type.has_private_memory() {
-            let vm_fd = spec.vm_fd.as_ref().ok_or_else(|| {
-                ClientError::Protocol(format!("VM type {} needs the VM fd", spec.vm_type.name()))
-            })?;
-            fds.push(vm_fd.as_fd());
+        // One guest_memfd per private region, created here: only the VM's creator may.
+        let mut gmems: Vec<Option<OwnedFd>> = Vec::with_capacity(spec.regions.len());
+        for r in &spec.regions {
+            gmems.push(match (r.is_private(), &spec.vm_fd) {
+                (false, _) => None,
+                (true, Some(vm_fd)) => Some(
+                    crate::kvm_private::create_guest_memfd(vm_fd.as_fd(), r.size())
+                        .map_err(ClientError::Io)?,
+                ),
+                (true, None) => {
+                    return Err(ClientError::Protocol(
+                        "private regions need the VM fd".into(),
+                    ));
+                }
+            });
         }
+        let mut fds: Vec<BorrowedFd<'_>> = file.iter().map(|f| f.as_fd()).collect();
+        fds.extend(gmems.iter().flatten().map(|g| g.as_fd()));
         let reply = request(&self.conn, &msg, &fds)?;
         match reply.message {
             Message::VmCreated(v) if v.region_count as usize == spec.regions.len() => {
-                let mut all = reply.fds.into_iter();
-                let memfds: Vec<OwnedFd> = all.by_ref().take(spec.regions.len()).collect();
-                let guest_memfds = spec
-                    .regions
-                    .iter()
-                    .map(|r| if r.is_private() { all.next() } else { None })
-                    .collect();
                 Ok(CreatedVm {
                     vm_id: v.vm_id,
                     regions: spec.regions,
-                    memfds,
-                    guest_memfds,
+                    memfds: reply.fds,
+                    guest_memfds: gmems,
+                    vm_fd: spec.vm_fd,
+                    vmm_sets_attributes: v.flags & VMCREATED_VMM_SETS_ATTRIBUTES != 0,
                     token: v.token,
                     uffd_modes: v.uffd_modes,
                     uffd_features: v.uffd_features,

@@ -17,7 +17,8 @@ use crate::memory::{MemoryError, VmMemory};
 use crate::refvmm::guest;
 use kvm_bindings::{
     kvm_enable_cap, kvm_memory_attributes, kvm_segment, kvm_userspace_memory_region2,
-    KVM_CAP_EXIT_HYPERCALL, KVM_MAX_CPUID_ENTRIES, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEM_GUEST_MEMFD,
+    KVM_CAP_EXIT_HYPERCALL, KVM_MAX_CPUID_ENTRIES, KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    KVM_MEM_GUEST_MEMFD,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -116,7 +117,15 @@ fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> CocoError {
 
 impl Vm<'_> {
     /// Runs one guest operation (r8 = 0 write, 1 read, 2 hypercall) and returns rax.
-    fn op(&mut self, r8: u64, rdi: u64, rsi: u64, rbx: u64, rcx: u64, rdx: u64) -> Result<u64, CocoError> {
+    fn op(
+        &mut self,
+        r8: u64,
+        rdi: u64,
+        rsi: u64,
+        rbx: u64,
+        rcx: u64,
+        rdx: u64,
+    ) -> Result<u64, CocoError> {
         let mut regs = self.vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?;
         regs.rip = guest::CODE_GPA;
         regs.rflags = 2;
@@ -140,7 +149,10 @@ impl Vm<'_> {
                     };
                     let r = self.memory.forward_exit(&mut self.channel, request)?;
                     if r.status == Status::Fatal {
-                        return Err(CocoError::Exit(format!("daemon failed the conversion: code {}", r.code)));
+                        return Err(CocoError::Exit(format!(
+                            "daemon failed the conversion: code {}",
+                            r.code
+                        )));
                     }
                     *h.ret = r.ret;
                 }
@@ -148,7 +160,12 @@ impl Vm<'_> {
                     self.faults += 1;
                     let private = flags & KVM_MEMORY_EXIT_FLAG_PRIVATE != 0;
                     self.private_faults += u64::from(private);
-                    let request = Request { kind: RequestKind::MemoryFault, gpa, size, private };
+                    let request = Request {
+                        kind: RequestKind::MemoryFault,
+                        gpa,
+                        size,
+                        private,
+                    };
                     let r = self.memory.forward_exit(&mut self.channel, request)?;
                     if r.status != Status::Retry {
                         // The daemon refused: this harness put the page in that state itself
@@ -173,15 +190,28 @@ impl Vm<'_> {
     }
 
     fn map_gpa_range(&mut self, gpa: u64, pages: u64, private: bool) -> Result<u64, CocoError> {
-        let attrs = if private { KVM_MAP_GPA_RANGE_ENCRYPTED } else { 0 };
+        let attrs = if private {
+            KVM_MAP_GPA_RANGE_ENCRYPTED
+        } else {
+            0
+        };
         self.op(2, 0, 0, gpa, pages, attrs)
     }
 }
 
 fn set_attributes(vm: &VmFd, gpa: u64, size: u64, private: bool) -> Result<(), CocoError> {
-    let attributes = if private { u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE) } else { 0 };
-    vm.set_memory_attributes(kvm_memory_attributes { address: gpa, size, attributes, flags: 0 })
-        .map_err(kvm("KVM_SET_MEMORY_ATTRIBUTES"))
+    let attributes = if private {
+        u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    } else {
+        0
+    };
+    vm.set_memory_attributes(kvm_memory_attributes {
+        address: gpa,
+        size,
+        attributes,
+        flags: 0,
+    })
+    .map_err(kvm("KVM_SET_MEMORY_ATTRIBUTES"))
 }
 
 fn ring0_long_mode(sregs: &mut kvm_bindings::kvm_sregs) {
@@ -222,9 +252,13 @@ pub fn run(client: &Client) -> Result<CocoReport, CocoError> {
     let vm = kvm_sys
         .create_vm_with_type(u64::from(kvm_bindings::KVM_X86_SW_PROTECTED_VM))
         .map_err(kvm("KVM_CREATE_VM(KVM_X86_SW_PROTECTED_VM)"))?;
-    let mut cap = kvm_enable_cap { cap: KVM_CAP_EXIT_HYPERCALL, ..Default::default() };
+    let mut cap = kvm_enable_cap {
+        cap: KVM_CAP_EXIT_HYPERCALL,
+        ..Default::default()
+    };
     cap.args[0] = 1 << KVM_HC_MAP_GPA_RANGE;
-    vm.enable_cap(&cap).map_err(kvm("KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)"))?;
+    vm.enable_cap(&cap)
+        .map_err(kvm("KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)"))?;
     let vm_fd: OwnedFd = rustix::io::fcntl_dupfd_cloexec(
         // SAFETY: the raw fd is `vm`'s, open for the duration of this call.
         unsafe { std::os::fd::BorrowedFd::borrow_raw(vm.as_raw_fd()) },
@@ -237,7 +271,10 @@ pub fn run(client: &Client) -> Result<CocoReport, CocoError> {
         64 << 10
     );
     let created = client.create_vm(VmSpec {
-        regions: vec![RegionSpec::new(PRIVATE_GPA, REGION, 0).private(), RegionSpec::new(SHARED_GPA, REGION, 0)],
+        regions: vec![
+            RegionSpec::new(PRIVATE_GPA, REGION, 0).private(),
+            RegionSpec::new(SHARED_GPA, REGION, 0),
+        ],
         source: PageSource::Zero,
         vm_type: VmType::SwProtected,
         vm_fd: Some(vm_fd),
@@ -268,15 +305,21 @@ pub fn run(client: &Client) -> Result<CocoReport, CocoError> {
     let code = guest::CODE_GPA as usize;
     low_bytes[code..code + PROGRAM.len()].copy_from_slice(&PROGRAM);
 
-    let slot = |slot: u32, gpa: u64, size: u64, addr: u64, gmem: Option<u32>| kvm_userspace_memory_region2 {
-        slot,
-        flags: if gmem.is_some() { KVM_MEM_GUEST_MEMFD } else { 0 },
-        guest_phys_addr: gpa,
-        memory_size: size,
-        userspace_addr: addr,
-        guest_memfd_offset: 0,
-        guest_memfd: gmem.unwrap_or(0),
-        ..Default::default()
+    let slot = |slot: u32, gpa: u64, size: u64, addr: u64, gmem: Option<u32>| {
+        kvm_userspace_memory_region2 {
+            slot,
+            flags: if gmem.is_some() {
+                KVM_MEM_GUEST_MEMFD
+            } else {
+                0
+            },
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: addr,
+            guest_memfd_offset: 0,
+            guest_memfd: gmem.unwrap_or(0),
+            ..Default::default()
+        }
     };
     let regions = memory.regions();
     let gmem = regions[0].guest_memfd().map(|f| f.as_raw_fd() as u32);
@@ -284,20 +327,43 @@ pub fn run(client: &Client) -> Result<CocoReport, CocoError> {
     unsafe {
         vm.set_user_memory_region2(slot(0, 0, low_len as u64, low as u64, None))
             .map_err(kvm("KVM_SET_USER_MEMORY_REGION2 (low)"))?;
-        vm.set_user_memory_region2(slot(1, PRIVATE_GPA, REGION, regions[0].host_addr().as_ptr() as u64, gmem))
-            .map_err(kvm("KVM_SET_USER_MEMORY_REGION2 (private-capable)"))?;
-        vm.set_user_memory_region2(slot(2, SHARED_GPA, REGION, regions[1].host_addr().as_ptr() as u64, None))
-            .map_err(kvm("KVM_SET_USER_MEMORY_REGION2 (shared)"))?;
+        vm.set_user_memory_region2(slot(
+            1,
+            PRIVATE_GPA,
+            REGION,
+            regions[0].host_addr().as_ptr() as u64,
+            gmem,
+        ))
+        .map_err(kvm("KVM_SET_USER_MEMORY_REGION2 (private-capable)"))?;
+        vm.set_user_memory_region2(slot(
+            2,
+            SHARED_GPA,
+            REGION,
+            regions[1].host_addr().as_ptr() as u64,
+            None,
+        ))
+        .map_err(kvm("KVM_SET_USER_MEMORY_REGION2 (shared)"))?;
     }
     let vcpu = vm.create_vcpu(0).map_err(kvm("KVM_CREATE_VCPU"))?;
-    let cpuid = kvm_sys.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    let cpuid = kvm_sys
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
     vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
     let mut sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
     ring0_long_mode(&mut sregs);
     vcpu.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
     let exits = client.open_mailbox(vm_id, 1)?;
     let channel = exits.channel(0, WaitPolicy::default())?;
-    let mut g = Vm { vm, vcpu, memory: &memory, channel, hypercalls: 0, faults: 0, private_faults: 0, denied_faults: 0 };
+    let mut g = Vm {
+        vm,
+        vcpu,
+        memory: &memory,
+        channel,
+        hypercalls: 0,
+        faults: 0,
+        private_faults: 0,
+        denied_faults: 0,
+    };
 
     let started = Instant::now();
     let mut checks = Vec::new();
@@ -310,34 +376,85 @@ pub fn run(client: &Client) -> Result<CocoReport, CocoError> {
     let a = PRIVATE_GPA;
     // (1) Shared data written by the guest is visible to the host.
     g.write(a, 0x1111)?;
-    check(&mut checks, "shared write visible to the host", host_word(0) == 0x1111, format!("{:#x}", host_word(0)));
+    check(
+        &mut checks,
+        "shared write visible to the host",
+        host_word(0) == 0x1111,
+        format!("{:#x}", host_word(0)),
+    );
     // (2) Convert to private (hypercall), write a secret there.
     let ret = g.map_gpa_range(a, 1, true)?;
-    check(&mut checks, "conversion to private accepted", ret == 0, format!("ret {ret:#x}"));
+    check(
+        &mut checks,
+        "conversion to private accepted",
+        ret == 0,
+        format!("ret {ret:#x}"),
+    );
     g.write(a, 0x2222)?;
     let seen = g.read(a)?;
-    check(&mut checks, "private memory holds the guest's data", seen == 0x2222, format!("{seen:#x}"));
-    check(&mut checks, "private data never reaches the shared memfd", host_word(0) == 0, format!("{:#x}", host_word(0)));
+    check(
+        &mut checks,
+        "private memory holds the guest's data",
+        seen == 0x2222,
+        format!("{seen:#x}"),
+    );
+    check(
+        &mut checks,
+        "private data never reaches the shared memfd",
+        host_word(0) == 0,
+        format!("{:#x}", host_word(0)),
+    );
     // (3) Convert back to shared: the private contents are discarded.
     let ret = g.map_gpa_range(a, 1, false)?;
-    check(&mut checks, "conversion to shared accepted", ret == 0, format!("ret {ret:#x}"));
+    check(
+        &mut checks,
+        "conversion to shared accepted",
+        ret == 0,
+        format!("ret {ret:#x}"),
+    );
     let seen = g.read(a)?;
-    check(&mut checks, "private contents discarded on conversion to shared", seen == 0, format!("{seen:#x}"));
+    check(
+        &mut checks,
+        "private contents discarded on conversion to shared",
+        seen == 0,
+        format!("{seen:#x}"),
+    );
     // (4) A conversion the policy denies gets its error.
     let ret = g.map_gpa_range(WINDOW_GPA, 1, true)?;
     let eperm = (-(libc::EPERM as i64)) as u64;
-    check(&mut checks, "denied conversion answered -EPERM", ret == eperm, format!("ret {ret:#x}"));
+    check(
+        &mut checks,
+        "denied conversion answered -EPERM",
+        ret == eperm,
+        format!("ret {ret:#x}"),
+    );
     // (5) A private access to a slot without guest_memfd: KVM_EXIT_MEMORY_FAULT (PRIVATE).
     set_attributes(&g.vm, SHARED_GPA, PAGE, true)?;
     let _ = g.read(SHARED_GPA)?;
-    check(&mut checks, "memory-fault exit with the PRIVATE flag forwarded", g.private_faults >= 1, format!("{} faults", g.faults));
+    check(
+        &mut checks,
+        "memory-fault exit with the PRIVATE flag forwarded",
+        g.private_faults >= 1,
+        format!("{} faults", g.faults),
+    );
     // (6) End state: page 1 private, page 0 shared, as converted.
     let ret = g.map_gpa_range(a + PAGE, 1, true)?;
-    check(&mut checks, "second conversion to private accepted", ret == 0, format!("ret {ret:#x}"));
+    check(
+        &mut checks,
+        "second conversion to private accepted",
+        ret == 0,
+        format!("ret {ret:#x}"),
+    );
     rustix::io::pwrite(memfd, &0x3333u64.to_le_bytes(), 0).map_err(|e| CocoError::Io(e.into()))?;
-    rustix::io::pwrite(memfd, &0x4444u64.to_le_bytes(), PAGE).map_err(|e| CocoError::Io(e.into()))?;
+    rustix::io::pwrite(memfd, &0x4444u64.to_le_bytes(), PAGE)
+        .map_err(|e| CocoError::Io(e.into()))?;
     let (p0, p1) = (g.read(a)?, g.read(a + PAGE)?);
-    check(&mut checks, "attributes end as converted (page 0 shared, page 1 private)", p0 == 0x3333 && p1 == 0, format!("{p0:#x} {p1:#x}"));
+    check(
+        &mut checks,
+        "attributes end as converted (page 0 shared, page 1 private)",
+        p0 == 0x3333 && p1 == 0,
+        format!("{p0:#x} {p1:#x}"),
+    );
     let elapsed = started.elapsed();
 
     let stats = client.stats(vm_id)?;
@@ -345,9 +462,17 @@ pub fn run(client: &Client) -> Result<CocoReport, CocoError> {
         &mut checks,
         "every exit reached the daemon over the mailbox",
         stats.hypercall_exits == g.hypercalls && stats.memory_fault_exits == g.faults,
-        format!("VMM saw {} hypercalls + {} faults; daemon {} + {}", g.hypercalls, g.faults, stats.hypercall_exits, stats.memory_fault_exits),
+        format!(
+            "VMM saw {} hypercalls + {} faults; daemon {} + {}",
+            g.hypercalls, g.faults, stats.hypercall_exits, stats.memory_fault_exits
+        ),
     );
-    check(&mut checks, "attributes kept by KVM, not emulated", stats.attributes_emulated == 0, String::new());
+    check(
+        &mut checks,
+        "attributes kept by KVM, not emulated",
+        stats.attributes_emulated == 0,
+        String::new(),
+    );
     let report = CocoReport {
         hypercall_exits: g.hypercalls,
         memory_fault_exits: g.faults,
@@ -364,7 +489,16 @@ pub fn run(client: &Client) -> Result<CocoReport, CocoError> {
 pub fn describe(report: &CocoReport) -> String {
     let mut s = String::new();
     for c in &report.checks {
-        s.push_str(&format!("{} {}{}\n", if c.ok { "ok  " } else { "FAIL" }, c.what, if c.detail.is_empty() { String::new() } else { format!(" ({})", c.detail) }));
+        s.push_str(&format!(
+            "{} {}{}\n",
+            if c.ok { "ok  " } else { "FAIL" },
+            c.what,
+            if c.detail.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", c.detail)
+            }
+        ));
     }
     s
 }

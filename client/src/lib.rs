@@ -32,6 +32,7 @@ pub mod client;
 pub mod coco;
 #[cfg(feature = "refvmm")]
 pub mod demo;
+pub mod kvm_private;
 pub mod memory;
 #[cfg(feature = "refvmm")]
 pub mod refvmm;

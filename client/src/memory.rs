@@ -10,7 +10,7 @@ use crate::client::CreatedVm;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use userfaultfd::{FeatureFlags, RegisterMode, Uffd, UffdBuilder};
-use vmpager_protocol::mailbox::{Request, Response, Status, VcpuChannel};
+use vmpager_protocol::mailbox::{Request, Response, Status, VcpuChannel, RETRY_SET_ATTRIBUTES};
 use vmpager_protocol::RegionSpec;
 
 /// Errors mapping or registering guest memory.
@@ -44,6 +44,21 @@ pub enum MemoryError {
         #[source]
         source: userfaultfd::Error,
     },
+    /// `MADV_DONTNEED` of a range that became shared failed.
+    #[error("cannot drop the mapping of region {region}")]
+    Zap {
+        /// Region index.
+        region: usize,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The daemon asked for attributes to be set but this VM has no VM fd here.
+    #[error("the daemon asked to set memory attributes but no VM fd was given")]
+    NoVmFd,
+    /// `KVM_SET_MEMORY_ATTRIBUTES` failed.
+    #[error("cannot set KVM memory attributes")]
+    Attributes(#[source] std::io::Error),
     /// The exit channel failed (the daemon is gone, or answered out of protocol).
     #[error("exit channel failed")]
     Channel(#[source] vmpager_protocol::mailbox::MailboxError),
@@ -119,6 +134,8 @@ impl Drop for MappedRegion {
 #[derive(Debug)]
 pub struct VmMemory {
     vm_id: u64,
+    vm_fd: Option<OwnedFd>,
+    vmm_sets_attributes: bool,
     // Field order matters: the uffd is dropped after the regions are unmapped.
     regions: Vec<MappedRegion>,
     uffd: Uffd,
@@ -145,6 +162,7 @@ impl VmMemory {
             })?;
         let mode = RegisterMode::from_bits_retain(created.uffd_modes);
         let mut regions = Vec::with_capacity(created.regions.len());
+        let (vm_fd, vmm_sets_attributes) = (created.vm_fd, created.vmm_sets_attributes);
         let gmems = created
             .guest_memfds
             .into_iter()
@@ -193,6 +211,8 @@ impl VmMemory {
         }
         Ok(VmMemory {
             vm_id: created.vm_id,
+            vm_fd,
+            vmm_sets_attributes,
             regions,
             uffd,
         })
@@ -221,7 +241,8 @@ impl VmMemory {
         self.uffd.as_fd()
     }
 
-    /// Forwards one exit over a vCPU's channel and, when a range became shared, drops this
+    /// Forwards one exit over a vCPU's channel; sets the KVM memory attributes when the daemon
+    /// says so (`RETRY_SET_ATTRIBUTES`); and, when a range became shared, drops this
     /// process's stale view of it: while it was private, shared-side touches were answered
     /// with `UFFDIO_POISON`, and those poison markers stay in the page table until the VMM
     /// zaps the range (`MADV_DONTNEED`); the next touch then faults to the daemon again.
@@ -231,6 +252,20 @@ impl VmMemory {
         request: Request,
     ) -> Result<Response, MemoryError> {
         let response = channel.exchange(request).map_err(MemoryError::Channel)?;
+        if response.status == Status::Retry && response.code == RETRY_SET_ATTRIBUTES {
+            let vm_fd = self
+                .vm_fd
+                .as_ref()
+                .filter(|_| self.vmm_sets_attributes)
+                .ok_or(MemoryError::NoVmFd)?;
+            crate::kvm_private::set_memory_attributes(
+                vm_fd.as_fd(),
+                request.gpa,
+                request.size,
+                request.private,
+            )
+            .map_err(MemoryError::Attributes)?;
+        }
         if response.status == Status::Retry && !request.private {
             self.zap_shared(request.gpa, request.size)?;
         }

@@ -119,6 +119,15 @@ pub fn uffd_feature_names(bits: u64) -> Vec<&'static str> {
         .collect()
 }
 
+/// `KVM_CAP_MEMORY_ATTRIBUTES` of `/dev/kvm` (a system ioctl, so any process may ask; 0 when
+/// there is no KVM).
+pub fn memory_attributes() -> u64 {
+    Kvm::new().map_or(0, |kvm| {
+        kvm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_MEMORY_ATTRIBUTES))
+            .max(0) as u64
+    })
+}
+
 /// Probes the host.
 pub fn probe() -> Capabilities {
     let (uffd_bits, uffd_err) = match crate::uffd::Uffd::probe() {

@@ -4,19 +4,15 @@
 //! One thread, one mio poller. A connection owns its VMs: when it closes (or its process dies)
 //! every VM it created is stopped and freed, and no other connection can name them.
 
-use crate::caps::KVM_CAP_GUEST_MEMFD_FLAGS;
 use crate::exits::ExitServer;
 use crate::fault::FaultServer;
-use crate::guest_memfd;
-use crate::memory::{GmemSpec, GuestMemory};
+use crate::memory::GuestMemory;
 use crate::metrics::VmMetrics;
 use crate::policy::RateLimit;
 use crate::session::{AttributeKeeper, Populate, PrivateMemory, Vm};
 use vmpager_protocol::mailbox::Mailbox;
-use vmpager_protocol::{ConversionEvent, VmType};
+use vmpager_protocol::{ConversionEvent, VmType, VMCREATED_VMM_SETS_ATTRIBUTES};
 
-/// `KVM_CAP_MEMORY_ATTRIBUTES`.
-const KVM_CAP_MEMORY_ATTRIBUTES: u64 = kvm_bindings::KVM_CAP_MEMORY_ATTRIBUTES as u64;
 use crate::source::{FileSource, PageSource, ZeroSource};
 use crate::uffd::Uffd;
 use crate::worker::Worker;
@@ -55,6 +51,26 @@ impl EventQueue {
             let _ = self.waker.wake();
         }
     }
+}
+
+/// Checks that `fd` is a guest_memfd of at least `size` bytes.
+fn check_guest_memfd(fd: OwnedFd, size: u64) -> Result<File, String> {
+    let link = rustix::fs::readlinkat(
+        rustix::fs::CWD,
+        format!("/proc/self/fd/{}", fd.as_raw_fd()),
+        Vec::new(),
+    )
+    .map_err(|e| e.to_string())?;
+    if !link.to_string_lossy().starts_with("anon_inode:[kvm-gmem]") {
+        return Err("the fd is not a guest_memfd".into());
+    }
+    let len = rustix::fs::fstat(&fd).map_err(|e| e.to_string())?.st_size as u64;
+    if len < size {
+        return Err(format!(
+            "the guest_memfd has {len} bytes, the region {size}"
+        ));
+    }
+    Ok(File::from(fd))
 }
 
 /// A random 64-bit secret (0 never).
@@ -120,6 +136,8 @@ struct Conn {
 pub struct HostFeatures {
     /// `UFFD_FEATURE_*` of this host.
     pub uffd: u64,
+    /// `KVM_CAP_MEMORY_ATTRIBUTES` of this host's KVM (0 without KVM).
+    pub memory_attributes: u64,
 }
 
 impl HostFeatures {
@@ -632,33 +650,36 @@ impl Reactor {
                 )
             }
         };
+        // One guest_memfd per private region, created by the VMM (only the process that
+        // created a KVM VM may issue its ioctls) and checked here.
+        let mut gmems = Vec::with_capacity(create.regions.len());
+        for (i, r) in create.regions.iter().enumerate() {
+            gmems.push(match r.is_private() {
+                false => None,
+                true => {
+                    let fd = fds.next().ok_or_else(|| {
+                        refuse(
+                            ErrorCode::BadMessage,
+                            "private region without its guest_memfd",
+                        )
+                    })?;
+                    Some(check_guest_memfd(fd, r.size()).map_err(|why| {
+                        refuse(ErrorCode::BadMessage, format!("region {i}: {why}"))
+                    })?)
+                }
+            });
+        }
         let private = match create.vm_type.has_private_memory() {
             false => None,
-            true => {
-                let vm_fd = fds.next().ok_or_else(|| {
-                    refuse(ErrorCode::BadMessage, "private VM type without its VM fd")
-                })?;
-                Some(self.private_memory(vm_fd, create.vm_type)?)
-            }
+            true => Some(self.private_memory(create.vm_type)?),
         };
         let id = self.next_vm.fetch_add(1, Ordering::Relaxed);
-        let gmem = private.as_ref().map(|p| GmemSpec {
-            vm_fd: p.vm_fd.as_fd(),
-            flags: p.gmem_flags,
-        });
-        let memory = GuestMemory::new(id, &create.regions, gmem)
+        let memory = GuestMemory::new(id, &create.regions, gmems)
             .map_err(|e| refuse(ErrorCode::Internal, error_chain(&e)))?;
-        let mut out_fds = Vec::new();
-        for r in memory.regions() {
-            out_fds.push(r.memfd().try_clone_to_owned());
-        }
-        for r in memory.regions() {
-            if let Some(g) = r.guest_memfd() {
-                out_fds.push(g.try_clone_to_owned());
-            }
-        }
-        let out_fds = out_fds
-            .into_iter()
+        let out_fds = memory
+            .regions()
+            .iter()
+            .map(|r| r.memfd().try_clone_to_owned())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| {
                 refuse(
@@ -666,7 +687,10 @@ impl Reactor {
                     format!("cannot duplicate a memfd: {e}"),
                 )
             })?;
-        let gmem_count = (out_fds.len() - create.regions.len()) as u32;
+        let flags = match &private {
+            Some(p) if p.attributes == AttributeKeeper::Kvm => VMCREATED_VMM_SETS_ATTRIBUTES,
+            _ => 0,
+        };
         let mut uffd_features = u64::from(
             k::UFFD_FEATURE_MISSING_SHMEM
                 | k::UFFD_FEATURE_EVENT_REMOVE
@@ -705,7 +729,7 @@ impl Reactor {
             uffd_modes: populate.register_modes(),
             uffd_features,
             region_count: create.regions.len() as u32,
-            gmem_count,
+            flags,
             token: secret,
         };
         tracing::debug!(
@@ -731,17 +755,12 @@ impl Reactor {
         Ok((Message::VmCreated(reply), out_fds))
     }
 
-    /// Private memory of a new VM: who keeps the attributes, and the guest_memfd flags.
-    fn private_memory(&self, vm_fd: OwnedFd, vm_type: VmType) -> Result<PrivateMemory, Refusal> {
-        // Is it a KVM VM fd at all? KVM_CHECK_EXTENSION answers only on KVM fds.
-        let attrs =
-            guest_memfd::vm_capability(vm_fd.as_fd(), KVM_CAP_MEMORY_ATTRIBUTES).map_err(|e| {
-                refuse(
-                    ErrorCode::BadMessage,
-                    format!("the VM fd is not a KVM VM: {e}"),
-                )
-            })?;
-        let attributes = if attrs & u64::from(kvm_bindings::KVM_MEMORY_ATTRIBUTE_PRIVATE) != 0 {
+    /// Private memory of a new VM: who keeps the attributes.
+    fn private_memory(&self, vm_type: VmType) -> Result<PrivateMemory, Refusal> {
+        let attributes = if self.host.memory_attributes
+            & u64::from(kvm_bindings::KVM_MEMORY_ATTRIBUTE_PRIVATE)
+            != 0
+        {
             AttributeKeeper::Kvm
         } else if self.config.emulate_attributes {
             AttributeKeeper::Emulated
@@ -754,16 +773,7 @@ impl Reactor {
                 ),
             ));
         };
-        // Private and shared halves live in different files (guest_memfd, memfd): no in-place
-        // sharing, so only MMAP is wanted (the daemon can then inspect and test private pages).
-        let supported =
-            guest_memfd::vm_capability(vm_fd.as_fd(), KVM_CAP_GUEST_MEMFD_FLAGS).unwrap_or(0);
-        let gmem_flags = supported & (guest_memfd::FLAG_MMAP | guest_memfd::FLAG_INIT_SHARED);
-        Ok(PrivateMemory {
-            vm_fd,
-            attributes,
-            gmem_flags,
-        })
+        Ok(PrivateMemory { attributes })
     }
 
     fn open_mailbox(

@@ -6,7 +6,6 @@ use crate::guest_memfd;
 use crate::metrics::VmMetrics;
 use crate::policy::Denial;
 use crate::session::{AttributeKeeper, Vm};
-use std::os::fd::AsFd;
 use vmpager_protocol::{ConversionEvent, PAGE_SIZE};
 
 /// `KVM_EPERM`/`KVM_EINVAL`/`KVM_EAGAIN`-style hypercall return values (negative errnos).
@@ -110,17 +109,20 @@ impl ConvertError {
 
 /// Converts `[gpa, gpa + size)` of `vm` to private (`to_private`) or shared. `explicit`: asked
 /// by the guest (`KVM_HC_MAP_GPA_RANGE`), else implied by a memory-fault exit.
+///
+/// Returns whether the VMM must now set the KVM attributes of the range (KVM keeps them and
+/// something changed): only the VM's creator may issue VM ioctls, so the daemon cannot.
 pub fn convert(
     vm: &Vm,
     gpa: u64,
     size: u64,
     to_private: bool,
     explicit: bool,
-) -> Result<(), ConvertError> {
+) -> Result<bool, ConvertError> {
     let result = convert_inner(vm, gpa, size, to_private, explicit);
     match &result {
-        Ok(()) if to_private => VmMetrics::bump(&vm.metrics.converted_to_private),
-        Ok(()) => VmMetrics::bump(&vm.metrics.converted_to_shared),
+        Ok(_) if to_private => VmMetrics::bump(&vm.metrics.converted_to_private),
+        Ok(_) => VmMetrics::bump(&vm.metrics.converted_to_shared),
         Err(e) => {
             VmMetrics::bump(&vm.metrics.conversions_denied);
             vm.metrics.note_denial(vm.id, gpa, size, to_private, e);
@@ -135,7 +137,7 @@ fn convert_inner(
     size: u64,
     to_private: bool,
     explicit: bool,
-) -> Result<(), ConvertError> {
+) -> Result<bool, ConvertError> {
     let end = gpa.checked_add(size);
     if size == 0 || !(gpa | size).is_multiple_of(PAGE_SIZE) || end.is_none() {
         return Err(ConvertError::Invalid { gpa, size });
@@ -154,7 +156,7 @@ fn convert_inner(
         return if to_private {
             Err(ConvertError::NoPrivateMemory { gpa })
         } else {
-            Ok(())
+            Ok(false)
         };
     };
     vm.policy
@@ -162,10 +164,6 @@ fn convert_inner(
         .map_err(ConvertError::Denied)?;
     if !vm.rate.lock().map(|mut r| r.allow()).unwrap_or(false) {
         return Err(ConvertError::Denied(Denial::RateLimited));
-    }
-    if private.attributes == AttributeKeeper::Kvm {
-        guest_memfd::set_attributes(private.vm_fd.as_fd(), gpa, size, to_private)
-            .map_err(ConvertError::Kernel)?;
     }
     let offset = gpa - region.spec.gpa();
     let first = (offset / PAGE_SIZE) as usize;
@@ -189,5 +187,5 @@ fn convert_inner(
         size,
         to_private,
     });
-    Ok(())
+    Ok(private.attributes == AttributeKeeper::Kvm)
 }

@@ -6,7 +6,9 @@ use crate::metrics::VmMetrics;
 use crate::session::Vm;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
-use vmpager_protocol::mailbox::{Consumer, Mailbox, Request, RequestKind, Response, Status};
+use vmpager_protocol::mailbox::{
+    Consumer, Mailbox, Request, RequestKind, Response, Status, RETRY_SET_ATTRIBUTES,
+};
 
 /// Serves one VM's mailbox; owned by one worker thread, woken by the doorbell eventfd.
 #[derive(Debug)]
@@ -66,9 +68,13 @@ pub fn handle(vm: &Vm, request: Result<Request, u32>) -> Response {
         }
     };
     match convert(vm, request.gpa, request.size, request.private, explicit) {
-        Ok(()) => Response {
+        Ok(vmm_sets_attributes) => Response {
             status: Status::Retry,
-            code: 0,
+            code: if vmm_sets_attributes {
+                RETRY_SET_ATTRIBUTES
+            } else {
+                0
+            },
             ret: 0,
         },
         Err(e) if e.is_fatal() => Response {

@@ -155,7 +155,10 @@ pub fn serve(
         listener,
         shutdown,
         config,
-        control::HostFeatures { uffd },
+        control::HostFeatures {
+            uffd,
+            memory_attributes: caps::memory_attributes(),
+        },
         live,
     )?;
     Ok(reactor.run()?)

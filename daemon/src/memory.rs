@@ -20,15 +20,6 @@ pub enum MemoryError {
         #[source]
         source: io::Error,
     },
-    /// `KVM_CREATE_GUEST_MEMFD` failed.
-    #[error("cannot create the guest_memfd of region {region}")]
-    GuestMemfd {
-        /// Region index.
-        region: usize,
-        /// Cause.
-        #[source]
-        source: io::Error,
-    },
     /// Mapping the memfd into the daemon failed.
     #[error("cannot map region {region}")]
     Map {
@@ -220,15 +211,6 @@ fn fd_raw(fd: BorrowedFd<'_>) -> i32 {
     fd.as_raw_fd()
 }
 
-/// How to create guest_memfds: through the VMM's VM fd, with these `GUEST_MEMFD_FLAG_*`.
-#[derive(Debug, Clone, Copy)]
-pub struct GmemSpec<'a> {
-    /// The VMM's KVM VM fd.
-    pub vm_fd: BorrowedFd<'a>,
-    /// Flags for `KVM_CREATE_GUEST_MEMFD`.
-    pub flags: u64,
-}
-
 /// All of one VM's guest memory.
 #[derive(Debug)]
 pub struct GuestMemory {
@@ -237,13 +219,14 @@ pub struct GuestMemory {
 
 impl GuestMemory {
     /// Creates one memfd per region (sized, sealed against grow/shrink and further sealing) and
-    /// maps each into the daemon; with `gmem`, also one guest_memfd per region flagged
-    /// `REGION_PRIVATE`. `regions` must have passed `validate_regions`.
+    /// maps each into the daemon; `gmems[i]` is region `i`'s guest_memfd, if it has one (the
+    /// VMM creates them). `regions` must have passed `validate_regions`.
     pub fn new(
         vm_id: u64,
         regions: &[RegionSpec],
-        gmem: Option<GmemSpec<'_>>,
+        gmems: Vec<Option<File>>,
     ) -> Result<GuestMemory, MemoryError> {
+        let mut gmems = gmems.into_iter();
         let mut out = Vec::with_capacity(regions.len());
         for (i, spec) in regions.iter().enumerate() {
             let memfd_err = |source| MemoryError::Memfd { region: i, source };
@@ -282,13 +265,7 @@ impl GuestMemory {
                 region: i,
                 source: io::Error::other("null mapping"),
             })?;
-            let gmem = match gmem {
-                Some(g) if spec.is_private() => Some(
-                    crate::guest_memfd::create(g.vm_fd, spec.size(), g.flags)
-                        .map_err(|source| MemoryError::GuestMemfd { region: i, source })?,
-                ),
-                _ => None,
-            };
+            let gmem = gmems.next().flatten();
             out.push(Region {
                 spec: *spec,
                 state: PageState::new((spec.size() / PAGE_SIZE) as usize),
@@ -430,7 +407,7 @@ mod tests {
             RegionSpec::new(0, 1 << 20, 0),
             RegionSpec::new(1 << 30, 8192, 0),
         ];
-        let mem = GuestMemory::new(1, &regions, None).unwrap();
+        let mem = GuestMemory::new(1, &regions, vec![]).unwrap();
         assert_eq!(mem.total_size(), (1 << 20) + 8192);
         let r = &mem.regions()[1];
         assert_eq!(rustix::fs::fstat(r.memfd()).unwrap().st_size, 8192);

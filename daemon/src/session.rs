@@ -4,7 +4,6 @@ use crate::memory::GuestMemory;
 use crate::metrics::VmMetrics;
 use crate::policy::{Policy, RateLimit};
 use crate::source::PageSource;
-use std::os::fd::OwnedFd;
 use std::sync::Mutex;
 use vmpager_protocol::{ConversionEvent, PopulateMethod, VmType};
 
@@ -47,15 +46,11 @@ pub enum AttributeKeeper {
     Emulated,
 }
 
-/// Private memory of a VM whose type has it.
+/// Private memory of a VM whose type has it. (The guest_memfds are in its regions.)
 #[derive(Debug)]
 pub struct PrivateMemory {
-    /// The VMM's VM fd (attributes are set through it).
-    pub vm_fd: OwnedFd,
     /// Who keeps the attributes.
     pub attributes: AttributeKeeper,
-    /// Flags the guest_memfds were created with.
-    pub gmem_flags: u64,
 }
 
 /// Receives every conversion (to notify listeners such as VFIO or vhost-user backends).

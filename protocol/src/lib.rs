@@ -19,6 +19,7 @@ pub use header::{Header, HEADER_LEN, MAGIC};
 pub use message::{
     AttachUffd, ConversionEvent, CreateVm, DecodeError, ErrorCode, ErrorReply, Hello, Message,
     PageSourceKind, PopulateMethod, Stats, VmCreated, VmType, Welcome,
+    VMCREATED_VMM_SETS_ATTRIBUTES,
 };
 pub use region::{RegionError, RegionSpec, REGION_PRIVATE};
 pub use socket::{Connection, SocketError};

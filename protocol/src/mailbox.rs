@@ -131,6 +131,12 @@ pub enum Status {
     Fatal = 3,
 }
 
+/// `Response.code` of a `Retry` after a conversion of a VM whose attributes KVM keeps: the VMM
+/// must set the KVM memory attributes of the request's range to the request's direction
+/// (`KVM_SET_MEMORY_ATTRIBUTES`) before re-entering the guest. (Only the process that created
+/// a KVM VM may issue its VM ioctls, so the daemon cannot.)
+pub const RETRY_SET_ATTRIBUTES: u32 = 1;
+
 /// An answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Response {

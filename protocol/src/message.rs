@@ -244,12 +244,16 @@ pub struct VmCreated {
     pub uffd_features: u64,
     /// Number of regions (= memfds carried first).
     pub region_count: u32,
-    /// Number of guest_memfds carried after the memfds: one per region flagged
-    /// `REGION_PRIVATE`, in region order.
-    pub gmem_count: u32,
+    /// [`VMCREATED_VMM_SETS_ATTRIBUTES`] or 0.
+    pub flags: u32,
     /// Secret a listener must present with `Subscribe`.
     pub token: u64,
 }
+
+/// `VmCreated.flags`: KVM keeps this VM's memory attributes, and only the VMM's process may
+/// issue VM ioctls, so the VMM sets them (`KVM_SET_MEMORY_ATTRIBUTES`) whenever the daemon
+/// answers a conversion with `mailbox::RETRY_SET_ATTRIBUTES`.
+pub const VMCREATED_VMM_SETS_ATTRIBUTES: u32 = 1;
 
 /// `ConversionEvent`: `[gpa, gpa + size)` became private (`to_private`) or shared. Its old
 /// backing on the other side has been discarded.
@@ -555,7 +559,7 @@ struct VmCreatedWire {
     uffd_modes: U64,
     uffd_features: U64,
     region_count: U32,
-    gmem_count: U32,
+    flags: U32,
     token: U64,
 }
 
@@ -600,11 +604,12 @@ impl Message {
     /// How many fds this message carries.
     pub fn fd_count(&self) -> usize {
         match self {
+            // [snapshot if file source][one guest_memfd per private region, in region order]
             Message::CreateVm(c) => {
                 usize::from(c.source == PageSourceKind::File)
-                    + usize::from(c.vm_type.has_private_memory())
+                    + c.regions.iter().filter(|r| r.is_private()).count()
             }
-            Message::VmCreated(v) => v.region_count as usize + v.gmem_count as usize,
+            Message::VmCreated(v) => v.region_count as usize,
             Message::AttachUffd(_) => 1,
             Message::MailboxOpened { .. } => 2,
             _ => 0,
@@ -658,7 +663,7 @@ impl Message {
                     uffd_modes: v.uffd_modes.into(),
                     uffd_features: v.uffd_features.into(),
                     region_count: v.region_count.into(),
-                    gmem_count: v.gmem_count.into(),
+                    flags: v.flags.into(),
                     token: v.token.into(),
                 }
                 .as_bytes(),
@@ -913,11 +918,8 @@ fn decode_payload(kind: Kind, p: &[u8]) -> Result<Message, DecodeError> {
         Kind::VmCreated => {
             let w: VmCreatedWire = exact(kind, p)?;
             let count = w.region_count.get();
-            if w.gmem_count.get() > count {
-                return Err(DecodeError::Limit {
-                    field: "gmem_count",
-                    value: w.gmem_count.get().into(),
-                });
+            if w.flags.get() & !VMCREATED_VMM_SETS_ATTRIBUTES != 0 {
+                return Err(DecodeError::Reserved(kind));
             }
             if count as usize > MAX_REGIONS || count == 0 {
                 return Err(DecodeError::Limit {
@@ -936,7 +938,7 @@ fn decode_payload(kind: Kind, p: &[u8]) -> Result<Message, DecodeError> {
                 uffd_modes: w.uffd_modes.get(),
                 uffd_features: w.uffd_features.get(),
                 region_count: count,
-                gmem_count: w.gmem_count.get(),
+                flags: w.flags.get(),
                 token: w.token.get(),
             })
         }

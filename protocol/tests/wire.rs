@@ -68,7 +68,7 @@ fn message_strategy() -> impl Strategy<Value = Message> {
                     vm_id,
                     uffd_modes,
                     uffd_features,
-                    gmem_count: region_count / 2,
+                    flags: (token & 1) as u32,
                     token,
                     region_count,
                 })
