@@ -124,6 +124,7 @@ fn private_vm_types_need_memory_attributes_or_the_explicit_emulation() {
     let sev = VmSpec {
         regions: vec![RegionSpec::new(GPA, SIZE, 0).private()],
         vm_type: VmType::Sev,
+        vm_fd: Some(vm_fd()),
         ..Default::default()
     };
     assert!(matches!(
