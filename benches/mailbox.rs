@@ -3,6 +3,7 @@
 //! - daemon busy-polling the slots, VMM spinning;
 //! - daemon sleeping on the doorbell between requests (the default), VMM spinning then sleeping;
 //! - eventfd round trip between two blocking threads (the wakeup floor).
+//!
 //! Reports p50/p99 over N round trips; asserts nothing. `cargo bench --bench mailbox`.
 
 use hdrhistogram::Histogram;
