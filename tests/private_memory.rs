@@ -421,3 +421,72 @@ fn per_vm_policy_overrides_the_daemon_policy() {
     ));
     let _ = vm.uffd().as_fd();
 }
+
+#[test]
+fn a_real_vcpu_runs_on_a_guest_memfd_memslot() {
+    if !have_kvm() {
+        return;
+    }
+    use vmpager_client::refvmm::{checksum_words, GuestRegion, RefVm, Task, Workload};
+    // A default VM (the only type this host has) whose RAM slot is also bound to a guest_memfd
+    // (created by the VMM: GUEST_MEMFD_FLAG_MMAP|INIT_SHARED on this host, so the slot's
+    // memory *is* the guest_memfd's shared pages).
+    let size: u64 = 2 << 20;
+    // SAFETY: a fresh anonymous mapping for the slot's userspace address, unmapped at the end.
+    let anon = unsafe {
+        rustix::mm::mmap_anonymous(
+            std::ptr::null_mut(),
+            size as usize,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            rustix::mm::MapFlags::PRIVATE,
+        )
+    }
+    .unwrap();
+    let region = GuestRegion {
+        gpa: GPA,
+        host_addr: std::ptr::NonNull::new(anon.cast()).unwrap(),
+        size,
+    };
+    // SAFETY: the mapping outlives `rvm` (unmapped after it is dropped).
+    let rvm = unsafe { RefVm::new_with_guest_memfds(&[region], &[true], 1) }.unwrap();
+    let gmem = rvm.guest_memfd(0).expect("a guest_memfd");
+    // SAFETY: a fresh shared mapping of the guest_memfd, unmapped at the end.
+    let host = unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            size as usize,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            rustix::mm::MapFlags::SHARED,
+            gmem,
+            0,
+        )
+    }
+    .unwrap()
+    .cast::<u8>();
+    let mut content = vec![0u8; size as usize];
+    PatternGen::new(41).fill(&mut content);
+    // SAFETY: `host` maps `size` bytes; nothing else references them.
+    unsafe { std::ptr::copy_nonoverlapping(content.as_ptr(), host, size as usize) };
+    let task = Task {
+        workload: Workload::Checksum,
+        gpa_start: GPA,
+        gpa_end: GPA + size,
+    };
+    let before = rvm.run(&[vec![task]]).unwrap()[0].results[0].value;
+    assert_eq!(
+        before,
+        checksum_words(&content),
+        "the vCPU reads the guest_memfd's pages"
+    );
+    // Punching the guest_memfd discards pages under the running VM: the guest reads zeros.
+    let file = std::fs::File::from(gmem.try_clone_to_owned().unwrap());
+    vmpagerd::guest_memfd::punch_hole(&file, 0, size).unwrap();
+    let after = rvm.run(&[vec![task]]).unwrap()[0].results[0].value;
+    assert_eq!(after, 0);
+    drop(rvm);
+    // SAFETY: the mappings made above, no longer used.
+    unsafe {
+        rustix::mm::munmap(host.cast(), size as usize).unwrap();
+        rustix::mm::munmap(anon, size as usize).unwrap();
+    }
+}

@@ -294,6 +294,8 @@ pub struct RefVm {
     // Field order is drop order: vCPUs, then the VM, then the low slot memory.
     vcpus: Mutex<Vec<VcpuFd>>,
     _vm: VmFd,
+    /// guest_memfd of each region that has one (kept open for the VM's life).
+    gmems: Vec<Option<std::os::fd::OwnedFd>>,
     spans: Vec<Span>,
     addr_limit: u64,
     low_len: u64,
@@ -340,6 +342,21 @@ impl RefVm {
     ///
     /// Every region's host range must stay mapped read/write for the life of the `RefVm`.
     pub unsafe fn new(regions: &[GuestRegion], vcpus: usize) -> Result<RefVm, RefVmError> {
+        // SAFETY: the caller's contract is this function's.
+        unsafe { Self::new_with_guest_memfds(regions, &[], vcpus) }
+    }
+
+    /// Like [`RefVm::new`], but where `guest_memfd[i]` is true, region `i` is also backed by
+    /// a new guest_memfd of this VM (bound with `KVM_SET_USER_MEMORY_REGION2` and
+    /// `KVM_MEM_GUEST_MEMFD`, offset 0); [`RefVm::guest_memfd`] returns it.
+    ///
+    /// # Safety
+    /// As [`RefVm::new`].
+    pub unsafe fn new_with_guest_memfds(
+        regions: &[GuestRegion],
+        guest_memfd: &[bool],
+        vcpus: usize,
+    ) -> Result<RefVm, RefVmError> {
         Self::check_layout(regions)?;
         let kvm = Kvm::new().map_err(RefVmError::KvmUnavailable)?;
         let max_vcpus = kvm.get_max_vcpus();
@@ -383,7 +400,35 @@ impl RefVm {
         // (`RefVm` drops `_vm` before `_low`).
         unsafe { vm.set_user_memory_region(low_slot) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION (low slot)"))?;
+        let mut gmems = Vec::with_capacity(regions.len());
         for (i, r) in regions.iter().enumerate() {
+            if guest_memfd.get(i).copied().unwrap_or(false) {
+                use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+                // SAFETY: the raw fd is `vm`'s, open for this call.
+                let vm_fd = unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) };
+                let gmem = crate::kvm_private::create_guest_memfd(vm_fd, r.size).map_err(|e| {
+                    RefVmError::Kvm {
+                        op: "KVM_CREATE_GUEST_MEMFD",
+                        source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(0)),
+                    }
+                })?;
+                let slot = kvm_bindings::kvm_userspace_memory_region2 {
+                    slot: i as u32 + 1,
+                    flags: kvm_bindings::KVM_MEM_GUEST_MEMFD,
+                    guest_phys_addr: r.gpa,
+                    memory_size: r.size,
+                    userspace_addr: r.host_addr.as_ptr() as u64,
+                    guest_memfd_offset: 0,
+                    guest_memfd: gmem.as_fd().as_raw_fd() as u32,
+                    ..Default::default()
+                };
+                // SAFETY: as below; KVM takes its own reference to the guest_memfd.
+                unsafe { vm.set_user_memory_region2(slot) }
+                    .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION2"))?;
+                gmems.push(Some(gmem));
+                continue;
+            }
+            gmems.push(None);
             let slot = kvm_userspace_memory_region {
                 slot: i as u32 + 1,
                 flags: 0,
@@ -418,12 +463,19 @@ impl RefVm {
         );
         Ok(RefVm {
             vcpus: Mutex::new(fds),
+            gmems,
             _vm: vm,
             spans,
             addr_limit,
             low_len,
             _low: low,
         })
+    }
+
+    /// The guest_memfd of region `region`, if it was created with one.
+    pub fn guest_memfd(&self, region: usize) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.gmems.get(region)?.as_ref().map(|f| f.as_fd())
     }
 
     /// Number of vCPUs.
