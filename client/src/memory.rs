@@ -134,6 +134,7 @@ impl Drop for MappedRegion {
 #[derive(Debug)]
 pub struct VmMemory {
     vm_id: u64,
+    token: u64,
     vm_fd: Option<OwnedFd>,
     vmm_sets_attributes: bool,
     // Field order matters: the uffd is dropped after the regions are unmapped.
@@ -211,6 +212,7 @@ impl VmMemory {
         }
         Ok(VmMemory {
             vm_id: created.vm_id,
+            token: created.token,
             vm_fd,
             vmm_sets_attributes,
             regions,
@@ -221,6 +223,11 @@ impl VmMemory {
     /// VM id.
     pub fn vm_id(&self) -> u64 {
         self.vm_id
+    }
+
+    /// The secret device backends present with `Client::subscribe` to hear of conversions.
+    pub fn token(&self) -> u64 {
+        self.token
     }
 
     /// The mapped regions.
@@ -291,7 +298,7 @@ impl VmMemory {
                     rustix::mm::Advice::LinuxDontNeed,
                 )
             }
-            .map_err(|e| MemoryError::Map {
+            .map_err(|e| MemoryError::Zap {
                 region: i,
                 source: e.into(),
             })?;

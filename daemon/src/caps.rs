@@ -139,7 +139,13 @@ pub fn probe() -> Capabilities {
     let missing = crate::uffd::missing_required(uffd_bits);
     if uffd_err.is_none() && missing.is_none() {
         populate_methods.push("copy");
-        features.extend(["file_source", "stats"]);
+        features.extend([
+            "file_source",
+            "stats",
+            "private_memory",
+            "mailbox",
+            "conversion_events",
+        ]);
         if uffd_bits & u64::from(k::UFFD_FEATURE_MINOR_SHMEM) != 0 {
             populate_methods.push("continue");
             features.push("populate_continue");

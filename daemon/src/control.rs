@@ -630,7 +630,7 @@ impl Reactor {
                 .map_err(|e| refuse(ErrorCode::BadMessage, error_chain(&e)))?,
             None => self.config.policy.clone(),
         };
-        // The decoder checked the fd count: [snapshot if file source][VM fd if private type].
+        // The decoder checked the fd count: [snapshot if file source][one guest_memfd per private region].
         let mut fds = fds.into_iter();
         let source: Box<dyn PageSource> = match create.source {
             PageSourceKind::Zero => Box::new(ZeroSource),

@@ -8,7 +8,7 @@ use crate::policy::Denial;
 use crate::session::{AttributeKeeper, Vm};
 use vmpager_protocol::{ConversionEvent, PAGE_SIZE};
 
-/// `KVM_EPERM`/`KVM_EINVAL`/`KVM_EAGAIN`-style hypercall return values (negative errnos).
+/// Hypercall return values are negative errnos (`-EPERM`, `-EINVAL`, `-EAGAIN`, `-EFAULT`).
 fn neg_errno(e: i32) -> u64 {
     (-(e as i64)) as u64
 }
@@ -42,31 +42,13 @@ pub enum ConvertError {
     /// The policy refused.
     #[error("the policy refuses it: {0:?}")]
     Denied(Denial),
-    /// The kernel refused to set the attributes or to discard: the VM's memory state is no
-    /// longer known to be consistent.
+    /// Discarding a range (hole punch) failed: the VM's memory state is no longer known to be
+    /// consistent.
     #[error("conversion failed in the kernel")]
     Kernel(#[source] std::io::Error),
 }
 
-/// Denial codes carried in `Response.code` (`vmpager_protocol::mailbox`).
-pub mod codes {
-    /// Bad range.
-    pub const INVALID: u32 = 1;
-    /// Not inside one region.
-    pub const NOT_IN_ONE_REGION: u32 = 2;
-    /// No private memory there.
-    pub const NO_PRIVATE_MEMORY: u32 = 3;
-    /// Refused by a policy rule.
-    pub const POLICY_RULE: u32 = 4;
-    /// Implicit conversions are not honoured.
-    pub const IMPLICIT_NOT_ALLOWED: u32 = 5;
-    /// Over the conversion rate limit.
-    pub const RATE_LIMITED: u32 = 6;
-    /// The kernel failed the conversion.
-    pub const KERNEL: u32 = 7;
-    /// Unknown request kind in the mailbox.
-    pub const UNKNOWN_REQUEST: u32 = 8;
-}
+pub use vmpager_protocol::mailbox::codes;
 
 impl ConvertError {
     /// The VM cannot go on safely.

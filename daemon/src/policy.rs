@@ -146,18 +146,23 @@ impl Policy {
 
     /// The mode of one page-aligned GPA.
     fn mode_at(&self, gpa: u64) -> (Mode, u64) {
-        // Returns the mode and the end of the stretch that has it (to walk ranges quickly).
-        let mut end = u64::MAX;
+        // Returns the mode and the end of the stretch that has it (to walk ranges quickly). A
+        // stretch ends where any rule starts or the matching one ends: past that point a rule
+        // earlier in the list may take over.
+        let next_start = self
+            .rules
+            .iter()
+            .map(|r| r.start)
+            .filter(|&s| s > gpa)
+            .min()
+            .unwrap_or(u64::MAX);
         for r in &self.rules {
             let r_end = r.start + r.size;
             if (r.start..r_end).contains(&gpa) {
-                return (r.mode, r_end);
-            }
-            if r.start > gpa {
-                end = end.min(r.start);
+                return (r.mode, r_end.min(next_start));
             }
         }
-        (self.default, end)
+        (self.default, next_start)
     }
 
     /// Whether converting `[gpa, gpa + size)` to private (or shared) is allowed by the rules.
@@ -277,6 +282,20 @@ mode = "private-only"
             p.check(0x1000, 0x1000, true, false),
             Err(Denial::ImplicitNotAllowed)
         );
+    }
+
+    #[test]
+    fn first_matching_rule_wins_even_inside_a_later_rule() {
+        let p = Policy::parse(
+            "[[policy.rule]]\nstart = 0x2000\nsize = 0x1000\nmode = \"shared-only\"\n\n[[policy.rule]]\nstart = 0\nsize = 0x10000\nmode = \"convertible\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            p.check(0, 0x10000, true, true),
+            Err(Denial::Rule(Mode::SharedOnly))
+        );
+        assert_eq!(p.check(0, 0x2000, true, true), Ok(()));
+        assert_eq!(p.check(0x3000, 0x1000, true, true), Ok(()));
     }
 
     #[test]

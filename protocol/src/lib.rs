@@ -52,7 +52,7 @@ pub mod features {
     pub const STATS: u64 = 1 << 1;
     /// Populate by writing the daemon's memfd mapping and `UFFDIO_CONTINUE` (MINOR faults).
     pub const POPULATE_CONTINUE: u64 = 1 << 2;
-    /// Private memory: VM types, the VM fd and guest_memfd in `CreateVm`/`VmCreated`.
+    /// Private memory: VM types and guest_memfds in `CreateVm`, `VmCreated.flags`.
     pub const PRIVATE_MEMORY: u64 = 1 << 3;
     /// The per-vCPU mailbox (`OpenMailbox`/`MailboxOpened`) for memory-fault and conversion exits.
     pub const MAILBOX: u64 = 1 << 4;

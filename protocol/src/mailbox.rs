@@ -38,7 +38,7 @@
 //! | 24 | 8 | `size` | VMM |
 //! | 64 | 4 | `resp_seq` (futex word) | daemon |
 //! | 68 | 4 | `status` ([`Status`]) | daemon |
-//! | 72 | 4 | `code` (error code when denied/fatal) | daemon |
+//! | 72 | 4 | `code` (why when denied/fatal; `RETRY_SET_ATTRIBUTES` or 0 on retry) | daemon |
 //! | 80 | 8 | `ret` (hypercall return value) | daemon |
 
 use crossbeam_utils::Backoff;
@@ -137,12 +137,32 @@ pub enum Status {
 /// a KVM VM may issue its VM ioctls, so the daemon cannot.)
 pub const RETRY_SET_ATTRIBUTES: u32 = 1;
 
+/// Why a `Denied`/`Fatal` answer was given (`Response.code`).
+pub mod codes {
+    /// Bad range.
+    pub const INVALID: u32 = 1;
+    /// Not inside one region.
+    pub const NOT_IN_ONE_REGION: u32 = 2;
+    /// No private memory there.
+    pub const NO_PRIVATE_MEMORY: u32 = 3;
+    /// Refused by a policy rule.
+    pub const POLICY_RULE: u32 = 4;
+    /// Implicit conversions are not honoured.
+    pub const IMPLICIT_NOT_ALLOWED: u32 = 5;
+    /// Over the conversion rate limit.
+    pub const RATE_LIMITED: u32 = 6;
+    /// The kernel failed the conversion.
+    pub const KERNEL: u32 = 7;
+    /// Unknown request kind in the mailbox.
+    pub const UNKNOWN_REQUEST: u32 = 8;
+}
+
 /// An answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Response {
     /// Verdict.
     pub status: Status,
-    /// Error code (0 for `Retry`).
+    /// For `Denied`/`Fatal`: why (`codes`). For `Retry`: 0, or [`RETRY_SET_ATTRIBUTES`].
     pub code: u32,
     /// Hypercall return value for `kvm_run.hypercall.ret` (0 = success, else a negative
     /// errno as u64, as KVM defines).

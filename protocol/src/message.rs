@@ -85,8 +85,9 @@ pub enum PageSourceKind {
 }
 
 /// KVM VM type, as the VMM created it. Only KVM's notion of private memory counts: `sev` and
-/// `sev-es` encrypt memory but KVM cannot support private memslots for them, so the daemon
-/// never creates guest_memfd for them and refuses every conversion (DESIGN.md §5).
+/// `sev-es` encrypt memory but KVM cannot support private memslots for them, so no region of
+/// theirs may be private and every conversion to private is refused (to shared is a no-op
+/// success, DESIGN.md §5).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(u32)]
 pub enum VmType {
@@ -120,8 +121,8 @@ impl VmType {
         })
     }
 
-    /// KVM can back this type's memory with guest_memfd and convert it: the VMM's VM fd must
-    /// come with `CreateVm`.
+    /// KVM can back this type's memory with guest_memfd and convert it (regions flagged
+    /// `REGION_PRIVATE` come with a guest_memfd the VMM created).
     pub fn has_private_memory(self) -> bool {
         matches!(self, VmType::SwProtected | VmType::Snp | VmType::Tdx)
     }

@@ -4,8 +4,8 @@ use crate::{MAX_REGIONS, PAGE_SIZE};
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-/// Region flag: the region can hold private memory; the daemon creates a guest_memfd for it
-/// (only for VM types with private memory).
+/// Region flag: the region can hold private memory; the VMM creates its guest_memfd and sends
+/// it with `CreateVm` (only for VM types with private memory).
 pub const REGION_PRIVATE: u32 = 1;
 
 /// One region of guest RAM in `CreateVm` (32 bytes on the wire).
