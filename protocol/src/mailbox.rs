@@ -573,8 +573,10 @@ impl Consumer {
         served
     }
 
-    /// Serves until a pass finds nothing after announcing that the daemon sleeps; on return the
-    /// caller may block on the doorbell: any request made after that pass rings it.
+    /// Serves until nothing is pending: polls, spins briefly (crossbeam `Backoff`) while more
+    /// requests may follow, then announces that the daemon sleeps and polls once more. On
+    /// return the caller may block on the doorbell: any request made after that last pass
+    /// rings it.
     pub fn drain(
         &mut self,
         handle: &mut impl FnMut(u32, Result<Request, u32>) -> Response,
@@ -582,7 +584,18 @@ impl Consumer {
         let mut served = 0;
         loop {
             self.mailbox.set_daemon_idle(false);
-            served += self.poll(handle);
+            let backoff = Backoff::new();
+            loop {
+                let n = self.poll(handle);
+                served += n;
+                if n > 0 {
+                    backoff.reset();
+                } else if backoff.is_completed() {
+                    break;
+                } else {
+                    backoff.snooze();
+                }
+            }
             self.mailbox.set_daemon_idle(true);
             let late = self.poll(handle);
             served += late;
