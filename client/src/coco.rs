@@ -16,9 +16,8 @@ use crate::client::{Client, ClientError, PageSource, VmSpec};
 use crate::memory::{MemoryError, VmMemory};
 use crate::refvmm::guest;
 use kvm_bindings::{
-    kvm_enable_cap, kvm_memory_attributes, kvm_segment, kvm_userspace_memory_region2,
-    KVM_CAP_EXIT_HYPERCALL, KVM_MAX_CPUID_ENTRIES, KVM_MEMORY_ATTRIBUTE_PRIVATE,
-    KVM_MEM_GUEST_MEMFD,
+    kvm_enable_cap, kvm_memory_attributes, kvm_userspace_memory_region2, KVM_CAP_EXIT_HYPERCALL,
+    KVM_MAX_CPUID_ENTRIES, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEM_GUEST_MEMFD,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -214,34 +213,6 @@ fn set_attributes(vm: &VmFd, gpa: u64, size: u64, private: bool) -> Result<(), C
     .map_err(kvm("KVM_SET_MEMORY_ATTRIBUTES"))
 }
 
-fn ring0_long_mode(sregs: &mut kvm_bindings::kvm_sregs) {
-    let seg = |selector: u16, type_: u8, code: bool| kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db: u8::from(!code),
-        s: 1,
-        l: u8::from(code),
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    };
-    sregs.cs = seg(0x8, 0xb, true);
-    let data = seg(0x10, 0x3, false);
-    (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
-    sregs.tr.type_ = 11;
-    sregs.tr.present = 1;
-    sregs.tr.s = 0;
-    sregs.cr3 = guest::PML4_GPA;
-    sregs.cr4 = 1 << 5;
-    sregs.cr0 = (1 << 31) | (1 << 4) | 1;
-    sregs.efer = (1 << 10) | (1 << 8);
-}
-
 fn check(checks: &mut Vec<Check>, what: &'static str, ok: bool, detail: String) {
     checks.push(Check { what, ok, detail });
 }
@@ -350,7 +321,7 @@ pub fn run(client: &Client) -> Result<CocoReport, CocoError> {
         .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
     vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
     let mut sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
-    ring0_long_mode(&mut sregs);
+    crate::refvmm::set_long_mode(&mut sregs, 0);
     vcpu.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
     let exits = client.open_mailbox(vm_id, 1)?;
     let channel = exits.channel(0, WaitPolicy::default())?;

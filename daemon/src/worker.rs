@@ -95,24 +95,27 @@ impl Worker {
 
     /// Hands a VM's fault server to this worker and waits until its uffd is polled.
     pub fn serve(&self, server: FaultServer) -> Result<(), WorkerError> {
-        let (done, wait) = crossbeam::channel::bounded(1);
-        self.send(Command::Serve {
+        self.register(|done| Command::Serve {
             server: Box::new(server),
             done,
-        })?;
-        match wait.recv() {
-            Ok(r) => r.map_err(WorkerError::Start),
-            Err(_) => Err(WorkerError::Gone(self.index)),
-        }
+        })
     }
 
     /// Hands a VM's mailbox server to this worker and waits until its doorbell is polled.
     pub fn serve_exits(&self, server: ExitServer) -> Result<(), WorkerError> {
-        let (done, wait) = crossbeam::channel::bounded(1);
-        self.send(Command::ServeExits {
+        self.register(|done| Command::ServeExits {
             server: Box::new(server),
             done,
-        })?;
+        })
+    }
+
+    /// Sends a command that registers a source and waits for the registration's outcome.
+    fn register(
+        &self,
+        command: impl FnOnce(Sender<std::io::Result<()>>) -> Command,
+    ) -> Result<(), WorkerError> {
+        let (done, wait) = crossbeam::channel::bounded(1);
+        self.send(command(done))?;
         match wait.recv() {
             Ok(r) => r.map_err(WorkerError::Start),
             Err(_) => Err(WorkerError::Gone(self.index)),

@@ -449,7 +449,7 @@ impl RefVm {
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
             let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-            set_ring3_long_mode(&mut sregs);
+            set_long_mode(&mut sregs, 3);
             vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
             fds.push(vcpu);
         }
@@ -571,16 +571,16 @@ fn guest_phys_bits(cpuid: &CpuId) -> u32 {
         .unwrap_or(36)
 }
 
-/// Flat 64-bit code/data segments at DPL 3, paging with CR3 = PML4, PAE, EFER.LME|LMA — as in
-/// `shared/reference/ring3-guest-kvm.c` mode `user`.
-fn set_ring3_long_mode(sregs: &mut kvm_sregs) {
+/// 64-bit long mode with paging (identity tables at `PML4_GPA`), flat segments at privilege
+/// level `cpl` (3 for the measured ring-3 guests; 0 where KVM hypercalls are needed).
+pub(crate) fn set_long_mode(sregs: &mut kvm_sregs, cpl: u8) {
     let seg = |selector: u16, type_: u8, code: bool| kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
-        selector: selector | 3,
+        selector: selector | u16::from(cpl),
         type_,
         present: 1,
-        dpl: 3,
+        dpl: cpl,
         db: u8::from(!code),
         s: 1,
         l: u8::from(code),
