@@ -11,6 +11,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use userfaultfd::{FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 use vmpager_protocol::mailbox::{Request, Response, Status, VcpuChannel, RETRY_SET_ATTRIBUTES};
+use vmpager_protocol::mapping::SharedMapping;
 use vmpager_protocol::RegionSpec;
 
 /// Errors mapping or registering guest memory.
@@ -78,16 +79,8 @@ pub struct MappedRegion {
     spec: RegionSpec,
     memfd: OwnedFd,
     guest_memfd: Option<OwnedFd>,
-    addr: NonNull<u8>,
-    len: usize,
+    mapping: SharedMapping,
 }
-
-// SAFETY: the mapping is shared memory owned by this value; it is only handed out as a raw
-// address (for KVM memslots or the caller's own unsafe accesses), never as a Rust reference, so
-// moving it across threads cannot create aliasing references.
-unsafe impl Send for MappedRegion {}
-// SAFETY: as above.
-unsafe impl Sync for MappedRegion {}
 
 impl MappedRegion {
     /// The region's spec.
@@ -97,17 +90,17 @@ impl MappedRegion {
 
     /// Host address of the mapping (for `KVM_SET_USER_MEMORY_REGION`).
     pub fn host_addr(&self) -> NonNull<u8> {
-        self.addr
+        self.mapping.as_ptr()
     }
 
     /// Length in bytes.
     pub fn len(&self) -> usize {
-        self.len
+        self.mapping.len()
     }
 
     /// True for an empty region (never: regions are non-empty).
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.mapping.is_empty()
     }
 
     /// The region's memfd (owned by the daemon too).
@@ -119,14 +112,6 @@ impl MappedRegion {
     /// `KVM_MEM_GUEST_MEMFD`, if the region is private-capable.
     pub fn guest_memfd(&self) -> Option<BorrowedFd<'_>> {
         self.guest_memfd.as_ref().map(|f| f.as_fd())
-    }
-}
-
-impl Drop for MappedRegion {
-    fn drop(&mut self) {
-        // SAFETY: `addr`/`len` are exactly one mapping made in `VmMemory::map`, owned by this
-        // value; nothing borrowed from it outlives it (addresses handed out are raw).
-        let _ = unsafe { rustix::mm::munmap(self.addr.as_ptr().cast(), self.len) };
     }
 }
 
@@ -179,32 +164,14 @@ impl VmMemory {
                 region: i,
                 source: std::io::Error::other("region larger than the address space"),
             })?;
-            // SAFETY: a new shared mapping of a memfd at an address the kernel picks; it aliases
-            // no Rust object and is unmapped once by `MappedRegion::drop`.
-            let ptr = unsafe {
-                rustix::mm::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-                    rustix::mm::MapFlags::SHARED,
-                    &memfd,
-                    0,
-                )
-            }
-            .map_err(|e| MemoryError::Map {
-                region: i,
-                source: e.into(),
-            })?;
-            let addr = NonNull::new(ptr.cast::<u8>()).ok_or(MemoryError::Map {
-                region: i,
-                source: std::io::Error::other("null mapping"),
-            })?;
+            let mapping = SharedMapping::new(memfd.as_fd(), len)
+                .map_err(|source| MemoryError::Map { region: i, source })?;
+            let ptr = mapping.as_ptr().as_ptr().cast();
             let region = MappedRegion {
                 spec,
                 memfd,
                 guest_memfd,
-                addr,
-                len,
+                mapping,
             };
             uffd.register_with_mode(ptr, len, mode)
                 .map_err(|source| MemoryError::Register { region: i, source })?;
@@ -239,7 +206,7 @@ impl VmMemory {
     pub fn host_addrs(&self) -> Vec<u64> {
         self.regions
             .iter()
-            .map(|r| r.addr.as_ptr() as u64)
+            .map(|r| r.host_addr().as_ptr() as u64)
             .collect()
     }
 
@@ -283,7 +250,7 @@ impl VmMemory {
     /// region). The daemon keeps the page contents; only this process's page-table entries go.
     pub fn zap_shared(&self, gpa: u64, size: u64) -> Result<(), MemoryError> {
         for (i, r) in self.regions.iter().enumerate() {
-            let (start, end) = (r.spec.gpa(), r.spec.gpa() + r.len as u64);
+            let (start, end) = (r.spec.gpa(), r.spec.gpa() + r.len() as u64);
             let lo = gpa.max(start);
             let hi = gpa.saturating_add(size).min(end);
             if lo >= hi {
@@ -293,7 +260,7 @@ impl VmMemory {
             // reference to the mapped bytes exists (addresses are only handed out raw).
             unsafe {
                 rustix::mm::madvise(
-                    r.addr.as_ptr().add((lo - start) as usize).cast(),
+                    r.host_addr().as_ptr().add((lo - start) as usize).cast(),
                     (hi - lo) as usize,
                     rustix::mm::Advice::LinuxDontNeed,
                 )
@@ -313,7 +280,7 @@ impl Drop for VmMemory {
         // range blocks until someone reads the UNMAP event, and after a Detach (or a daemon
         // crash) nobody will.
         for r in &self.regions {
-            let _ = self.uffd.unregister(r.addr.as_ptr().cast(), r.len);
+            let _ = self.uffd.unregister(r.host_addr().as_ptr().cast(), r.len());
         }
     }
 }

@@ -4,8 +4,8 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
+use vmpager_protocol::mapping::SharedMapping;
 use vmpager_protocol::{RegionSpec, PAGE_SIZE};
 
 /// Errors creating guest memory.
@@ -38,28 +38,6 @@ impl MemoryError {
     }
 }
 
-/// The daemon's own `MAP_SHARED` mapping of a region's memfd.
-#[derive(Debug)]
-struct Mapping {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the mapping is plain shared memory; it is only accessed through raw pointers handed to
-// the kernel (pread destinations), never through Rust references, so moving or sharing the
-// pointer between threads cannot create aliasing references.
-unsafe impl Send for Mapping {}
-// SAFETY: as above; no `&`/`&mut` to the mapped bytes is ever created.
-unsafe impl Sync for Mapping {}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` are exactly what mmap returned in `GuestMemory::new`; the mapping is
-        // owned by this value alone and no pointer into it outlives it (`PageDst` borrows `self`).
-        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
-}
-
 /// One region: its spec, its memfd and the daemon's mapping of it.
 #[derive(Debug)]
 pub struct Region {
@@ -69,7 +47,8 @@ pub struct Region {
     pub state: PageState,
     memfd: File,
     gmem: Option<File>,
-    mapping: Mapping,
+    /// The daemon's own shared mapping of the memfd.
+    mapping: SharedMapping,
 }
 
 impl Region {
@@ -106,7 +85,7 @@ impl Region {
     /// Whether the page at `offset` is in the memfd's page cache (`mincore` on the daemon's
     /// mapping). False for offsets outside the region.
     pub fn is_resident(&self, offset: u64) -> bool {
-        if offset >= self.mapping.len as u64 {
+        if offset >= self.mapping.len() as u64 {
             return false;
         }
         let page = offset & !(PAGE_SIZE - 1);
@@ -115,7 +94,7 @@ impl Region {
         // above, the length is a multiple of the page size); mincore writes one byte to `vec`.
         let rc = unsafe {
             libc::mincore(
-                self.mapping.ptr.as_ptr().add(page as usize).cast(),
+                self.mapping.as_ptr().as_ptr().add(page as usize).cast(),
                 PAGE_SIZE as usize,
                 &mut vec,
             )
@@ -127,12 +106,12 @@ impl Region {
     /// fill. `None` if the range is outside the region.
     pub fn page_dst(&self, offset: u64, len: usize) -> Option<PageDst<'_>> {
         let end = offset.checked_add(len as u64)?;
-        if end > self.mapping.len as u64 {
+        if end > self.mapping.len() as u64 {
             return None;
         }
         // SAFETY: `offset + len <= mapping.len` was checked above, so the pointer stays inside the
         // live mapping, which `PageDst`'s lifetime ties to `self`.
-        let ptr = unsafe { self.mapping.ptr.as_ptr().add(offset as usize) };
+        let ptr = unsafe { self.mapping.as_ptr().as_ptr().add(offset as usize) };
         Some(PageDst {
             ptr,
             len,
@@ -244,34 +223,16 @@ impl GuestMemory {
                 ])
                 .map_err(|e| memfd_err(io::Error::other(e)))?;
             let file = memfd.into_file();
-            let len = spec.size() as usize; // fits: validate_regions checked usize range
-                                            // SAFETY: a fresh shared mapping of a memfd we own, at an address the kernel chooses;
-                                            // it aliases no Rust object. `Mapping` unmaps it exactly once on drop.
-            let ptr = unsafe {
-                rustix::mm::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-                    rustix::mm::MapFlags::SHARED,
-                    &file,
-                    0,
-                )
-            }
-            .map_err(|e| MemoryError::Map {
-                region: i,
-                source: e.into(),
-            })?;
-            let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(MemoryError::Map {
-                region: i,
-                source: io::Error::other("null mapping"),
-            })?;
+            // The size fits in usize: validate_regions checked it.
+            let mapping = SharedMapping::new(file.as_fd(), spec.size() as usize)
+                .map_err(|source| MemoryError::Map { region: i, source })?;
             let gmem = gmems.next().flatten();
             out.push(Region {
                 spec: *spec,
                 state: PageState::new((spec.size() / PAGE_SIZE) as usize),
                 memfd: file,
                 gmem,
-                mapping: Mapping { ptr, len },
+                mapping,
             });
         }
         Ok(GuestMemory { regions: out })

@@ -11,6 +11,7 @@
 
 pub mod header;
 pub mod mailbox;
+pub mod mapping;
 pub mod message;
 pub mod region;
 pub mod socket;

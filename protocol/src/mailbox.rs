@@ -41,9 +41,9 @@
 //! | 72 | 4 | `code` (why when denied/fatal; `RETRY_SET_ATTRIBUTES` or 0 on retry) | daemon |
 //! | 80 | 8 | `ret` (hypercall return value) | daemon |
 
+use crate::mapping::SharedMapping;
 use crossbeam_utils::Backoff;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -199,22 +199,8 @@ impl MailboxError {
 /// A mapped mailbox.
 #[derive(Debug)]
 pub struct Mailbox {
-    ptr: NonNull<u8>,
-    len: usize,
+    mapping: SharedMapping,
     slots: u32,
-}
-
-// SAFETY: the mapping holds only atomics (`Header`, `Slot`), which may be accessed from any
-// thread (and process); the mapping is owned by this value and unmapped only on drop.
-unsafe impl Send for Mailbox {}
-// SAFETY: as above.
-unsafe impl Sync for Mailbox {}
-
-impl Drop for Mailbox {
-    fn drop(&mut self) {
-        // SAFETY: exactly the mapping made in `map_fd`; references into it borrow `self`.
-        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
 }
 
 fn len_for(slots: u32) -> usize {
@@ -273,21 +259,10 @@ impl Mailbox {
     }
 
     fn map_raw(fd: BorrowedFd<'_>, len: usize, slots: u32) -> Result<Mailbox, MailboxError> {
-        // SAFETY: a new shared mapping at a kernel-chosen address, aliasing no Rust object;
-        // `len` is the file's size, so every byte of it is backed. Unmapped once on drop.
-        let ptr = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-                rustix::mm::MapFlags::SHARED,
-                fd,
-                0,
-            )
-        }
-        .map_err(std::io::Error::from)?;
-        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(MailboxError::BadLayout)?;
-        Ok(Mailbox { ptr, len, slots })
+        Ok(Mailbox {
+            mapping: SharedMapping::new(fd, len)?,
+            slots,
+        })
     }
 
     /// Number of slots.
@@ -299,7 +274,7 @@ impl Mailbox {
         // SAFETY: the mapping is page aligned and at least HEADER_SIZE bytes long; `Header` is
         // made only of atomics, valid for any bit pattern and for concurrent access by another
         // process; the reference borrows `self`, which keeps the mapping alive.
-        unsafe { &*self.ptr.as_ptr().cast::<Header>() }
+        unsafe { &*self.mapping.as_ptr().as_ptr().cast::<Header>() }
     }
 
     /// Slot `i`, if it exists.
@@ -313,7 +288,8 @@ impl Mailbox {
         // borrows `self`.
         Some(unsafe {
             &*self
-                .ptr
+                .mapping
+                .as_ptr()
                 .as_ptr()
                 .add(HEADER_SIZE + i as usize * SLOT_SIZE)
                 .cast::<Slot>()
