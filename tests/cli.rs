@@ -91,7 +91,7 @@ fn demo_verifies_every_byte() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("faults served: 4096 (4096 from the snapshot"),
+        stdout.contains("pages installed: 4096 from the snapshot, 0 zero"),
         "{stdout}"
     );
     assert!(

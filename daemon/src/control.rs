@@ -217,7 +217,11 @@ impl Reactor {
         let (tx, event_rx) = crossbeam::channel::unbounded();
         let events = EventQueue { tx, waker };
         let workers = (0..config.workers.max(1))
-            .map(Worker::start)
+            .map(|i| {
+                let cpu = (!config.worker_cpus.is_empty())
+                    .then(|| config.worker_cpus[i % config.worker_cpus.len()]);
+                Worker::start(i, config.wait, cpu)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Reactor {
             poll,
@@ -870,7 +874,12 @@ impl Reactor {
                 format!("the fd is not a usable userfaultfd: {e}"),
             )
         })?;
-        let server = FaultServer::new(entry.vm.clone(), uffd, &attach.host_addrs);
+        let server = FaultServer::new(
+            entry.vm.clone(),
+            uffd,
+            &attach.host_addrs,
+            self.config.readahead,
+        );
         let w = (vm_id as usize) % workers;
         self.workers[w]
             .serve(server)

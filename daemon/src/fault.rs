@@ -6,11 +6,13 @@
 
 use crate::memory::PageDst;
 use crate::metrics::VmMetrics;
+use crate::readahead::{Readahead, Streams};
 use crate::session::{Populate, Vm};
 use crate::source::{Fill, SourceError};
 use crate::uffd::{Event, Uffd, UffdError, MSG_SIZE};
 use rustix::io::Errno;
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmpager_protocol::PAGE_SIZE;
@@ -54,11 +56,13 @@ pub struct FaultServer {
     events: Vec<[u8; MSG_SIZE]>,
     retry: VecDeque<Pending>,
     latencies: Vec<Duration>,
+    streams: Streams,
 }
 
 impl FaultServer {
-    /// A server for `vm`'s `uffd`, whose regions the VMM mapped at `host_addrs` (region order).
-    pub fn new(vm: Arc<Vm>, uffd: Uffd, host_addrs: &[u64]) -> FaultServer {
+    /// A server for `vm`'s `uffd`, whose regions the VMM mapped at `host_addrs` (region order),
+    /// installing pages around each fault as `readahead` says.
+    pub fn new(vm: Arc<Vm>, uffd: Uffd, host_addrs: &[u64], readahead: Readahead) -> FaultServer {
         let regions = vm.memory.regions();
         let host = regions
             .iter()
@@ -72,10 +76,11 @@ impl FaultServer {
             vm,
             uffd,
             host,
-            bounce: vec![0; PAGE_SIZE as usize],
+            bounce: vec![0; readahead.max_pages() * PAGE_SIZE as usize],
             events: vec![[0; MSG_SIZE]; BATCH],
             retry: VecDeque::new(),
             latencies: Vec::with_capacity(BATCH),
+            streams: Streams::new(readahead),
         }
     }
 
@@ -99,6 +104,11 @@ impl FaultServer {
                     for i in 0..n {
                         let event = Event::parse(&self.events[i]);
                         self.handle(event, read_at);
+                    }
+                    // A short read emptied the queue: an event queued from now on wakes the
+                    // (edge-triggered) poller again, so another read would only say EAGAIN.
+                    if n < self.events.len() && self.retry.is_empty() {
+                        break Drained::Idle;
                     }
                 }
                 Err(Errno::AGAIN) if self.retry.is_empty() => break Drained::Idle,
@@ -210,8 +220,39 @@ impl FaultServer {
             }
             region.state.discard(page, page + 1);
         }
-        match self.populate(ri, off, page_addr, p.minor) {
-            Ok(()) => self.vm.memory.regions()[ri].state.mark_populated(page),
+        let (run, mut result) = if p.minor {
+            // The page is already in the memfd (the VMM or the kernel put it there): map it.
+            let one = page..page + 1;
+            (
+                one.clone(),
+                self.uffd.r#continue(page_addr, PAGE_SIZE).map(|()| one),
+            )
+        } else {
+            let run = self.run_around(ri, page);
+            (run.clone(), self.populate(ri, run))
+        };
+        if run.len() > 1
+            && matches!(
+                result,
+                Err(UffdError::Exists | UffdError::Again | UffdError::Failed(Errno::FAULT))
+            )
+        {
+            // A neighbour raced in (installed, removed or punched): the faulting page alone
+            // gets the usual careful treatment.
+            result = self.populate(ri, page..page + 1);
+        } else if result.is_ok() && run.len() > 1 {
+            self.vm
+                .metrics
+                .pages_prefetched
+                .fetch_add(run.len() as u64 - 1, std::sync::atomic::Ordering::Relaxed);
+        }
+        match result {
+            Ok(run) => {
+                let state = &self.vm.memory.regions()[ri].state;
+                for q in run {
+                    state.mark_populated(q);
+                }
+            }
             Err(UffdError::Exists) => {
                 VmMetrics::bump(&self.vm.metrics.eexist);
                 self.vm.memory.regions()[ri].state.mark_populated(page);
@@ -249,51 +290,97 @@ impl FaultServer {
         self.latencies.push(p.read_at.elapsed());
     }
 
-    /// Installs page `off` of region `ri` at the VMM address `dst`.
-    fn populate(&mut self, ri: usize, off: u64, dst: u64, minor: bool) -> Result<(), UffdError> {
+    /// The pages to install for a missing fault on `page` of region `ri`: the part of the
+    /// readahead window around `page` whose pages are untouched (neither installed, removed
+    /// nor private), so one source read and one ioctl cover them all. Just `page` if it was
+    /// removed (it becomes a zero page on its own).
+    fn run_around(&mut self, ri: usize, page: usize) -> Range<usize> {
+        let region = &self.vm.memory.regions()[ri];
+        let state = &region.state;
+        if state.is_discarded(page) {
+            return page..page + 1;
+        }
+        let mut window = self.streams.window(ri, page, region.pages());
+        // The first page whose source bytes are all past the end of the data.
+        let data_end = self
+            .vm
+            .source
+            .data_end()
+            .saturating_sub(region.spec.source_offset())
+            .div_ceil(PAGE_SIZE)
+            .min(region.pages() as u64) as usize;
+        if page < data_end {
+            window.end = window.end.min(data_end);
+        } else {
+            window.start = window.start.max(data_end);
+        }
+        let untouched =
+            |q: usize| !state.is_populated(q) && !state.is_discarded(q) && !state.is_private(q);
+        let mut lo = page;
+        while lo > window.start && untouched(lo - 1) {
+            lo -= 1;
+        }
+        let mut hi = page + 1;
+        while hi < window.end && untouched(hi) {
+            hi += 1;
+        }
+        lo..hi
+    }
+
+    /// Installs pages `run` of region `ri` (a single removed page becomes zeros; otherwise the
+    /// source fills them all) and returns the run installed.
+    fn populate(&mut self, ri: usize, run: Range<usize>) -> Result<Range<usize>, UffdError> {
         let vm = &*self.vm;
         let region = &vm.memory.regions()[ri];
-        if minor {
-            // The page is already in the memfd (the VMM or the kernel put it there): map it.
-            return self.uffd.r#continue(dst, PAGE_SIZE);
+        let off = run.start as u64 * PAGE_SIZE;
+        let len = run.len() * PAGE_SIZE as usize;
+        let dst = self.host[ri].start + off;
+        if run.len() == 1 && region.state.is_discarded(run.start) {
+            return self
+                .uffd
+                .zeropage(dst, PAGE_SIZE)
+                .inspect(|()| VmMetrics::bump(&vm.metrics.pages_zero))
+                .map(|()| run);
         }
-        let fill = if self.vm.memory.regions()[ri]
-            .state
-            .is_discarded(page_of(off))
-        {
-            Ok(Fill::Zero)
-        } else {
-            let source_off = region.spec.source_offset() + off;
-            let attempt = |dst: &mut PageDst<'_>| -> Result<Fill, SourceError> {
-                let mut last = None;
-                for _ in 0..SOURCE_ATTEMPTS {
-                    match vm.source.fill(source_off, dst) {
-                        Ok(f) => return Ok(f),
-                        Err(e) if e.is_retryable() => last = Some(e),
-                        Err(e) => return Err(e),
-                    }
+        let source_off = region.spec.source_offset() + off;
+        let attempt = |dst: &mut PageDst<'_>| -> Result<Fill, SourceError> {
+            let mut last = None;
+            for _ in 0..SOURCE_ATTEMPTS {
+                match vm.source.fill(source_off, dst) {
+                    Ok(f) => return Ok(f),
+                    Err(e) if e.is_retryable() => last = Some(e),
+                    Err(e) => return Err(e),
                 }
-                Err(last.unwrap_or_else(|| SourceError::Unusable("no attempt made".into())))
-            };
-            match vm.populate {
-                Populate::Copy => attempt(&mut PageDst::from_buf(&mut self.bounce)),
-                Populate::Continue => match region.page_dst(off, PAGE_SIZE as usize) {
-                    Some(mut d) => attempt(&mut d),
-                    None => Err(SourceError::Unusable("page outside region".into())),
-                },
             }
+            Err(last.unwrap_or_else(|| SourceError::Unusable("no attempt made".into())))
+        };
+        let fill = match vm.populate {
+            Populate::Copy => attempt(&mut PageDst::from_buf(&mut self.bounce[..len])),
+            Populate::Continue => match region.page_dst(off, len) {
+                Some(mut d) => attempt(&mut d),
+                None => Err(SourceError::Unusable("page outside region".into())),
+            },
+        };
+        let pages = run.len() as u64;
+        let count = |counter: &std::sync::atomic::AtomicU64| {
+            counter.fetch_add(pages, std::sync::atomic::Ordering::Relaxed);
         };
         match fill {
             // Counted once installed: EEXIST and EAGAIN have their own counters.
             Ok(Fill::Zero) => self
                 .uffd
-                .zeropage(dst, PAGE_SIZE)
-                .inspect(|()| VmMetrics::bump(&vm.metrics.pages_zero)),
+                .zeropage(dst, len as u64)
+                .inspect(|()| count(&vm.metrics.pages_zero)),
             Ok(Fill::Data) => match vm.populate {
-                Populate::Copy => self.uffd.copy(dst, &self.bounce),
-                Populate::Continue => self.uffd.r#continue(dst, PAGE_SIZE),
+                Populate::Copy => self.uffd.copy(dst, &self.bounce[..len]),
+                Populate::Continue => self.uffd.r#continue(dst, len as u64),
             }
-            .inspect(|()| VmMetrics::bump(&vm.metrics.pages_from_source)),
+            .inspect(|()| count(&vm.metrics.pages_from_source)),
+            Err(e) if run.len() > 1 => {
+                // Only the faulting page must be answered: retry it alone.
+                tracing::trace!(error = %e, "page source failed for a readahead run");
+                Err(UffdError::Again)
+            }
             Err(e) => {
                 // Never silently zero-fill a page the source could not deliver: poison it, so
                 // the VMM gets SIGBUS on this page.
@@ -305,9 +392,6 @@ impl FaultServer {
                 }
             }
         }
+        .map(|()| run)
     }
-}
-
-fn page_of(off: u64) -> usize {
-    (off / PAGE_SIZE) as usize
 }

@@ -24,9 +24,11 @@ pub mod listener;
 pub mod memory;
 pub mod metrics;
 pub mod policy;
+pub mod readahead;
 pub mod session;
 pub mod source;
 pub mod uffd;
+pub mod wait;
 pub mod worker;
 
 pub use session::Populate;
@@ -58,6 +60,13 @@ pub struct Config {
     /// Uids allowed to connect (checked with `SO_PEERCRED`); by default root and the daemon's
     /// own uid.
     pub allowed_uids: Vec<u32>,
+    /// How workers wait for work.
+    pub wait: wait::WaitMode,
+    /// CPUs the workers are pinned to (worker `i` on `worker_cpus[i % len]`); empty: not
+    /// pinned, the scheduler places them.
+    pub worker_cpus: Vec<usize>,
+    /// Pages installed along with a faulting one.
+    pub readahead: readahead::Readahead,
 }
 
 impl Default for Config {
@@ -70,6 +79,9 @@ impl Default for Config {
             max_vm_memory: 1 << 40,
             emulate_attributes: false,
             policy: policy::Policy::default(),
+            wait: wait::WaitMode::default(),
+            worker_cpus: Vec::new(),
+            readahead: readahead::Readahead::default(),
             allowed_uids: {
                 let own = rustix::process::getuid().as_raw();
                 if own == 0 {

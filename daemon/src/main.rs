@@ -10,6 +10,9 @@ use clap::{Parser, ValueEnum};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
+use vmpagerd::readahead::Readahead;
+use vmpagerd::wait::WaitMode;
 use vmpagerd::{listener, Config, LiveVms, Populate};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -18,6 +21,16 @@ enum PopulateArg {
     Copy,
     /// Write into the memfd + UFFDIO_CONTINUE.
     Continue,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum WaitArg {
+    /// Sleep in epoll until a fault arrives.
+    Blocking,
+    /// Never sleep (one CPU per worker).
+    BusyPoll,
+    /// Poll while faults keep arriving, sleep after --spin-us without any.
+    Adaptive,
 }
 
 /// vmpagerd owns guest memory and serves a VMM's page faults.
@@ -57,6 +70,23 @@ struct Args {
     /// Maximum concurrent client connections.
     #[arg(long, default_value_t = 256)]
     max_connections: usize,
+    /// How workers wait for faults.
+    #[arg(long, value_enum, default_value = "adaptive")]
+    wait_mode: WaitArg,
+    /// Adaptive mode: microseconds a worker keeps polling after its last fault.
+    #[arg(long, value_name = "US", default_value_t = WaitMode::DEFAULT_SPIN.as_micros() as u64)]
+    spin_us: u64,
+    /// Pin worker i to the i-th CPU of this comma-separated list (default: not pinned).
+    #[arg(long, value_name = "CPUS", value_delimiter = ',')]
+    worker_cpus: Vec<usize>,
+    /// Pages of the aligned block installed around each missing fault (power of two, 1..512;
+    /// 1 turns fault-around off).
+    #[arg(long, value_name = "PAGES", default_value_t = Readahead::default().fault_around)]
+    fault_around: usize,
+    /// Largest sequential prefetch window in pages (1..512; at most --fault-around turns
+    /// prefetch off).
+    #[arg(long, value_name = "PAGES", default_value_t = Readahead::default().prefetch_max)]
+    prefetch_max: usize,
 }
 
 impl Args {
@@ -78,6 +108,27 @@ impl Args {
             .context("--max-vm-memory-mib is too large")?;
         c.max_connections = self.max_connections.max(1);
         c.emulate_attributes = self.emulate_attributes;
+        c.wait = match self.wait_mode {
+            WaitArg::Blocking => WaitMode::Blocking,
+            WaitArg::BusyPoll => WaitMode::BusyPoll,
+            WaitArg::Adaptive => WaitMode::Adaptive {
+                spin: Duration::from_micros(self.spin_us),
+            },
+        };
+        if let Some(bad) = self
+            .worker_cpus
+            .iter()
+            .find(|&&c| c >= rustix::thread::CpuSet::MAX_CPU)
+        {
+            bail!("--worker-cpus: no CPU {bad}");
+        }
+        c.worker_cpus = self.worker_cpus.clone();
+        c.readahead = Readahead {
+            fault_around: self.fault_around,
+            prefetch_max: self.prefetch_max,
+        }
+        .validate()
+        .map_err(anyhow::Error::msg)?;
         if let Some(path) = &self.config {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
@@ -172,6 +223,9 @@ fn run() -> anyhow::Result<()> {
         socket = ?args.socket_path,
         workers = config.workers,
         populate = ?config.populate,
+        wait = config.wait.name(),
+        fault_around = config.readahead.fault_around,
+        prefetch_max = config.readahead.prefetch_max,
         "vmpagerd serving"
     );
     vmpagerd::serve(listener_fd, shutdown, config, Arc::new(LiveVms::default()))?;

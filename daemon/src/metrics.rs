@@ -49,6 +49,8 @@ pub struct VmMetrics {
     pub conversions_denied: AtomicU64,
     /// Set when the daemon keeps the attributes itself.
     pub attributes_emulated: AtomicU64,
+    /// Pages installed ahead of a fault.
+    pub pages_prefetched: AtomicU64,
     denial_log: Mutex<DenialLog>,
     latency: Mutex<Option<Histogram<u64>>>,
 }
@@ -140,6 +142,7 @@ impl VmMetrics {
             conversions_denied: self.conversions_denied.load(Relaxed),
             attributes_emulated: self.attributes_emulated.load(Relaxed),
             populate_method,
+            pages_prefetched: self.pages_prefetched.load(Relaxed),
             ..Stats::default()
         };
         if let Ok(guard) = self.latency.lock() {

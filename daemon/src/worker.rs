@@ -4,6 +4,7 @@
 
 use crate::exits::ExitServer;
 use crate::fault::{Drained, FaultServer};
+use crate::wait::WaitMode;
 use crossbeam::channel::{Receiver, Sender};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -11,6 +12,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 const WAKER: Token = Token(usize::MAX);
 
@@ -68,14 +70,19 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Starts worker `index`.
-    pub fn start(index: usize) -> Result<Worker, WorkerError> {
+    /// Starts worker `index`, waiting for work in `wait` mode, pinned to `cpu` if given.
+    pub fn start(index: usize, wait: WaitMode, cpu: Option<usize>) -> Result<Worker, WorkerError> {
         let poll = Poll::new().map_err(WorkerError::Start)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(WorkerError::Start)?);
         let (tx, rx) = crossbeam::channel::unbounded();
         let thread = std::thread::Builder::new()
             .name(format!("vmpager-worker-{index}"))
-            .spawn(move || run(poll, rx))
+            .spawn(move || {
+                if let Some(cpu) = cpu {
+                    pin_to_cpu(cpu);
+                }
+                run(poll, rx, wait)
+            })
             .map_err(WorkerError::Start)?;
         Ok(Worker {
             index,
@@ -172,16 +179,34 @@ impl Source {
     }
 }
 
-fn run(mut poll: Poll, commands: Receiver<Command>) {
+/// Pins the calling thread to `cpu` (best effort: a CPU outside the allowed set is logged once).
+fn pin_to_cpu(cpu: usize) {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    if let Err(e) = rustix::thread::sched_setaffinity(None, &set) {
+        tracing::warn!(cpu, error = %e, "cannot pin worker");
+    }
+}
+
+fn run(mut poll: Poll, commands: Receiver<Command>, wait: WaitMode) {
     let mut events = Events::with_capacity(64);
     let mut sources: HashMap<usize, Source> = HashMap::new();
+    let mut last_work = Instant::now();
     loop {
-        if let Err(e) = poll.poll(&mut events, None) {
+        let timeout = wait.timeout(last_work.elapsed());
+        if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
             tracing::error!(error = %e, "worker poll failed");
             return;
+        }
+        if events.is_empty() {
+            // A zero-timeout poll found nothing; the command check below stays cheap (one
+            // atomic load) so spinning costs only the poll itself.
+            std::hint::spin_loop();
+        } else {
+            last_work = Instant::now();
         }
         for event in events.iter() {
             if event.token() == WAKER {

@@ -356,6 +356,8 @@ stats_struct! {
     attributes_emulated,
     /// Populate method in use (`PopulateMethod` value).
     populate_method,
+    /// Pages installed ahead of a fault (fault-around, prefetch); also counted in pages_from_source or pages_zero.
+    pages_prefetched,
     /// Latency samples recorded.
     latency_samples,
     /// Median fault-service latency, nanoseconds.

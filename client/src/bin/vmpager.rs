@@ -188,8 +188,12 @@ fn demo_cmd(
     );
     println!("populate method: {method}");
     println!(
-        "faults served: {} ({} from the snapshot, {} zero, {} coalesced, {} EEXIST)",
-        s.faults, s.pages_from_source, s.pages_zero, s.coalesced, s.eexist
+        "faults served: {} ({} coalesced, {} EEXIST)",
+        s.faults, s.coalesced, s.eexist
+    );
+    println!(
+        "pages installed: {} from the snapshot, {} zero; {} of them ahead of a fault (fault-around, prefetch)",
+        s.pages_from_source, s.pages_zero, s.pages_prefetched
     );
     println!(
         "fault latency (fault read -> wake): p50 {:.1} us, p99 {:.1} us, max {:.1} us",

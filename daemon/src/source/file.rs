@@ -57,6 +57,10 @@ impl PageSource for FileSource {
         "file"
     }
 
+    fn data_end(&self) -> u64 {
+        self.len
+    }
+
     fn fill(&self, offset: u64, dst: &mut PageDst<'_>) -> Result<Fill, SourceError> {
         if offset >= self.len {
             return Ok(Fill::Zero);

@@ -50,4 +50,11 @@ pub trait PageSource: Send + Sync + std::fmt::Debug {
 
     /// Fills `dst` with the bytes at `offset`, or answers that they are all zeros.
     fn fill(&self, offset: u64, dst: &mut PageDst<'_>) -> Result<Fill, SourceError>;
+
+    /// Where the source's data ends: every byte from here on reads as zero. Readahead never
+    /// mixes pages before and after it in one fill, so data pages and zero pages are counted
+    /// (and installed) as what they are.
+    fn data_end(&self) -> u64 {
+        u64::MAX
+    }
 }

@@ -12,6 +12,10 @@ impl PageSource for ZeroSource {
         "zero"
     }
 
+    fn data_end(&self) -> u64 {
+        0
+    }
+
     fn fill(&self, _offset: u64, _dst: &mut PageDst<'_>) -> Result<Fill, SourceError> {
         Ok(Fill::Zero)
     }
