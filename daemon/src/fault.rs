@@ -21,6 +21,18 @@ use vmpager_protocol::PAGE_SIZE;
 const BATCH: usize = 64;
 /// Attempts to fetch a page from the source before poisoning it.
 const SOURCE_ATTEMPTS: usize = 3;
+/// Pages per ioctl when installing ahead of a stream: small enough that a thread catching up
+/// with the copy waits for one chunk, not the whole window.
+const AHEAD_CHUNK: usize = 64;
+/// Ranges queued for installing ahead (one per recent stream).
+const AHEAD_QUEUE: usize = 8;
+
+/// Pages of a region still to install ahead of a sequential stream.
+#[derive(Debug, Clone)]
+struct Ahead {
+    region: usize,
+    pages: Range<usize>,
+}
 
 /// Where a region is mapped in the VMM.
 #[derive(Debug, Clone, Copy)]
@@ -57,6 +69,7 @@ pub struct FaultServer {
     retry: VecDeque<Pending>,
     latencies: Vec<Duration>,
     streams: Streams,
+    ahead: VecDeque<Ahead>,
 }
 
 impl FaultServer {
@@ -81,6 +94,7 @@ impl FaultServer {
             retry: VecDeque::new(),
             latencies: Vec::with_capacity(BATCH),
             streams: Streams::new(readahead),
+            ahead: VecDeque::with_capacity(AHEAD_QUEUE),
         }
     }
 
@@ -94,37 +108,91 @@ impl FaultServer {
         &self.uffd
     }
 
-    /// Reads and serves every pending event (edge-triggered pollers must drain).
+    /// Reads and serves every pending event (edge-triggered pollers must drain), then installs
+    /// pages ahead of sequential streams a chunk at a time, looking for new faults between
+    /// chunks.
     pub fn drain(&mut self) -> Drained {
-        let outcome = loop {
+        loop {
             match self.uffd.read_events(&mut self.events) {
-                Ok(0) => break Drained::Idle,
                 Ok(n) => {
                     let read_at = Instant::now();
                     for i in 0..n {
                         let event = Event::parse(&self.events[i]);
                         self.handle(event, read_at);
                     }
+                    if n == self.events.len() {
+                        continue; // maybe more queued
+                    }
                     // A short read emptied the queue: an event queued from now on wakes the
                     // (edge-triggered) poller again, so another read would only say EAGAIN.
-                    if n < self.events.len() && self.retry.is_empty() {
-                        break Drained::Idle;
-                    }
                 }
-                Err(Errno::AGAIN) if self.retry.is_empty() => break Drained::Idle,
-                Err(Errno::AGAIN) => {
-                    // The events that caused EAGAIN may not be queued yet: retry, and read again.
-                    self.run_retries();
-                    if !self.retry.is_empty() {
-                        std::thread::yield_now();
-                    }
+                Err(Errno::AGAIN) => {}
+                Err(_) => {
+                    self.flush_latencies();
+                    return Drained::Closed;
                 }
-                Err(_) => break Drained::Closed,
             }
-        };
-        self.vm.metrics.record_latencies(&self.latencies);
-        self.latencies.clear();
-        outcome
+            if !self.retry.is_empty() {
+                // The events that caused EAGAIN may not be queued yet: retry, and read again.
+                self.run_retries();
+                if !self.retry.is_empty() {
+                    std::thread::yield_now();
+                }
+                continue;
+            }
+            self.flush_latencies();
+            if !self.install_ahead() {
+                return Drained::Idle;
+            }
+        }
+    }
+
+    fn flush_latencies(&mut self) {
+        if !self.latencies.is_empty() {
+            self.vm.metrics.record_latencies(&self.latencies);
+            self.latencies.clear();
+        }
+    }
+
+    /// Installs the next chunk ahead of a stream (nobody waits on it yet). False when there is
+    /// nothing left to install.
+    fn install_ahead(&mut self) -> bool {
+        while let Some(mut a) = self.ahead.pop_front() {
+            let state = &self.vm.memory.regions()[a.region].state;
+            let untouched =
+                |q: usize| !state.is_populated(q) && !state.is_discarded(q) && !state.is_private(q);
+            while a.pages.start < a.pages.end && !untouched(a.pages.start) {
+                a.pages.start += 1;
+            }
+            if a.pages.is_empty() {
+                continue;
+            }
+            let lo = a.pages.start;
+            let mut hi = lo + 1;
+            while hi < a.pages.end && hi - lo < AHEAD_CHUNK && untouched(hi) {
+                hi += 1;
+            }
+            let region = a.region;
+            if let Ok(run) = self.populate(region, lo..hi) {
+                let state = &self.vm.memory.regions()[region].state;
+                for q in run.clone() {
+                    state.mark_populated(q);
+                }
+                self.vm
+                    .metrics
+                    .pages_prefetched
+                    .fetch_add(run.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            // On failure (a page raced in, the source failed) the rest of this chunk is left
+            // to ordinary faults.
+            a.pages.start = hi;
+            if !a.pages.is_empty() {
+                // Round robin between streams.
+                self.ahead.push_back(a);
+            }
+            return true;
+        }
+        false
     }
 
     fn run_retries(&mut self) {
@@ -300,7 +368,11 @@ impl FaultServer {
         if state.is_discarded(page) {
             return page..page + 1;
         }
-        let mut window = self.streams.window(ri, page, region.pages());
+        let crate::readahead::Window {
+            now: mut window,
+            ahead,
+        } = self.streams.window(ri, page, region.pages());
+        let mut ahead = ahead;
         // The first page whose source bytes are all past the end of the data.
         let data_end = self
             .vm
@@ -311,8 +383,18 @@ impl FaultServer {
             .min(region.pages() as u64) as usize;
         if page < data_end {
             window.end = window.end.min(data_end);
+            ahead.end = ahead.end.min(data_end);
         } else {
             window.start = window.start.max(data_end);
+        }
+        if !ahead.is_empty() {
+            if self.ahead.len() == AHEAD_QUEUE {
+                self.ahead.pop_front();
+            }
+            self.ahead.push_back(Ahead {
+                region: ri,
+                pages: ahead,
+            });
         }
         let untouched =
             |q: usize| !state.is_populated(q) && !state.is_discarded(q) && !state.is_private(q);

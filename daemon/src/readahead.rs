@@ -1,9 +1,13 @@
 //! Which pages to install along with a faulting one: fault-around (the aligned block around the
 //! fault, as the kernel's own `fault_around_bytes` does for file mappings) and sequential
-//! prefetch (a stream of faults each on the page after the previous install doubles its window,
+//! prefetch (a stream of faults each on the page after the previous window doubles its window,
 //! like the page cache's readahead). One `UFFDIO_COPY` of many pages costs far less than one
 //! fault per page (DESIGN.md §8: ~0.7 µs per ioctl + ~0.84 µs per page, against a fault round
 //! trip of 8–50 µs).
+//!
+//! A window has two parts: `now`, installed before the faulting thread is woken (kept small, so
+//! the fault stays short), and `ahead`, installed after the wake in chunks while the thread
+//! works through `now`: the copy overlaps the guest's own progress.
 
 use std::ops::Range;
 
@@ -59,6 +63,15 @@ impl Default for Readahead {
     }
 }
 
+/// What to install for one fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    /// Pages to install before the faulting thread is woken; contains the faulting page.
+    pub now: Range<usize>,
+    /// Pages to install after the wake (empty unless the fault continues a sequential stream).
+    pub ahead: Range<usize>,
+}
+
 /// Recently seen sequential streams of one VM.
 #[derive(Debug)]
 pub struct Streams {
@@ -90,9 +103,9 @@ impl Streams {
     }
 
     /// The pages to try to install for a fault on `page` of `region` (which has `pages`
-    /// pages): always contains `page`, never reaches past the region. The caller installs the
-    /// part of it around `page` that is still missing.
-    pub fn window(&mut self, region: usize, page: usize, pages: usize) -> Range<usize> {
+    /// pages): `now` always contains `page`; neither part reaches past the region. The caller
+    /// installs the parts that are still missing.
+    pub fn window(&mut self, region: usize, page: usize, pages: usize) -> Window {
         self.clock += 1;
         let s = self.settings;
         let sequential = s.prefetch_max > s.fault_around;
@@ -104,9 +117,10 @@ impl Streams {
             Some(st) if sequential => {
                 st.window = (st.window * 2).clamp(s.fault_around, s.prefetch_max);
                 st.used = self.clock;
-                let r = page..(page + st.window).min(pages);
-                st.next = r.end;
-                return r;
+                let now = page..(page + s.fault_around).min(pages);
+                let ahead = now.end..(page + st.window).min(pages).max(now.end);
+                st.next = ahead.end;
+                return Window { now, ahead };
             }
             _ => {
                 let start = page & !(s.fault_around - 1);
@@ -124,7 +138,10 @@ impl Streams {
             window: s.fault_around,
             used: self.clock,
         };
-        range
+        Window {
+            ahead: range.end..range.end,
+            now: range,
+        }
     }
 }
 
@@ -138,10 +155,13 @@ mod tests {
             fault_around: 16,
             prefetch_max: 16,
         });
-        assert_eq!(s.window(0, 37, 1000), 32..48);
-        assert_eq!(s.window(0, 995, 1000), 992..1000);
+        assert_eq!(s.window(0, 37, 1000).now, 32..48);
+        assert_eq!(s.window(0, 995, 1000).now, 992..1000);
+        // Prefetch is off (its maximum is the fault-around size): a stream gets nothing ahead.
+        let w = s.window(0, 48, 1000);
+        assert_eq!((w.now, w.ahead.is_empty()), (48..64, true));
         let mut off = Streams::new(Readahead::OFF);
-        assert_eq!(off.window(0, 37, 1000), 37..38);
+        assert_eq!(off.window(0, 37, 1000).now, 37..38);
     }
 
     #[test]
@@ -150,15 +170,22 @@ mod tests {
             fault_around: 16,
             prefetch_max: 64,
         });
-        assert_eq!(s.window(1, 0, 10_000), 0..16);
-        assert_eq!(s.window(1, 16, 10_000), 16..48);
-        assert_eq!(s.window(1, 48, 10_000), 48..112);
-        assert_eq!(s.window(1, 112, 10_000), 112..176);
+        let w = |s: &mut Streams, r, p| {
+            let w = s.window(r, p, 10_000);
+            (w.now, w.ahead)
+        };
+        assert_eq!(w(&mut s, 1, 0), (0..16, 16..16));
+        assert_eq!(w(&mut s, 1, 16), (16..32, 32..48));
+        assert_eq!(w(&mut s, 1, 48), (48..64, 64..112));
+        assert_eq!(w(&mut s, 1, 112), (112..128, 128..176));
         // Another region's stream, then a jump: each starts over with fault-around.
-        assert_eq!(s.window(2, 176, 10_000), 176..192);
-        assert_eq!(s.window(1, 5000, 10_000), 4992..5008);
-        // The first stream is still tracked and continues where it stopped.
-        assert_eq!(s.window(1, 176, 10_000), 176..240);
+        assert_eq!(w(&mut s, 2, 176), (176..192, 192..192));
+        assert_eq!(w(&mut s, 1, 5000), (4992..5008, 5008..5008));
+        // The first stream is still tracked and continues where it stopped; the region's end
+        // clips both parts.
+        assert_eq!(w(&mut s, 1, 176), (176..192, 192..240));
+        let end = s.window(1, 240, 250);
+        assert_eq!((end.now, end.ahead), (240..250, 250..250));
     }
 
     #[test]
