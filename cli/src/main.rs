@@ -33,6 +33,20 @@ enum PopulateArg {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Measure every fault and exit path side by side with its baselines (kernel first touch,
+    /// an in-process uffd handler, raw ioctls, IPC round trips) and print the table.
+    Bench {
+        /// Fewer pages and rounds (under three minutes on a 2-CPU host).
+        #[arg(long)]
+        quick: bool,
+        /// Write the report as JSON to FILE, and SVG pictures (latency CDFs, throughput) next
+        /// to it.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Also write the table as Markdown to FILE.
+        #[arg(long, value_name = "FILE")]
+        markdown: Option<PathBuf>,
+    },
     /// The guest side of the CoCo rig (tests/coco/run): a KVM_X86_SW_PROTECTED_VM whose
     /// conversion and memory-fault exits go to vmpagerd over the mailbox. Needs a kernel with
     /// KVM_SW_PROTECTED_VM and memory attributes (the rig's L1 guest).
@@ -100,6 +114,11 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let result = match Args::parse().command {
+        Cmd::Bench {
+            quick,
+            json,
+            markdown,
+        } => bench_cmd(quick, json, markdown),
         Cmd::CocoGuest { socket_path } => coco_cmd(socket_path),
         Cmd::Demo {
             memory,
@@ -114,6 +133,31 @@ fn main() {
         eprintln!("vmpager: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn bench_cmd(quick: bool, json: Option<PathBuf>, markdown: Option<PathBuf>) -> anyhow::Result<()> {
+    let opts = vmpager_bench::Options {
+        quick,
+        json: json.clone(),
+        vmpagerd: None,
+    };
+    let report = vmpager_bench::run(&opts, &mut |step| eprintln!("bench: {step}"))?;
+    println!(
+        "vmpager bench{}: {}, {} rounds, {:.0} s",
+        if quick { " --quick" } else { "" },
+        report.host,
+        report.rounds,
+        report.elapsed_s
+    );
+    print!("{}", report.table());
+    if let Some(path) = markdown {
+        std::fs::write(&path, report.markdown())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(path) = json {
+        println!("wrote {} and its pictures", path.display());
+    }
+    Ok(())
 }
 
 fn demo_cmd(

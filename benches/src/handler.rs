@@ -1,0 +1,250 @@
+//! The in-process baseline: a uffd handler thread in the faulting process, doing exactly what
+//! vmpagerd does per fault (the same `vmpagerd::uffd` ioctls, the same page source reads) but
+//! without a process boundary, a control socket or a page-state table. Also the raw cost of the
+//! populate ioctls with nobody waiting.
+
+use crate::row::{histogram, record};
+use crate::touch::PAGE;
+use hdrhistogram::Histogram;
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use userfaultfd::{FeatureFlags, RegisterMode, UffdBuilder};
+use vmpager_protocol::mapping::SharedMapping;
+use vmpagerd::uffd::{Event, Uffd, MSG_SIZE};
+
+/// How a page is installed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// `pread` of the image into a bounce buffer, `UFFDIO_COPY`.
+    Copy,
+    /// `pread` of the image into a second mapping of the memfd, `UFFDIO_CONTINUE`.
+    Continue,
+    /// `UFFDIO_ZEROPAGE` (a zero page source).
+    Zero,
+}
+
+impl Method {
+    /// Short name for row labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Copy => "copy",
+            Method::Continue => "continue",
+            Method::Zero => "zeropage",
+        }
+    }
+}
+
+/// How the handler thread waits for faults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandlerWait {
+    /// `poll(2)` on the uffd, then read.
+    Blocking,
+    /// Non-blocking reads in a loop.
+    BusyPoll,
+}
+
+/// A memfd mapped twice: `vmm` registered with a fresh uffd (MISSING, plus MINOR for
+/// CONTINUE), `own` unregistered (where CONTINUE's content is written).
+#[derive(Debug)]
+pub struct UffdMemory {
+    /// The registered view (where faults happen).
+    pub vmm: SharedMapping,
+    own: SharedMapping,
+    uffd: Arc<Uffd>,
+    // Keeps the registration's owner alive (the registration lives with the uffd file).
+    _registration: userfaultfd::Uffd,
+    _memfd: OwnedFd,
+}
+
+impl UffdMemory {
+    /// `pages` pages of fresh shared memory registered for `method`.
+    pub fn new(pages: usize, method: Method) -> std::io::Result<UffdMemory> {
+        let len = pages * PAGE;
+        let memfd = rustix::fs::memfd_create("vmpager-bench", rustix::fs::MemfdFlags::CLOEXEC)?;
+        rustix::fs::ftruncate(&memfd, len as u64)?;
+        let vmm = SharedMapping::new(memfd.as_fd(), len)?;
+        let own = SharedMapping::new(memfd.as_fd(), len)?;
+        // No REMOVE/UNMAP events: nobody reads them after the handler stops, and munmap would wait
+        // for them (the hang `VmMemory` avoids by unregistering first).
+        let mut features = FeatureFlags::empty();
+        let mut mode = RegisterMode::MISSING;
+        if method == Method::Continue {
+            // UFFD_FEATURE_MINOR_SHMEM (linux/userfaultfd.h).
+            features |= FeatureFlags::from_bits_retain(1 << 10);
+            mode |= RegisterMode::MINOR;
+        }
+        let reg = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .require_features(features)
+            .create()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        reg.register_with_mode(vmm.as_ptr().as_ptr().cast(), len, mode)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        // SAFETY: `reg` owns this fd and outlives the borrow (dup'ed at once).
+        let raw = unsafe { BorrowedFd::borrow_raw(reg.as_raw_fd()) };
+        let uffd = Uffd::from_received(rustix::io::fcntl_dupfd_cloexec(raw, 3)?)
+            .map_err(std::io::Error::from)?;
+        Ok(UffdMemory {
+            vmm,
+            own,
+            uffd: Arc::new(uffd),
+            _registration: reg,
+            _memfd: memfd,
+        })
+    }
+
+    /// The registered view's first byte.
+    pub fn base(&self) -> NonNull<u8> {
+        self.vmm.as_ptr()
+    }
+
+    /// Pages mapped.
+    pub fn pages(&self) -> usize {
+        self.vmm.len() / PAGE
+    }
+}
+
+/// A running handler thread; `stop` returns its service-time histogram (fault read → populate
+/// done).
+#[derive(Debug)]
+pub struct Handler {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Histogram<u64>>,
+}
+
+impl Handler {
+    /// Serves `mem`'s faults from `image` with `method`, waiting as `wait` says, on `cpu` if
+    /// given.
+    pub fn start(
+        mem: &UffdMemory,
+        image: &File,
+        method: Method,
+        wait: HandlerWait,
+        cpu: Option<usize>,
+    ) -> std::io::Result<Handler> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let uffd = mem.uffd.clone();
+        let image = image.try_clone()?;
+        let vmm_base = mem.vmm.as_ptr().as_ptr() as u64;
+        let own_base = mem.own.as_ptr().as_ptr() as usize;
+        let len = mem.vmm.len() as u64;
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            if let Some(cpu) = cpu {
+                crate::touch::pin(cpu);
+            }
+            let mut h = histogram();
+            let mut events = vec![[0u8; MSG_SIZE]; 64];
+            let mut bounce = vec![0u8; PAGE];
+            while !stop2.load(Ordering::Relaxed) {
+                if wait == HandlerWait::Blocking {
+                    let mut fds = [rustix::event::PollFd::new(
+                        &*uffd,
+                        rustix::event::PollFlags::IN,
+                    )];
+                    let timeout = rustix::event::Timespec {
+                        tv_sec: 0,
+                        tv_nsec: 20_000_000,
+                    };
+                    let _ = rustix::event::poll(&mut fds, Some(&timeout));
+                }
+                let n = match uffd.read_events(&mut events) {
+                    Ok(n) => n,
+                    Err(_) => {
+                        // As vmpagerd's busy-polling workers do: let a thread sharing this CPU
+                        // run.
+                        std::thread::yield_now();
+                        continue;
+                    }
+                };
+                let read_at = Instant::now();
+                for e in &events[..n] {
+                    let Event::PageFault { address, .. } = Event::parse(e) else {
+                        continue;
+                    };
+                    let page = address & !(PAGE as u64 - 1);
+                    let off = page - vmm_base;
+                    if off >= len {
+                        continue;
+                    }
+                    let done = match method {
+                        Method::Copy => {
+                            let _ = rustix::io::pread(&image, &mut bounce, off);
+                            uffd.copy(page, &bounce)
+                        }
+                        Method::Continue => {
+                            // SAFETY: `off < len`, so the page lies inside the handler's own
+                            // mapping (alive while the memory is: `stop` is called first).
+                            let dst = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    (own_base + off as usize) as *mut u8,
+                                    PAGE,
+                                )
+                            };
+                            let _ = rustix::io::pread(&image, dst, off);
+                            uffd.r#continue(page, PAGE as u64)
+                        }
+                        Method::Zero => uffd.zeropage(page, PAGE as u64),
+                    };
+                    if done.is_err() {
+                        let _ = uffd.wake(page, PAGE as u64);
+                    }
+                    record(&mut h, read_at.elapsed());
+                }
+            }
+            h
+        });
+        Ok(Handler { stop, thread })
+    }
+
+    /// Stops the thread and returns its service-time histogram.
+    pub fn stop(self) -> Histogram<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("handler thread")
+    }
+}
+
+/// The cost of one populate ioctl with nobody waiting: `pages` ioctls of `chunk` pages each
+/// into fresh registered memory. Returns the per-ioctl latency.
+pub fn ioctl_cost(
+    method: Method,
+    pages: usize,
+    chunk: usize,
+    image: &File,
+) -> std::io::Result<Histogram<u64>> {
+    let mem = UffdMemory::new(pages, method)?;
+    let base = mem.vmm.as_ptr().as_ptr() as u64;
+    let mut buf = vec![0u8; chunk * PAGE];
+    let _ = rustix::io::pread(image, &mut buf, 0);
+    if method == Method::Continue {
+        // The content must be in the page cache first (not timed).
+        for p in 0..pages {
+            let off = (p * PAGE) as u64;
+            // SAFETY: inside the handler's own live mapping of `pages` pages.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(mem.own.as_ptr().as_ptr().add(p * PAGE), PAGE)
+            };
+            let _ = rustix::io::pread(image, dst, off);
+        }
+    }
+    let mut h = histogram();
+    for c in 0..pages / chunk {
+        let dst = base + (c * chunk * PAGE) as u64;
+        let len = (chunk * PAGE) as u64;
+        let t = Instant::now();
+        let r = match method {
+            Method::Copy => mem.uffd.copy(dst, &buf),
+            Method::Continue => mem.uffd.r#continue(dst, len),
+            Method::Zero => mem.uffd.zeropage(dst, len),
+        };
+        record(&mut h, t.elapsed());
+        r.map_err(|e| std::io::Error::other(e.to_string()))?;
+    }
+    Ok(h)
+}
