@@ -210,6 +210,75 @@ impl Handler {
     }
 }
 
+/// A minimal copy handler in a forked child process: what any handler outside the faulting
+/// process pays (an address-space switch per hand-off on the same CPU), without anything
+/// vmpagerd adds. Killed on drop.
+#[derive(Debug)]
+pub struct ChildHandler {
+    pid: libc::pid_t,
+}
+
+impl ChildHandler {
+    /// Forks a child that serves `mem`'s faults with pread + `UFFDIO_COPY` from `image`,
+    /// blocking in `poll(2)`, pinned to `cpu`.
+    pub fn start(mem: &UffdMemory, image: &File, cpu: usize) -> std::io::Result<ChildHandler> {
+        let uffd = mem.uffd.clone();
+        let vmm_base = mem.vmm.as_ptr().as_ptr() as u64;
+        let len = mem.vmm.len() as u64;
+        // Everything the child touches is allocated before the fork: after it, the child of a
+        // multi-threaded process may only make system calls (the `Uffd` methods and rustix
+        // calls below are exactly that: no allocation, no lock).
+        let mut bounce = vec![0u8; PAGE];
+        let mut events = vec![[0u8; MSG_SIZE]; 64];
+        let mut set = rustix::thread::CpuSet::new();
+        set.set(cpu);
+        // SAFETY: fork has no memory-safety preconditions; the child below only makes system
+        // calls on memory allocated before the fork, and ends with `_exit`.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if pid == 0 {
+            let _ = rustix::thread::sched_setaffinity(None, &set);
+            loop {
+                let mut fds = [rustix::event::PollFd::new(
+                    &*uffd,
+                    rustix::event::PollFlags::IN,
+                )];
+                let _ = rustix::event::poll(&mut fds, None);
+                let Ok(n) = uffd.read_events(&mut events) else {
+                    continue;
+                };
+                for e in &events[..n] {
+                    let Event::PageFault { address, .. } = Event::parse(e) else {
+                        continue;
+                    };
+                    let page = address & !(PAGE as u64 - 1);
+                    let off = page - vmm_base;
+                    if off >= len {
+                        continue;
+                    }
+                    let _ = rustix::io::pread(image, &mut bounce, off);
+                    if uffd.copy(page, &bounce).is_err() {
+                        let _ = uffd.wake(page, PAGE as u64);
+                    }
+                }
+            }
+        }
+        Ok(ChildHandler { pid })
+    }
+}
+
+impl Drop for ChildHandler {
+    fn drop(&mut self) {
+        // SAFETY: `pid` is our child; kill and waitpid take no pointers but the status out-param.
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+            libc::waitpid(self.pid, std::ptr::null_mut(), 0);
+        }
+    }
+}
+
 /// The cost of one populate ioctl with nobody waiting: `pages` ioctls of `chunk` pages each
 /// into fresh registered memory. Returns the per-ioctl latency.
 pub fn ioctl_cost(

@@ -70,6 +70,8 @@ pub struct FaultServer {
     latencies: Vec<Duration>,
     streams: Streams,
     ahead: VecDeque<Ahead>,
+    /// Whether a fault may install more than its own page.
+    readahead_on: bool,
 }
 
 impl FaultServer {
@@ -94,6 +96,7 @@ impl FaultServer {
             retry: VecDeque::new(),
             latencies: Vec::with_capacity(BATCH),
             streams: Streams::new(readahead),
+            readahead_on: readahead.max_pages() > 1,
             ahead: VecDeque::with_capacity(AHEAD_QUEUE),
         }
     }
@@ -365,7 +368,7 @@ impl FaultServer {
     fn run_around(&mut self, ri: usize, page: usize) -> Range<usize> {
         let region = &self.vm.memory.regions()[ri];
         let state = &region.state;
-        if state.is_discarded(page) {
+        if !self.readahead_on || state.is_discarded(page) {
             return page..page + 1;
         }
         let crate::readahead::Window {
