@@ -750,24 +750,33 @@ fn vcpu_round(
         let service = h.stop();
         accs.add("vcpu", name, "pages/s", Some(&service), pages, d);
     }
-    for (name, args) in [
+    let copy = PopulateMethod::Copy;
+    for (name, args, populate) in [
         (
             "vmpagerd, 4 KiB per fault",
             ["--fault-around", "1", "--prefetch-max", "1"],
+            copy,
         ),
         (
             "vmpagerd, fault-around 64 KiB",
             ["--fault-around", "16", "--prefetch-max", "16"],
+            copy,
         ),
         (
             "vmpagerd, fault-around + prefetch (default)",
             ["--fault-around", "16", "--prefetch-max", "512"],
+            copy,
+        ),
+        (
+            "vmpagerd, fault-around + prefetch, continue",
+            ["--fault-around", "16", "--prefetch-max", "512"],
+            PopulateMethod::Continue,
         ),
     ] {
         let mut all = vec!["--workers", "1"];
         all.extend(args);
         let daemon = Daemon::start(vmpagerd, dir, &all)?;
-        let vm = daemon.vm(pages, Some(image), PopulateMethod::Copy)?;
+        let vm = daemon.vm(pages, Some(image), populate)?;
         // SAFETY: the VM's region stays mapped for the call; vmpagerd serves it.
         let d = unsafe { vcpu::touch_all(vm.regions()[0].host_addr(), len as u64, 1)? };
         let s = daemon.client.stats(vm.vm_id())?;

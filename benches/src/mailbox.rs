@@ -58,7 +58,11 @@ pub fn mailbox_rtt(n: usize, mode: MailboxMode) -> Histogram<u64> {
         })
     };
     let policy = WaitPolicy {
-        spin: mode != MailboxMode::BothSleep,
+        spin_for: if mode == MailboxMode::BothSleep {
+            Duration::ZERO
+        } else {
+            WaitPolicy::DEFAULT_SPIN
+        },
         liveness_check: Duration::from_millis(100),
     };
     let mut ch = VcpuChannel::new(vmm_mb, 0, doorbell.clone(), Arc::new(alive), policy)

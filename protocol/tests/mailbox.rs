@@ -86,7 +86,7 @@ fn layout_is_checked_when_mapping() {
 /// without spinning (without, every exchange takes the futex path).
 #[test]
 fn many_vcpus_one_daemon_no_lost_wakeups() {
-    for spin in [true, false] {
+    for spin_for in [WaitPolicy::DEFAULT_SPIN, Duration::ZERO] {
         let vcpus = 8;
         let (mb, fd) = Mailbox::create(vcpus).unwrap();
         let daemon_mb = Arc::new(mb);
@@ -111,7 +111,7 @@ fn many_vcpus_one_daemon_no_lost_wakeups() {
                         doorbell.clone(),
                         alive.clone(),
                         WaitPolicy {
-                            spin,
+                            spin_for,
                             liveness_check: Duration::from_millis(50),
                         },
                     )
@@ -282,7 +282,7 @@ fn daemon_dying_mid_exchange_is_reported_not_waited_for() {
         Arc::new(doorbell),
         Arc::new(ours),
         WaitPolicy {
-            spin: true,
+            spin_for: WaitPolicy::DEFAULT_SPIN,
             liveness_check: Duration::from_millis(20),
         },
     )
