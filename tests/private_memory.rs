@@ -14,6 +14,7 @@ use vmpager_client::{
     Client, ClientError, PageSource, RegionSpec, Request, RequestKind, Status, VmMemory, VmSpec,
     VmType, WaitPolicy,
 };
+use vmpager_protocol::mailbox::RETRY_ZAP_SHARED;
 use vmpager_protocol::ErrorCode;
 use vmpagerd::{policy::Policy, Config, DaemonHandle};
 
@@ -292,11 +293,12 @@ fn conversions_follow_the_policy_discard_the_other_side_and_notify() {
     .cast::<u8>();
     // SAFETY: inside the mapping.
     unsafe { gmap.add(2 * PAGE as usize).write_volatile(0x77) };
-    // (forward_exit also drops the VMM's poison markers of the now shared range.)
+    // The VMM touched pages 2..4 while private, so the answer says its mapping holds poison
+    // markers there, and forward_exit drops them.
     let r = vm
         .forward_exit(&mut ch, hypercall(GPA + 2 * PAGE, 2 * PAGE, false))
         .unwrap();
-    assert_eq!(r.status, Status::Retry);
+    assert_eq!((r.status, r.code), (Status::Retry, RETRY_ZAP_SHARED));
     let e = listener.next_event().unwrap();
     assert!(!e.to_private);
     // SAFETY: inside the mapping.
@@ -322,6 +324,12 @@ fn conversions_follow_the_policy_discard_the_other_side_and_notify() {
     };
     assert_eq!(ch.exchange(fault).unwrap().status, Status::Retry);
     assert!(listener.next_event().unwrap().to_private);
+    // Back to shared, never touched by the VMM while private: nothing to zap.
+    let back = ch
+        .exchange(hypercall(GPA + 10 * PAGE, PAGE, false))
+        .unwrap();
+    assert_eq!((back.status, back.code), (Status::Retry, 0));
+    assert!(!listener.next_event().unwrap().to_private);
 
     // Refusals: the shared-only window, bad ranges, outside the region.
     let denied = ch.exchange(hypercall(GPA + 48 * PAGE, PAGE, true)).unwrap();
@@ -361,8 +369,8 @@ fn conversions_follow_the_policy_discard_the_other_side_and_notify() {
         s.attributes_emulated, 1,
         "stats say the attributes are emulated"
     );
-    assert_eq!((s.hypercall_exits, s.memory_fault_exits), (6, 1));
-    assert_eq!((s.converted_to_private, s.converted_to_shared), (2, 2));
+    assert_eq!((s.hypercall_exits, s.memory_fault_exits), (7, 1));
+    assert_eq!((s.converted_to_private, s.converted_to_shared), (2, 3));
     assert_eq!(s.conversions_denied, 3);
     assert!(s.private_faults_poisoned >= 2, "{s:?}");
 }

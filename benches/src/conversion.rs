@@ -46,25 +46,27 @@ pub fn convert(
     client.attach_uffd(vm_id, vm.uffd(), &vm.host_addrs())?;
     let exits = client.open_mailbox(vm_id, 1)?;
     let mut ch = exits.channel(0, WaitPolicy::default())?;
-    let mut h = histogram();
-    let start = Instant::now();
-    for i in 0..rounds * 2 {
-        let req = Request {
-            kind: RequestKind::MapGpaRange,
-            gpa: 1 << 32,
-            size: pages * PAGE,
-            private: i % 2 == 0,
-        };
-        let t = Instant::now();
-        let r = vm
-            .forward_exit(&mut ch, req)
-            .map_err(vmpager_client::ClientError::from)?;
-        record(&mut h, t.elapsed());
-        if r.status != Status::Retry {
-            return Err(BenchError::Setup(format!("conversion refused: {r:?}")));
+    let (h, elapsed) = crate::touch::on_cpu(1, || {
+        let mut h = histogram();
+        let start = Instant::now();
+        for i in 0..rounds * 2 {
+            let req = Request {
+                kind: RequestKind::MapGpaRange,
+                gpa: 1 << 32,
+                size: pages * PAGE,
+                private: i % 2 == 0,
+            };
+            let t = Instant::now();
+            let r = vm
+                .forward_exit(&mut ch, req)
+                .map_err(vmpager_client::ClientError::from)?;
+            record(&mut h, t.elapsed());
+            if r.status != Status::Retry {
+                return Err(BenchError::Setup(format!("conversion refused: {r:?}")));
+            }
         }
-    }
-    let elapsed = start.elapsed();
+        Ok((h, start.elapsed()))
+    })?;
     drop(ch);
     drop(exits);
     drop(vm);

@@ -851,7 +851,18 @@ fn conversion_rows(
     dir: &Path,
     rows: &[Row],
 ) -> Result<Vec<Row>, BenchError> {
-    let d = Daemon::start(vmpagerd, dir, &["--workers", "1", "--emulate-attributes"])?;
+    // The worker on CPU 0, the vCPU thread on CPU 1 (as the IPC and mailbox rows).
+    let d = Daemon::start(
+        vmpagerd,
+        dir,
+        &[
+            "--workers",
+            "1",
+            "--worker-cpus",
+            "0",
+            "--emulate-attributes",
+        ],
+    )?;
     let base = rows
         .iter()
         .find(|r| r.id.starts_with("mailbox/mailbox, default"));

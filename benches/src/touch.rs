@@ -50,6 +50,19 @@ pub fn pin(cpu: usize) {
     let _ = rustix::thread::sched_setaffinity(None, &set);
 }
 
+/// Runs `f` on a new thread pinned to `cpu` (the caller's own affinity, which threads and
+/// processes it starts later inherit, stays as it was).
+pub fn on_cpu<T: Send>(cpu: usize, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            pin(cpu);
+            f()
+        })
+        .join()
+        .expect("pinned thread")
+    })
+}
+
 /// Writes one byte to every page of `t` from `threads` threads (thread `i` takes pages `i`,
 /// `i + threads`, ...: neighbours fault at the same time), each pinned to `cpus[i]` if given.
 ///

@@ -10,7 +10,9 @@ use crate::client::CreatedVm;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use userfaultfd::{FeatureFlags, RegisterMode, Uffd, UffdBuilder};
-use vmpager_protocol::mailbox::{Request, Response, Status, VcpuChannel, RETRY_SET_ATTRIBUTES};
+use vmpager_protocol::mailbox::{
+    Request, Response, Status, VcpuChannel, RETRY_SET_ATTRIBUTES, RETRY_ZAP_SHARED,
+};
 use vmpager_protocol::mapping::SharedMapping;
 use vmpager_protocol::RegionSpec;
 
@@ -216,17 +218,18 @@ impl VmMemory {
     }
 
     /// Forwards one exit over a vCPU's channel; sets the KVM memory attributes when the daemon
-    /// says so (`RETRY_SET_ATTRIBUTES`); and, when a range became shared, drops this
-    /// process's stale view of it: while it was private, shared-side touches were answered
-    /// with `UFFDIO_POISON`, and those poison markers stay in the page table until the VMM
-    /// zaps the range (`MADV_DONTNEED`); the next touch then faults to the daemon again.
+    /// says so (`RETRY_SET_ATTRIBUTES`); and, when a range became shared and the daemon says it
+    /// holds poison markers (`RETRY_ZAP_SHARED`), drops this process's stale view of it: while
+    /// it was private, shared-side touches were answered with `UFFDIO_POISON`, and those
+    /// markers stay in the page table until the VMM zaps the range (`MADV_DONTNEED`); the next
+    /// touch then faults to the daemon again.
     pub fn forward_exit(
         &self,
         channel: &mut VcpuChannel,
         request: Request,
     ) -> Result<Response, MemoryError> {
         let response = channel.exchange(request).map_err(MemoryError::Channel)?;
-        if response.status == Status::Retry && response.code == RETRY_SET_ATTRIBUTES {
+        if response.status == Status::Retry && response.code & RETRY_SET_ATTRIBUTES != 0 {
             let vm_fd = self
                 .vm_fd
                 .as_ref()
@@ -240,7 +243,7 @@ impl VmMemory {
             )
             .map_err(MemoryError::Attributes)?;
         }
-        if response.status == Status::Retry && !request.private {
+        if response.status == Status::Retry && response.code & RETRY_ZAP_SHARED != 0 {
             self.zap_shared(request.gpa, request.size)?;
         }
         Ok(response)

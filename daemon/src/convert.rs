@@ -92,15 +92,15 @@ impl ConvertError {
 /// Converts `[gpa, gpa + size)` of `vm` to private (`to_private`) or shared. `explicit`: asked
 /// by the guest (`KVM_HC_MAP_GPA_RANGE`), else implied by a memory-fault exit.
 ///
-/// Returns whether the VMM must now set the KVM attributes of the range (KVM keeps them and
-/// something changed): only the VM's creator may issue VM ioctls, so the daemon cannot.
+/// Returns what the VMM still has to do (only the VM's creator may issue VM ioctls, and only
+/// the VMM can drop entries of its own page table).
 pub fn convert(
     vm: &Vm,
     gpa: u64,
     size: u64,
     to_private: bool,
     explicit: bool,
-) -> Result<bool, ConvertError> {
+) -> Result<VmmWork, ConvertError> {
     let result = convert_inner(vm, gpa, size, to_private, explicit);
     match &result {
         Ok(_) if to_private => VmMetrics::bump(&vm.metrics.converted_to_private),
@@ -113,13 +113,22 @@ pub fn convert(
     result
 }
 
+/// What the VMM must do after a conversion, besides re-entering the guest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VmmWork {
+    /// Set the KVM memory attributes of the range (KVM keeps them).
+    pub set_attributes: bool,
+    /// Drop its page-table entries of the range: poison markers are there.
+    pub zap_shared: bool,
+}
+
 fn convert_inner(
     vm: &Vm,
     gpa: u64,
     size: u64,
     to_private: bool,
     explicit: bool,
-) -> Result<bool, ConvertError> {
+) -> Result<VmmWork, ConvertError> {
     let end = gpa.checked_add(size);
     if size == 0 || !(gpa | size).is_multiple_of(PAGE_SIZE) || end.is_none() {
         return Err(ConvertError::Invalid { gpa, size });
@@ -138,7 +147,7 @@ fn convert_inner(
         return if to_private {
             Err(ConvertError::NoPrivateMemory { gpa })
         } else {
-            Ok(false)
+            Ok(VmmWork::default())
         };
     };
     vm.policy
@@ -150,6 +159,7 @@ fn convert_inner(
     let offset = gpa - region.spec.gpa();
     let first = (offset / PAGE_SIZE) as usize;
     let last = ((offset + size) / PAGE_SIZE) as usize;
+    let mut zap_shared = false;
     if to_private {
         // Private first, so a racing shared-side fault is poisoned instead of refilled; then
         // the shared backing goes (its pages are unmapped from the VMM too).
@@ -161,7 +171,9 @@ fn convert_inner(
         region.state.discard(first, last);
         region.state.set_private(first, last, false);
         // The VMM's page table may still hold poison markers from shared-side touches while the
-        // range was private; only the VMM can drop them (`VmMemory::forward_exit` does).
+        // range was private; only the VMM can drop them (`VmMemory::forward_exit` does when
+        // told). Shared-side faults are served on this thread, so none is poisoned meanwhile.
+        zap_shared = region.state.take_poisoned(first, last);
     }
     (vm.listener)(ConversionEvent {
         vm_id: vm.id,
@@ -169,5 +181,8 @@ fn convert_inner(
         size,
         to_private,
     });
-    Ok(private.attributes == AttributeKeeper::Kvm)
+    Ok(VmmWork {
+        set_attributes: private.attributes == AttributeKeeper::Kvm,
+        zap_shared,
+    })
 }

@@ -8,6 +8,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use vmpager_protocol::mailbox::{
     Consumer, Mailbox, Request, RequestKind, Response, Status, RETRY_SET_ATTRIBUTES,
+    RETRY_ZAP_SHARED,
 };
 
 /// Serves one VM's mailbox; owned by one worker thread, woken by the doorbell eventfd.
@@ -68,13 +69,13 @@ pub fn handle(vm: &Vm, request: Result<Request, u32>) -> Response {
         }
     };
     match convert(vm, request.gpa, request.size, request.private, explicit) {
-        Ok(vmm_sets_attributes) => Response {
+        Ok(work) => Response {
             status: Status::Retry,
-            code: if vmm_sets_attributes {
+            code: if work.set_attributes {
                 RETRY_SET_ATTRIBUTES
             } else {
                 0
-            },
+            } | if work.zap_shared { RETRY_ZAP_SHARED } else { 0 },
             ret: 0,
         },
         Err(e) if e.is_fatal() => Response {

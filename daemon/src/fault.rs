@@ -277,6 +277,7 @@ impl FaultServer {
             // a clear SIGBUS on it.
             VmMetrics::bump(&self.vm.metrics.private_faults_poisoned);
             let _ = self.uffd.poison(page_addr, PAGE_SIZE);
+            self.vm.memory.regions()[ri].state.mark_poisoned(page);
             return;
         }
         let region = &self.vm.memory.regions()[ri];

@@ -256,6 +256,7 @@ pub struct PageState {
     populated: Vec<AtomicU64>,
     discarded: Vec<AtomicU64>,
     private: Vec<AtomicU64>,
+    poisoned: Vec<AtomicU64>,
 }
 
 impl PageState {
@@ -267,6 +268,7 @@ impl PageState {
             populated: zeros(),
             discarded: zeros(),
             private: zeros(),
+            poisoned: zeros(),
         }
     }
 
@@ -319,6 +321,25 @@ impl PageState {
         for p in first..end {
             Self::set(&self.private, p, private);
         }
+    }
+
+    /// Records that the VMM's mapping of `page` got a poison marker (a shared-side touch of a
+    /// private page).
+    pub fn mark_poisoned(&self, page: usize) {
+        Self::set(&self.poisoned, page, true);
+    }
+
+    /// Whether any page of `[first, end)` got a poison marker since the last call for it;
+    /// clears them.
+    pub fn take_poisoned(&self, first: usize, end: usize) -> bool {
+        let mut any = false;
+        for p in first..end {
+            if Self::get(&self.poisoned, p) {
+                Self::set(&self.poisoned, p, false);
+                any = true;
+            }
+        }
+        any
     }
 
     /// Number of populated pages.

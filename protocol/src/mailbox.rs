@@ -38,7 +38,7 @@
 //! | 24 | 8 | `size` | VMM |
 //! | 64 | 4 | `resp_seq` (futex word) | daemon |
 //! | 68 | 4 | `status` ([`Status`]) | daemon |
-//! | 72 | 4 | `code` (why when denied/fatal; `RETRY_SET_ATTRIBUTES` or 0 on retry) | daemon |
+//! | 72 | 4 | `code` (why when denied/fatal; `RETRY_*` bits on retry) | daemon |
 //! | 80 | 8 | `ret` (hypercall return value) | daemon |
 
 use crate::mapping::SharedMapping;
@@ -137,6 +137,13 @@ pub enum Status {
 /// a KVM VM may issue its VM ioctls, so the daemon cannot.)
 pub const RETRY_SET_ATTRIBUTES: u32 = 1;
 
+/// `Response.code` bit of a `Retry` after a conversion to shared: the daemon answered touches
+/// of the VMM's mapping of this range with poison while it was private, and those markers stay
+/// in the VMM's page table until it drops them (`MADV_DONTNEED` of the range). Without this
+/// bit the range holds no marker and the VMM skips that (a `madvise` of a registered range
+/// costs a userfaultfd event round trip to the daemon).
+pub const RETRY_ZAP_SHARED: u32 = 2;
+
 /// Why a `Denied`/`Fatal` answer was given (`Response.code`).
 pub mod codes {
     /// Bad range.
@@ -162,7 +169,8 @@ pub mod codes {
 pub struct Response {
     /// Verdict.
     pub status: Status,
-    /// For `Denied`/`Fatal`: why (`codes`). For `Retry`: 0, or [`RETRY_SET_ATTRIBUTES`].
+    /// For `Denied`/`Fatal`: why (`codes`). For `Retry`: what the VMM still has to do, a set
+    /// of bits ([`RETRY_SET_ATTRIBUTES`], [`RETRY_ZAP_SHARED`]); 0: nothing.
     pub code: u32,
     /// Hypercall return value for `kvm_run.hypercall.ret` (0 = success, else a negative
     /// errno as u64, as KVM defines).
