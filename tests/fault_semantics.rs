@@ -50,23 +50,6 @@ fn snapshot_vm(
     (vm, image_bytes(pages * PAGE, seed))
 }
 
-/// Stats once every event read so far is fully accounted for: counters are bumped after the
-/// populate ioctl has woken the faulting thread (or after madvise saw its REMOVE event read),
-/// and latencies at the end of a batch. Settled: every fault has its latency sample, and
-/// nothing changed over 5 ms.
-fn settled_stats(client: &Client, vm_id: u64) -> vmpager_protocol::Stats {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let mut last = client.stats(vm_id).unwrap();
-    loop {
-        std::thread::sleep(std::time::Duration::from_millis(5));
-        let s = client.stats(vm_id).unwrap();
-        if (s == last && s.latency_samples == s.faults) || std::time::Instant::now() > deadline {
-            return s;
-        }
-        last = s;
-    }
-}
-
 fn read_page(r: &MappedRegion, page: usize) -> Vec<u8> {
     let mut out = vec![0u8; PAGE];
     for (i, b) in out.iter_mut().enumerate() {
@@ -134,7 +117,7 @@ fn a_removed_range_reads_as_zeros_never_the_old_snapshot() {
                 "{populate:?}: page {p} after remove"
             );
         }
-        let s = settled_stats(&client, vm.vm_id());
+        let s = client.stats(vm.vm_id()).unwrap();
         assert_eq!(s.remove_events, 1);
         assert_eq!(s.pages_from_source, pages as u64);
         assert_eq!(s.pages_zero, 16);
@@ -186,7 +169,7 @@ fn many_threads_faulting_on_the_same_pages_are_coalesced() {
                 });
             }
         });
-        let s = settled_stats(&client, vm.vm_id());
+        let s = client.stats(vm.vm_id()).unwrap();
         assert_eq!(
             s.pages_from_source, pages as u64,
             "{populate:?}: each page installed once: {s:?}"
@@ -310,7 +293,7 @@ fn faults_racing_with_removes_never_hang_or_resurrect_old_bytes() {
                 }
             });
         });
-        let s = settled_stats(&client, vm.vm_id());
+        let s = client.stats(vm.vm_id()).unwrap();
         assert_eq!(s.remove_events, removes);
         assert_eq!(
             s.populate_errors + s.stray_faults + s.source_errors,
@@ -345,7 +328,7 @@ fn fault_around_installs_the_untouched_aligned_block_in_one_fault() {
         let r = &vm.regions()[0];
         // Page 37 faults: pages 32..48 arrive with it.
         assert_eq!(read_page(r, 37), snapshot[37 * PAGE..38 * PAGE]);
-        let s = settled_stats(&client, vm.vm_id());
+        let s = client.stats(vm.vm_id()).unwrap();
         assert_eq!(
             (s.faults, s.pages_prefetched),
             (1, 15),
@@ -359,7 +342,7 @@ fn fault_around_installs_the_untouched_aligned_block_in_one_fault() {
             );
         }
         assert_eq!(
-            settled_stats(&client, vm.vm_id()).faults,
+            client.stats(vm.vm_id()).unwrap().faults,
             1,
             "neighbours were installed"
         );
@@ -378,7 +361,7 @@ fn fault_around_installs_the_untouched_aligned_block_in_one_fault() {
         assert_eq!(read_page(r, 19), vec![0; PAGE]);
         assert_eq!(read_page(r, 18), vec![0; PAGE]);
         assert_eq!(read_page(r, 17), snapshot[17 * PAGE..18 * PAGE]);
-        let s = settled_stats(&client, vm.vm_id());
+        let s = client.stats(vm.vm_id()).unwrap();
         assert_eq!((s.faults, s.pages_zero), (4, 2), "{populate:?}: {s:?}");
         client.detach(vm.vm_id()).unwrap();
     }
@@ -416,7 +399,7 @@ fn a_sequential_sweep_is_prefetched_in_growing_windows() {
                 "page {p}"
             );
         }
-        let s = settled_stats(&client, vm.vm_id());
+        let s = client.stats(vm.vm_id()).unwrap();
         assert!(s.faults <= max_faults, "{readahead:?}: {s:?}");
         if readahead == Readahead::OFF {
             assert_eq!((s.faults, s.pages_prefetched), (pages as u64, 0), "{s:?}");
@@ -470,7 +453,7 @@ fn every_wait_mode_serves_concurrent_faults() {
                 });
             }
         });
-        let s = settled_stats(&client, vm.vm_id());
+        let s = client.stats(vm.vm_id()).unwrap();
         assert_eq!(
             (s.faults, s.pages_from_source),
             (pages as u64, pages as u64),

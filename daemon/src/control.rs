@@ -422,21 +422,22 @@ impl Reactor {
 
     /// Stops and frees every VM of a connection, then closes it.
     fn close(&mut self, token: usize) {
-        let Some(conn) = self.conns.remove(&token) else {
+        let Some(mut conn) = self.conns.remove(&token) else {
             return;
         };
         let _ = self
             .poll
             .registry()
             .deregister(&mut SourceFd(&conn.socket.as_fd().as_raw_fd()));
-        for (id, entry) in conn.vms {
+        let pid = conn.peer.map(|p| p.pid.as_raw_nonzero().get());
+        // The socket first, the VMs after: once the VM count drops, nothing of the connection
+        // is left open.
+        let vms = std::mem::take(&mut conn.vms);
+        drop(conn);
+        for (id, entry) in vms {
             self.free_vm(id, entry);
         }
-        tracing::debug!(
-            token,
-            pid = conn.peer.map(|p| p.pid.as_raw_nonzero().get()),
-            "client gone"
-        );
+        tracing::debug!(token, pid, "client gone");
     }
 
     fn free_vm(&self, id: u64, entry: VmEntry) {
@@ -545,6 +546,14 @@ impl Reactor {
             }
             (State::Ready { .. }, Message::GetStats { vm_id }) => {
                 let entry = conn.vms.get(&vm_id).ok_or_else(|| unknown_vm(vm_id))?;
+                // Counters are bumped after the populate ioctl woke the faulting thread: let
+                // the VM's worker finish what it read, so the snapshot includes every fault
+                // the VMM has seen answered.
+                if let Some(w) = entry.worker {
+                    self.workers[w]
+                        .sync()
+                        .map_err(|e| refuse(ErrorCode::Internal, format!("worker: {e}")))?;
+                }
                 let method = entry.vm.populate.wire() as u64;
                 Ok((
                     Message::Stats(entry.vm.metrics.snapshot(vm_id, method)),

@@ -33,6 +33,12 @@ pub enum Command {
         /// Signalled once the doorbell is registered with the poller (or could not be).
         done: Sender<std::io::Result<()>>,
     },
+    /// Signal `done` once every event read so far is fully accounted for (a stats snapshot
+    /// taken after that includes every fault whose thread was woken).
+    Sync {
+        /// Signalled when done.
+        done: Sender<()>,
+    },
     /// Stop serving a VM; `done` is signalled once the server (and its uffd) is dropped.
     Stop {
         /// VM id.
@@ -127,6 +133,14 @@ impl Worker {
             Ok(r) => r.map_err(WorkerError::Start),
             Err(_) => Err(WorkerError::Gone(self.index)),
         }
+    }
+
+    /// Waits until the worker is between two drains: every event it has read is accounted for
+    /// in the metrics (counters are bumped after the populate ioctl wakes the faulting thread).
+    pub fn sync(&self) -> Result<(), WorkerError> {
+        let (done, wait) = crossbeam::channel::bounded(1);
+        self.send(Command::Sync { done })?;
+        wait.recv().map_err(|_| WorkerError::Gone(self.index))
     }
 
     /// Stops serving `vm_id` and waits until its uffd and mailbox are dropped.
@@ -229,6 +243,10 @@ fn run(mut poll: Poll, commands: Receiver<Command>, wait: WaitMode) {
                 }
                 Ok(Command::ServeExits { server, done }) => {
                     (key(server.vm().id, true), Source::Exits(server), done)
+                }
+                Ok(Command::Sync { done }) => {
+                    let _ = done.send(());
+                    continue;
                 }
                 Ok(Command::Stop { vm_id, done }) => {
                     for k in [key(vm_id, false), key(vm_id, true)] {
