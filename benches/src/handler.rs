@@ -110,6 +110,17 @@ impl UffdMemory {
     }
 }
 
+/// The page address and its offset in the registered range `[base, base + len)` of a
+/// page-fault event; `None` for other events and addresses outside the range.
+fn fault_in(e: &[u8; MSG_SIZE], base: u64, len: u64) -> Option<(u64, u64)> {
+    let Event::PageFault { address, .. } = Event::parse(e) else {
+        return None;
+    };
+    let page = address & !(PAGE as u64 - 1);
+    let off = page.checked_sub(base)?;
+    (off < len).then_some((page, off))
+}
+
 /// A running handler thread; `stop` returns its service-time histogram (fault read → populate
 /// done).
 #[derive(Debug)]
@@ -165,14 +176,9 @@ impl Handler {
                 };
                 let read_at = Instant::now();
                 for e in &events[..n] {
-                    let Event::PageFault { address, .. } = Event::parse(e) else {
+                    let Some((page, off)) = fault_in(e, vmm_base, len) else {
                         continue;
                     };
-                    let page = address & !(PAGE as u64 - 1);
-                    let off = page - vmm_base;
-                    if off >= len {
-                        continue;
-                    }
                     let done = match method {
                         Method::Copy => {
                             let _ = rustix::io::pread(&image, &mut bounce, off);
@@ -250,14 +256,9 @@ impl ChildHandler {
                     continue;
                 };
                 for e in &events[..n] {
-                    let Event::PageFault { address, .. } = Event::parse(e) else {
+                    let Some((page, off)) = fault_in(e, vmm_base, len) else {
                         continue;
                     };
-                    let page = address & !(PAGE as u64 - 1);
-                    let off = page - vmm_base;
-                    if off >= len {
-                        continue;
-                    }
                     let _ = rustix::io::pread(image, &mut bounce, off);
                     if uffd.copy(page, &bounce).is_err() {
                         let _ = uffd.wake(page, PAGE as u64);

@@ -434,6 +434,25 @@ const METHODS: [(Method, PopulateMethod, bool); 3] = [
     (Method::Zero, PopulateMethod::Copy, false),
 ];
 
+/// `len` bytes of fresh shared memory (a memfd and a mapping of it), no userfaultfd: the
+/// kernel's own first touch of shmem.
+fn shared_memory(
+    len: usize,
+) -> Result<
+    (
+        std::os::fd::OwnedFd,
+        vmpager_protocol::mapping::SharedMapping,
+    ),
+    BenchError,
+> {
+    let memfd = rustix::fs::memfd_create("bench", rustix::fs::MemfdFlags::CLOEXEC)
+        .map_err(|e| BenchError::io("memfd", e.into()))?;
+    rustix::fs::ftruncate(&memfd, len as u64).map_err(|e| BenchError::io("ftruncate", e.into()))?;
+    let map = vmpager_protocol::mapping::SharedMapping::new(std::os::fd::AsFd::as_fd(&memfd), len)
+        .map_err(|e| BenchError::io("mmap", e))?;
+    Ok((memfd, map))
+}
+
 /// One round of every host-thread fault path.
 fn fault_round(
     accs: &mut Accs,
@@ -470,13 +489,7 @@ fn fault_round(
             t.pages,
             t.elapsed,
         );
-        let memfd = rustix::fs::memfd_create("bench", rustix::fs::MemfdFlags::CLOEXEC)
-            .map_err(|e| BenchError::io("memfd", e.into()))?;
-        rustix::fs::ftruncate(&memfd, len as u64)
-            .map_err(|e| BenchError::io("ftruncate", e.into()))?;
-        let map =
-            vmpager_protocol::mapping::SharedMapping::new(std::os::fd::AsFd::as_fd(&memfd), len)
-                .map_err(|e| BenchError::io("mmap", e))?;
+        let (_memfd, map) = shared_memory(len)?;
         // SAFETY: a fresh shared mapping, alive for the call, no references into it.
         let t = unsafe {
             touch(
@@ -715,11 +728,7 @@ fn vcpu_round(
         d,
     );
     drop(anon);
-    let memfd = rustix::fs::memfd_create("bench", rustix::fs::MemfdFlags::CLOEXEC)
-        .map_err(|e| BenchError::io("memfd", e.into()))?;
-    rustix::fs::ftruncate(&memfd, len as u64).map_err(|e| BenchError::io("ftruncate", e.into()))?;
-    let map = vmpager_protocol::mapping::SharedMapping::new(std::os::fd::AsFd::as_fd(&memfd), len)
-        .map_err(|e| BenchError::io("mmap", e))?;
+    let (_memfd, map) = shared_memory(len)?;
     // SAFETY: `map` stays mapped for the call.
     let d = unsafe { vcpu::touch_all(map.as_ptr(), len as u64, 1)? };
     accs.add(
