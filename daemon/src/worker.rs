@@ -82,7 +82,8 @@ impl Worker {
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(WorkerError::Start)?);
         let (tx, rx) = crossbeam::channel::unbounded();
         let thread = std::thread::Builder::new()
-            .name(format!("vmpager-worker-{index}"))
+            // At most 15 bytes: the kernel's thread name (ps, top, perf) keeps no more.
+            .name(format!("vmpager-w{index}"))
             .spawn(move || {
                 if let Some(cpu) = cpu {
                     pin_to_cpu(cpu);
@@ -272,5 +273,43 @@ fn run(mut poll: Poll, commands: Receiver<Command>, wait: WaitMode) {
             source.drain();
             sources.insert(k, source);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Cpus_allowed_list` of this process's thread named `name`.
+    fn allowed_cpus_of(name: &str) -> Option<String> {
+        // Threads of other tests come and go: skip what cannot be read.
+        std::fs::read_dir("/proc/self/task")
+            .ok()?
+            .filter_map(|t| t.ok().map(|t| t.path()))
+            .filter(|p| std::fs::read_to_string(p.join("comm")).is_ok_and(|c| c.trim() == name))
+            .find_map(|p| cpus_allowed(&std::fs::read_to_string(p.join("status")).ok()?))
+    }
+
+    fn cpus_allowed(status: &str) -> Option<String> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .map(|v| v.trim().to_string())
+    }
+
+    #[test]
+    fn a_worker_given_a_cpu_runs_only_there_and_one_without_is_left_alone() {
+        let own =
+            cpus_allowed(&std::fs::read_to_string("/proc/thread-self/status").unwrap()).unwrap();
+        let pinned = Worker::start(97, WaitMode::Blocking, Some(0)).unwrap();
+        let free = Worker::start(98, WaitMode::BusyPoll, None).unwrap();
+        // Each worker pins itself first thing; a registration round trip proves it ran.
+        pinned.sync().unwrap();
+        free.sync().unwrap();
+        assert_eq!(allowed_cpus_of("vmpager-w97").as_deref(), Some("0"));
+        assert_eq!(allowed_cpus_of("vmpager-w98"), Some(own));
+        drop(pinned);
+        drop(free);
+        assert_eq!(allowed_cpus_of("vmpager-w97"), None, "the thread is gone");
     }
 }
