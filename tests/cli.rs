@@ -1,5 +1,6 @@
 //! The command-line interfaces users and scripts depend on: `vmpagerd --print-capabilities`,
-//! `vmpager demo`, and a VMM process killed mid-run next to a healthy session.
+//! `vmpager demo`, `vmpager bench --quick --json`, and a VMM process killed mid-run next to a
+//! healthy session.
 
 mod common;
 
@@ -157,4 +158,92 @@ fn a_vmm_killed_mid_run_disturbs_no_other_session() {
     };
     let (_vm, report) = run_scenario(&client, None, &cfg).unwrap();
     assert_eq!(report.stats.pages_zero, 1024);
+}
+
+#[test]
+fn bench_quick_prints_the_table_and_writes_json_and_pictures() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = TestDir::new("bench");
+    let json = dir.join("run.json");
+    let out = Command::new(vmpager_binary())
+        .args(["bench", "--quick", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for section in [
+        "[ipc]",
+        "[mailbox]",
+        "[ioctl]",
+        "[kernel]",
+        "[in-process handler]",
+        "[child-process handler]",
+        "[vmpagerd]",
+        "[vcpu]",
+        "[conversion]",
+        "[memory]",
+        "[targets",
+    ] {
+        assert!(stdout.contains(section), "no {section} in\n{stdout}");
+    }
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(report["quick"], true);
+    let rows = report["rows"].as_array().unwrap();
+    assert!(rows.len() >= 60, "{} rows", rows.len());
+    let mut groups = std::collections::BTreeSet::new();
+    for r in rows {
+        groups.insert(r["group"].as_str().unwrap().to_string());
+        assert!(
+            r["value"]
+                .as_f64()
+                .is_some_and(|v| v.is_finite() && v >= 0.0),
+            "{r}"
+        );
+        if let Some(l) = r["latency"].as_object() {
+            let q = |k: &str| l[k].as_f64().unwrap();
+            // Percentiles of one histogram are ordered, and its CDF ends at 1.
+            assert!(
+                q("p50_ns") <= q("p99_ns") && q("p99_ns") <= q("p999_ns"),
+                "{r}"
+            );
+            assert!(q("p999_ns") <= q("max_ns"), "{r}");
+            if let Some(last) = l["cdf"].as_array().unwrap().last() {
+                assert!((last[1].as_f64().unwrap() - 1.0).abs() < 1e-9, "{r}");
+            }
+        }
+        if let Some(ratio) = r["ratio"].as_object() {
+            let to = ratio["to"].as_str().unwrap();
+            assert!(rows.iter().any(|b| b["id"] == to), "baseline {to} is a row");
+        }
+    }
+    assert_eq!(groups.len(), 10, "{groups:?}");
+    let targets = report["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 7);
+    assert!(
+        targets.iter().all(|t| t["ratio"].as_f64().is_some()),
+        "{targets:?}"
+    );
+    // The pictures: a CDF per group with latencies, and the throughput chart.
+    let svgs: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.ends_with(".svg"))
+        .collect();
+    assert!(svgs.contains(&"run-throughput.svg".to_string()), "{svgs:?}");
+    assert!(
+        svgs.contains(&"run-cdf-vmpagerd.svg".to_string()),
+        "{svgs:?}"
+    );
+    assert_eq!(svgs.len(), 10, "{svgs:?}");
+    for name in &svgs {
+        let text = std::fs::read_to_string(dir.join(name)).unwrap();
+        assert!(text.starts_with("<svg"), "{name}");
+    }
 }
