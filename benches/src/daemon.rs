@@ -16,7 +16,9 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `binary` with `args` on a socket in `dir`.
     pub fn start(binary: &Path, dir: &Path, args: &[&str]) -> Result<Daemon, BenchError> {
-        let socket: PathBuf = dir.join(format!("vmpagerd-{}.sock", args.join("").len()));
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let socket: PathBuf = dir.join(format!("vmpagerd-{n}.sock"));
         let process = DaemonProcess::spawn(binary, &socket, args)?;
         let client = Client::connect(process.socket_path())?;
         Ok(Daemon { client, process })

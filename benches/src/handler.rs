@@ -121,24 +121,36 @@ fn fault_in(e: &[u8; MSG_SIZE], base: u64, len: u64) -> Option<(u64, u64)> {
     (off < len).then_some((page, off))
 }
 
-/// A running handler thread; `stop` returns its service-time histogram (fault read → populate
-/// done).
-#[derive(Debug)]
-pub struct Handler {
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Histogram<u64>>,
+/// `pread` of `len` bytes at `off` of `fd` into raw memory at `dst`: a shared mapping that
+/// other threads and processes see, so no Rust reference to it is formed.
+///
+/// # Safety
+/// `[dst, dst + len)` must be valid for writes for the duration of the call.
+unsafe fn pread_into(fd: BorrowedFd<'_>, dst: *mut u8, len: usize, off: u64) {
+    // SAFETY: the caller guarantees the destination range; the kernel only writes into it.
+    unsafe { libc::pread(fd.as_raw_fd(), dst.cast(), len, off as libc::off_t) };
 }
 
-impl Handler {
+/// A running handler thread, borrowing the memory it serves (which therefore outlives it);
+/// `stop` returns its service-time histogram (fault read → populate done). Dropping it stops
+/// it too.
+#[derive(Debug)]
+pub struct Handler<'m> {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Histogram<u64>>>,
+    _memory: std::marker::PhantomData<&'m UffdMemory>,
+}
+
+impl<'m> Handler<'m> {
     /// Serves `mem`'s faults from `image` with `method`, waiting as `wait` says, on `cpu` if
     /// given.
     pub fn start(
-        mem: &UffdMemory,
+        mem: &'m UffdMemory,
         image: &File,
         method: Method,
         wait: HandlerWait,
         cpu: Option<usize>,
-    ) -> std::io::Result<Handler> {
+    ) -> std::io::Result<Handler<'m>> {
         let stop = Arc::new(AtomicBool::new(false));
         let uffd = mem.uffd.clone();
         let image = image.try_clone()?;
@@ -186,14 +198,16 @@ impl Handler {
                         }
                         Method::Continue => {
                             // SAFETY: `off < len`, so the page lies inside the handler's own
-                            // mapping (alive while the memory is: `stop` is called first).
-                            let dst = unsafe {
-                                std::slice::from_raw_parts_mut(
+                            // mapping, which outlives this thread (`Handler<'m>` borrows the
+                            // memory and joins the thread before the borrow ends).
+                            unsafe {
+                                pread_into(
+                                    image.as_fd(),
                                     (own_base + off as usize) as *mut u8,
                                     PAGE,
+                                    off,
                                 )
                             };
-                            let _ = rustix::io::pread(&image, dst, off);
                             uffd.r#continue(page, PAGE as u64)
                         }
                         Method::Zero => uffd.zeropage(page, PAGE as u64),
@@ -206,13 +220,29 @@ impl Handler {
             }
             h
         });
-        Ok(Handler { stop, thread })
+        Ok(Handler {
+            stop,
+            thread: Some(thread),
+            _memory: std::marker::PhantomData,
+        })
     }
 
     /// Stops the thread and returns its service-time histogram.
-    pub fn stop(self) -> Histogram<u64> {
+    pub fn stop(mut self) -> Histogram<u64> {
+        self.halt().unwrap_or_else(histogram)
+    }
+
+    fn halt(&mut self) -> Option<Histogram<u64>> {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().expect("handler thread")
+        self.thread
+            .take()
+            .map(|t| t.join().expect("handler thread"))
+    }
+}
+
+impl Drop for Handler<'_> {
+    fn drop(&mut self) {
+        self.halt();
     }
 }
 
@@ -238,13 +268,17 @@ impl ChildHandler {
         let mut events = vec![[0u8; MSG_SIZE]; 64];
         let mut set = rustix::thread::CpuSet::new();
         set.set(cpu);
-        // SAFETY: fork has no memory-safety preconditions; the child below only makes system
-        // calls on memory allocated before the fork, and ends with `_exit`.
+        // SAFETY: fork has no memory-safety preconditions. The child (of a multi-threaded
+        // process) only makes system calls on memory allocated before the fork and never
+        // returns: it serves until killed, by `Drop` (SIGKILL) or, should this process die
+        // first, by PR_SET_PDEATHSIG.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             return Err(std::io::Error::last_os_error());
         }
         if pid == 0 {
+            // SAFETY: prctl with integer arguments only.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
             let _ = rustix::thread::sched_setaffinity(None, &set);
             loop {
                 let mut fds = [rustix::event::PollFd::new(
@@ -296,11 +330,15 @@ pub fn ioctl_cost(
         // The content must be in the page cache first (not timed).
         for p in 0..pages {
             let off = (p * PAGE) as u64;
-            // SAFETY: inside the handler's own live mapping of `pages` pages.
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut(mem.own.as_ptr().as_ptr().add(p * PAGE), PAGE)
+            // SAFETY: page `p < pages` of the handler's own live mapping of `pages` pages.
+            unsafe {
+                pread_into(
+                    image.as_fd(),
+                    mem.own.as_ptr().as_ptr().add(p * PAGE),
+                    PAGE,
+                    off,
+                )
             };
-            let _ = rustix::io::pread(image, dst, off);
         }
     }
     let mut h = histogram();

@@ -26,6 +26,9 @@ const SOURCE_ATTEMPTS: usize = 3;
 const AHEAD_CHUNK: usize = 64;
 /// Ranges queued for installing ahead (one per recent stream).
 const AHEAD_QUEUE: usize = 8;
+/// Chunks installed ahead per `drain`: then the worker serves its other sources (VMs,
+/// mailboxes, commands) before it comes back (`Drained::More`).
+const AHEAD_PER_DRAIN: usize = 8;
 
 /// Pages of a region still to install ahead of a sequential stream.
 #[derive(Debug, Clone)]
@@ -54,6 +57,8 @@ struct Pending {
 pub enum Drained {
     /// Nothing more to read now.
     Idle,
+    /// Pages are left to install ahead of a stream: drain again soon, even without an event.
+    More,
     /// The uffd failed for good (the peer is gone); stop serving it.
     Closed,
 }
@@ -68,6 +73,8 @@ pub struct FaultServer {
     events: Vec<[u8; MSG_SIZE]>,
     retry: VecDeque<Pending>,
     latencies: Vec<Duration>,
+    /// `mincore` output for `continue` runs.
+    residency: Vec<u8>,
     streams: Streams,
     ahead: VecDeque<Ahead>,
     /// Whether a fault may install more than its own page.
@@ -95,6 +102,7 @@ impl FaultServer {
             events: vec![[0; MSG_SIZE]; BATCH],
             retry: VecDeque::new(),
             latencies: Vec::with_capacity(BATCH),
+            residency: Vec::with_capacity(readahead.max_pages()),
             streams: Streams::new(readahead),
             readahead_on: readahead.max_pages() > 1,
             ahead: VecDeque::with_capacity(AHEAD_QUEUE),
@@ -112,16 +120,27 @@ impl FaultServer {
     }
 
     /// Reads and serves every pending event (edge-triggered pollers must drain), then installs
-    /// pages ahead of sequential streams a chunk at a time, looking for new faults between
-    /// chunks.
+    /// up to [`AHEAD_PER_DRAIN`] chunks ahead of sequential streams, looking for new faults
+    /// between chunks.
     pub fn drain(&mut self) -> Drained {
+        let mut chunks = 0;
         loop {
             match self.uffd.read_events(&mut self.events) {
                 Ok(n) => {
                     let read_at = Instant::now();
+                    // Removes first: the kernel lets populate ioctls through again as soon as
+                    // a REMOVE is read and zaps the range after, so a run installed for an
+                    // earlier fault of the batch must already see the range as removed.
                     for i in 0..n {
-                        let event = Event::parse(&self.events[i]);
-                        self.handle(event, read_at);
+                        if let e @ Event::Remove { .. } = Event::parse(&self.events[i]) {
+                            self.handle(e, read_at);
+                        }
+                    }
+                    for i in 0..n {
+                        match Event::parse(&self.events[i]) {
+                            Event::Remove { .. } => {}
+                            e => self.handle(e, read_at),
+                        }
                     }
                     if n > 0 {
                         // Read until EAGAIN, even after a short read that emptied the queue.
@@ -147,9 +166,14 @@ impl FaultServer {
                 continue;
             }
             self.flush_latencies();
-            if !self.install_ahead() {
+            if self.ahead.is_empty() {
                 return Drained::Idle;
             }
+            if chunks == AHEAD_PER_DRAIN {
+                return Drained::More;
+            }
+            self.install_ahead();
+            chunks += 1;
         }
     }
 
@@ -160,14 +184,11 @@ impl FaultServer {
         }
     }
 
-    /// Installs the next chunk ahead of a stream (nobody waits on it yet). False when there is
-    /// nothing left to install.
-    fn install_ahead(&mut self) -> bool {
+    /// Installs the next chunk ahead of a stream (nobody waits on it yet), if any is left.
+    fn install_ahead(&mut self) {
         while let Some(mut a) = self.ahead.pop_front() {
             let state = &self.vm.memory.regions()[a.region].state;
-            let untouched =
-                |q: usize| !state.is_populated(q) && !state.is_discarded(q) && !state.is_private(q);
-            while a.pages.start < a.pages.end && !untouched(a.pages.start) {
+            while a.pages.start < a.pages.end && !state.is_untouched(a.pages.start) {
                 a.pages.start += 1;
             }
             if a.pages.is_empty() {
@@ -175,30 +196,29 @@ impl FaultServer {
             }
             let lo = a.pages.start;
             let mut hi = lo + 1;
-            while hi < a.pages.end && hi - lo < AHEAD_CHUNK && untouched(hi) {
+            while hi < a.pages.end && hi - lo < AHEAD_CHUNK && state.is_untouched(hi) {
                 hi += 1;
             }
             let region = a.region;
-            if let Ok(run) = self.populate(region, lo..hi) {
+            let run = self.without_resident(region, lo..hi, lo);
+            // Whatever part was installed is marked; on failure (a page raced in, the source
+            // failed) the rest of the chunk is left to ordinary faults.
+            if run.is_empty() {
+                hi = lo + 1;
+            } else if let Ok(run) = self.populate(region, run, true) {
                 let state = &self.vm.memory.regions()[region].state;
                 for q in run.clone() {
                     state.mark_populated(q);
                 }
-                self.vm
-                    .metrics
-                    .pages_prefetched
-                    .fetch_add(run.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                VmMetrics::add(&self.vm.metrics.pages_prefetched, run.len() as u64);
             }
-            // On failure (a page raced in, the source failed) the rest of this chunk is left
-            // to ordinary faults.
             a.pages.start = hi;
             if !a.pages.is_empty() {
                 // Round robin between streams.
                 self.ahead.push_back(a);
             }
-            return true;
+            return;
         }
-        false
     }
 
     fn run_retries(&mut self) {
@@ -295,32 +315,45 @@ impl FaultServer {
             }
             region.state.discard(page, page + 1);
         }
-        let (run, mut result) = if p.minor {
-            // The page is already in the memfd (the VMM or the kernel put it there): map it.
-            let one = page..page + 1;
-            (
-                one.clone(),
-                self.uffd.r#continue(page_addr, PAGE_SIZE).map(|()| one),
-            )
+        let run = if p.minor {
+            page..page
         } else {
             let run = self.run_around(ri, page);
-            (run.clone(), self.populate(ri, run))
+            self.without_resident(ri, run, page)
         };
-        if run.len() > 1
-            && matches!(
-                result,
+        let result = if run.is_empty() {
+            // The page is already in the memfd (the VMM, a device backend or the kernel put it
+            // there): map it, never overwrite it.
+            self.uffd
+                .r#continue(page_addr, PAGE_SIZE)
+                .map(|()| page..page + 1)
+        } else {
+            let several = run.len() > 1;
+            match self.populate(ri, run, false) {
+                Ok(done) if done.contains(&page) => {
+                    VmMetrics::add(&self.vm.metrics.pages_prefetched, done.len() as u64 - 1);
+                    Ok(done)
+                }
+                Ok(done) => {
+                    // The run stopped before the faulting page (a neighbour raced in): keep
+                    // what was installed, then the faulting page alone.
+                    let state = &self.vm.memory.regions()[ri].state;
+                    for q in done.clone() {
+                        state.mark_populated(q);
+                    }
+                    VmMetrics::add(&self.vm.metrics.pages_prefetched, done.len() as u64);
+                    self.populate(ri, page..page + 1, false)
+                }
                 Err(UffdError::Exists | UffdError::Again | UffdError::Failed(Errno::FAULT))
-            )
-        {
-            // A neighbour raced in (installed, removed or punched): the faulting page alone
-            // gets the usual careful treatment.
-            result = self.populate(ri, page..page + 1);
-        } else if result.is_ok() && run.len() > 1 {
-            self.vm
-                .metrics
-                .pages_prefetched
-                .fetch_add(run.len() as u64 - 1, std::sync::atomic::Ordering::Relaxed);
-        }
+                    if several =>
+                {
+                    // A neighbour raced in (installed, removed or punched): the faulting page
+                    // alone gets the usual careful treatment.
+                    self.populate(ri, page..page + 1, false)
+                }
+                r => r,
+            }
+        };
         match result {
             Ok(run) => {
                 let state = &self.vm.memory.regions()[ri].state;
@@ -333,7 +366,7 @@ impl FaultServer {
                 self.vm.memory.regions()[ri].state.mark_populated(page);
                 let _ = self.uffd.wake(page_addr, PAGE_SIZE);
             }
-            Err(UffdError::Again) => {
+            Err(UffdError::Again | UffdError::Partial { .. }) => {
                 VmMetrics::bump(&self.vm.metrics.eagain);
                 self.retry.push_back(p);
                 return;
@@ -360,15 +393,17 @@ impl FaultServer {
                     "populate failed"
                 );
                 let _ = self.uffd.poison(page_addr, PAGE_SIZE);
+                self.vm.memory.regions()[ri].state.mark_poisoned(page);
             }
         }
         self.latencies.push(p.read_at.elapsed());
     }
 
-    /// The pages to install for a missing fault on `page` of region `ri`: the part of the
-    /// readahead window around `page` whose pages are untouched (neither installed, removed
-    /// nor private), so one source read and one ioctl cover them all. Just `page` if it was
-    /// removed (it becomes a zero page on its own).
+    /// The pages to install for a missing fault on `page` of region `ri`: the contiguous run
+    /// of untouched pages (neither installed, removed nor private) around `page` inside the
+    /// readahead window, so one source read and one ioctl cover them all. Just `page` if it was
+    /// removed (it becomes a zero page on its own). Queues the window's part to install after
+    /// the wake.
     fn run_around(&mut self, ri: usize, page: usize) -> Range<usize> {
         let region = &self.vm.memory.regions()[ri];
         let state = &region.state;
@@ -377,9 +412,8 @@ impl FaultServer {
         }
         let crate::readahead::Window {
             now: mut window,
-            ahead,
+            mut ahead,
         } = self.streams.window(ri, page, region.pages());
-        let mut ahead = ahead;
         // The first page whose source bytes are all past the end of the data.
         let data_end = self
             .vm
@@ -403,22 +437,53 @@ impl FaultServer {
                 pages: ahead,
             });
         }
-        let untouched =
-            |q: usize| !state.is_populated(q) && !state.is_discarded(q) && !state.is_private(q);
         let mut lo = page;
-        while lo > window.start && untouched(lo - 1) {
+        while lo > window.start && state.is_untouched(lo - 1) {
             lo -= 1;
         }
         let mut hi = page + 1;
-        while hi < window.end && untouched(hi) {
+        while hi < window.end && state.is_untouched(hi) {
             hi += 1;
         }
         lo..hi
     }
 
-    /// Installs pages `run` of region `ri` (a single removed page becomes zeros; otherwise the
-    /// source fills them all) and returns the run installed.
-    fn populate(&mut self, ri: usize, run: Range<usize>) -> Result<Range<usize>, UffdError> {
+    /// With `continue`, the part of `run` around `keep` whose pages are not in the memfd: a
+    /// page the table calls untouched may still hold data written through another mapping of
+    /// the memfd (a device backend's), and filling it from the source would overwrite that.
+    /// Empty if `keep` itself is there. (`copy` cannot overwrite: UFFDIO_COPY stops with
+    /// EEXIST at a page in the page cache.)
+    fn without_resident(&mut self, ri: usize, run: Range<usize>, keep: usize) -> Range<usize> {
+        if self.vm.populate != Populate::Continue || run.len() == 1 {
+            return run;
+        }
+        let region = &self.vm.memory.regions()[ri];
+        region.residency(run.clone(), &mut self.residency);
+        let resident = |q: usize| self.residency[q - run.start] & 1 != 0;
+        if resident(keep) {
+            return keep..keep;
+        }
+        let mut lo = keep;
+        while lo > run.start && !resident(lo - 1) {
+            lo -= 1;
+        }
+        let mut hi = keep + 1;
+        while hi < run.end && !resident(hi) {
+            hi += 1;
+        }
+        lo..hi
+    }
+
+    /// Installs pages `run` of region `ri`: a single removed page becomes zeros; otherwise the
+    /// source fills them all. Returns the pages installed (a prefix of `run` when the ioctl
+    /// stopped early). `speculative` runs (ahead of any fault) never poison: a page the source
+    /// failed to deliver is left to its own fault.
+    fn populate(
+        &mut self,
+        ri: usize,
+        run: Range<usize>,
+        speculative: bool,
+    ) -> Result<Range<usize>, UffdError> {
         let vm = &*self.vm;
         let region = &vm.memory.regions()[ri];
         let off = run.start as u64 * PAGE_SIZE;
@@ -450,37 +515,41 @@ impl FaultServer {
                 None => Err(SourceError::Unusable("page outside region".into())),
             },
         };
-        let pages = run.len() as u64;
-        let count = |counter: &std::sync::atomic::AtomicU64| {
-            counter.fetch_add(pages, std::sync::atomic::Ordering::Relaxed);
-        };
-        match fill {
-            // Counted once installed: EEXIST and EAGAIN have their own counters.
-            Ok(Fill::Zero) => self
-                .uffd
-                .zeropage(dst, len as u64)
-                .inspect(|()| count(&vm.metrics.pages_zero)),
-            Ok(Fill::Data) => match vm.populate {
-                Populate::Copy => self.uffd.copy(dst, &self.bounce[..len]),
-                Populate::Continue => self.uffd.r#continue(dst, len as u64),
-            }
-            .inspect(|()| count(&vm.metrics.pages_from_source)),
-            Err(e) if run.len() > 1 => {
-                // Only the faulting page must be answered: retry it alone.
+        let (installed, counter) = match fill {
+            Ok(Fill::Zero) => (self.uffd.zeropage(dst, len as u64), &vm.metrics.pages_zero),
+            Ok(Fill::Data) => (
+                match vm.populate {
+                    Populate::Copy => self.uffd.copy(dst, &self.bounce[..len]),
+                    Populate::Continue => self.uffd.r#continue(dst, len as u64),
+                },
+                &vm.metrics.pages_from_source,
+            ),
+            Err(e) if speculative || run.len() > 1 => {
+                // Only the faulting page must be answered: it is retried alone.
                 tracing::trace!(error = %e, "page source failed for a readahead run");
-                Err(UffdError::Again)
+                return Err(UffdError::Again);
             }
             Err(e) => {
                 // Never silently zero-fill a page the source could not deliver: poison it, so
                 // the VMM gets SIGBUS on this page.
                 VmMetrics::bump(&vm.metrics.source_errors);
                 tracing::trace!(error = %e, "page source failed, poisoning");
-                match self.uffd.poison(dst, PAGE_SIZE) {
-                    Ok(()) | Err(UffdError::Exists) => Ok(()),
+                region.state.mark_poisoned(run.start);
+                return match self.uffd.poison(dst, PAGE_SIZE) {
+                    Ok(()) | Err(UffdError::Exists) => Ok(run),
                     Err(e) => Err(e),
-                }
+                };
             }
-        }
-        .map(|()| run)
+        };
+        // Counted once installed: EEXIST and EAGAIN have their own counters.
+        let done = match installed {
+            Ok(()) => run,
+            Err(UffdError::Partial { bytes }) => {
+                run.start..run.start + (bytes / PAGE_SIZE) as usize
+            }
+            Err(e) => return Err(e),
+        };
+        VmMetrics::add(counter, done.len() as u64);
+        Ok(done)
     }
 }

@@ -82,6 +82,35 @@ impl Region {
         (self.spec.size() / PAGE_SIZE) as usize
     }
 
+    /// For each page of `pages` (page indices of this region), whether it is in the memfd's
+    /// page cache: one `mincore` for the whole range into `out` (resized to fit). Pages outside
+    /// the region read as not resident.
+    pub fn residency(&self, pages: std::ops::Range<usize>, out: &mut Vec<u8>) {
+        out.clear();
+        out.resize(pages.len(), 0);
+        let end = pages.end.min(self.pages());
+        if pages.start >= end {
+            return;
+        }
+        // SAFETY: `[start, end)` pages lie inside the live mapping (`end <= pages()`), and
+        // `out` holds at least one byte per page of that range, which is all mincore writes.
+        let rc = unsafe {
+            libc::mincore(
+                self.mapping
+                    .as_ptr()
+                    .as_ptr()
+                    .add(pages.start * PAGE_SIZE as usize)
+                    .cast(),
+                (end - pages.start) * PAGE_SIZE as usize,
+                out.as_mut_ptr(),
+            )
+        };
+        if rc != 0 {
+            // Unknown: say resident, the safe answer for a caller about to overwrite.
+            out.fill(1);
+        }
+    }
+
     /// Whether the page at `offset` is in the memfd's page cache (`mincore` on the daemon's
     /// mapping). False for offsets outside the region.
     pub fn is_resident(&self, offset: u64) -> bool {
@@ -300,6 +329,12 @@ impl PageState {
     /// The page is private (KVM's notion: its memory is in the guest_memfd).
     pub fn is_private(&self, page: usize) -> bool {
         Self::get(&self.private, page)
+    }
+
+    /// Neither installed, nor removed, nor private: its content is still the source's, and
+    /// readahead may install it.
+    pub fn is_untouched(&self, page: usize) -> bool {
+        !self.is_populated(page) && !self.is_discarded(page) && !self.is_private(page)
     }
 
     /// Records that `page` was installed.

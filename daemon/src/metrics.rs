@@ -104,6 +104,11 @@ impl VmMetrics {
         counter.fetch_add(1, Relaxed);
     }
 
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+
     /// Records latency samples of a batch of served faults.
     pub fn record_latencies(&self, samples: &[Duration]) {
         if samples.is_empty() {

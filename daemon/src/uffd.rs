@@ -86,6 +86,14 @@ pub enum UffdError {
     /// then retry.
     #[error("address space is changing, retry after reading events")]
     Again,
+    /// A multi-page COPY/ZEROPAGE/CONTINUE installed only the first `bytes` of its range (and
+    /// woke their waiters) before stopping: at a page already present, or at a change of the
+    /// address space.
+    #[error("only the first {bytes} bytes were installed")]
+    Partial {
+        /// Bytes installed from the start of the range.
+        bytes: u64,
+    },
     /// `ESRCH`/`ENOENT`-class: the faulting process or its mapping is gone.
     #[error("the faulting address space is gone")]
     PeerGone,
@@ -95,6 +103,15 @@ pub enum UffdError {
 }
 
 impl UffdError {
+    /// A multi-page ioctl that stopped early reports `EAGAIN` with the bytes it did install
+    /// (from the start of the range, mapped and woken) in its count field.
+    fn partial(r: Result<(), UffdError>, done: i64) -> Result<(), UffdError> {
+        match r {
+            Err(UffdError::Again) if done > 0 => Err(UffdError::Partial { bytes: done as u64 }),
+            r => r,
+        }
+    }
+
     fn from_errno(e: Errno) -> UffdError {
         match e {
             Errno::EXIST => UffdError::Exists,
@@ -289,7 +306,8 @@ impl Uffd {
             mode: 0,
             copy: 0,
         };
-        self.ioctl(UFFDIO_COPY, &mut arg)
+        let r = self.ioctl(UFFDIO_COPY, &mut arg);
+        UffdError::partial(r, arg.copy)
     }
 
     /// `UFFDIO_ZEROPAGE` of `[dst, dst + len)` and wake.
@@ -299,7 +317,8 @@ impl Uffd {
             mode: 0,
             zeropage: 0,
         };
-        self.ioctl(UFFDIO_ZEROPAGE, &mut arg)
+        let r = self.ioctl(UFFDIO_ZEROPAGE, &mut arg);
+        UffdError::partial(r, arg.zeropage)
     }
 
     /// `UFFDIO_CONTINUE`: map the page-cache pages of `[dst, dst + len)` and wake.
@@ -309,7 +328,8 @@ impl Uffd {
             mode: 0,
             mapped: 0,
         };
-        self.ioctl(UFFDIO_CONTINUE, &mut arg)
+        let r = self.ioctl(UFFDIO_CONTINUE, &mut arg);
+        UffdError::partial(r, arg.mapped)
     }
 
     /// `UFFDIO_POISON`: later accesses to `[dst, dst + len)` raise SIGBUS; wakes.

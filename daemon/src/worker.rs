@@ -182,13 +182,13 @@ impl Source {
         }
     }
 
-    /// Serves what is pending; false when the source is closed for good.
-    fn drain(&mut self) -> bool {
+    /// Serves what is pending.
+    fn drain(&mut self) -> Drained {
         match self {
-            Source::Faults(s) => s.drain() != Drained::Closed,
+            Source::Faults(s) => s.drain(),
             Source::Exits(s) => {
                 s.drain();
-                true
+                Drained::Idle
             }
         }
     }
@@ -207,8 +207,15 @@ fn run(mut poll: Poll, commands: Receiver<Command>, wait: WaitMode) {
     let mut events = Events::with_capacity(64);
     let mut sources: HashMap<usize, Source> = HashMap::new();
     let mut last_work = Instant::now();
+    // Sources with work left that no event will announce (pages to install ahead).
+    let mut more: Vec<usize> = Vec::new();
+    let mut due: Vec<usize> = Vec::new();
     loop {
-        let timeout = wait.timeout(last_work.elapsed());
+        let timeout = if more.is_empty() {
+            wait.timeout(last_work.elapsed())
+        } else {
+            Some(std::time::Duration::ZERO)
+        };
         if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
@@ -216,26 +223,40 @@ fn run(mut poll: Poll, commands: Receiver<Command>, wait: WaitMode) {
             tracing::error!(error = %e, "worker poll failed");
             return;
         }
-        if events.is_empty() {
+        if events.is_empty() && more.is_empty() {
             // A zero-timeout poll found nothing. Yield, so a thread that shares this CPU (on a
             // 2-CPU host, often the vCPU whose fault was just served) runs at once instead of
             // waiting for the spinner's time slice to end.
             std::thread::yield_now();
-        } else {
-            last_work = Instant::now();
         }
-        for event in events.iter() {
-            if event.token() == WAKER {
-                continue;
+        due.clear();
+        due.extend(
+            events
+                .iter()
+                .map(|e| e.token())
+                .filter(|&t| t != WAKER)
+                .map(|t| t.0),
+        );
+        for k in more.drain(..) {
+            if !due.contains(&k) {
+                due.push(k);
             }
-            let k = event.token().0;
-            let open = sources.get_mut(&k).map(Source::drain);
-            if open == Some(false) {
-                if let Some(s) = sources.remove(&k) {
-                    let _ = poll.registry().deregister(&mut SourceFd(&s.fd()));
-                    tracing::debug!(key = k, "uffd closed");
+        }
+        for &k in &due {
+            match sources.get_mut(&k).map(Source::drain) {
+                Some(Drained::Closed) => {
+                    if let Some(s) = sources.remove(&k) {
+                        let _ = poll.registry().deregister(&mut SourceFd(&s.fd()));
+                        tracing::debug!(key = k, "uffd closed");
+                    }
                 }
+                Some(Drained::More) => more.push(k),
+                Some(Drained::Idle) | None => {}
             }
+        }
+        if !due.is_empty() {
+            // After the work, so a long drain does not use up the adaptive spin window.
+            last_work = Instant::now();
         }
         loop {
             let (k, mut source, done) = match commands.try_recv() {
@@ -270,7 +291,9 @@ fn run(mut poll: Poll, commands: Receiver<Command>, wait: WaitMode) {
                 continue;
             }
             // Work may have queued before registration.
-            source.drain();
+            if source.drain() == Drained::More {
+                more.push(k);
+            }
             sources.insert(k, source);
         }
     }

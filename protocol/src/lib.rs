@@ -28,7 +28,7 @@ pub use socket::{Connection, SocketError};
 /// The protocol version this crate speaks and puts in every header. A record whose header
 /// carries another version is malformed; `Hello.version` is the highest version the client
 /// speaks, and the daemon answers with the version it will use (at most its own).
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Largest payload a peer may send (bytes after the header). Bigger messages are refused.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
