@@ -74,18 +74,9 @@ fn a_removed_range_reads_as_zeros_never_the_old_snapshot() {
     let dir = TestDir::new("remove");
     let d = daemon(&dir);
     let pages = 64;
-    let img = image(&dir, "img", (pages * PAGE) as u64, 11);
-    let snapshot = image_bytes(pages * PAGE, 11);
     let client = Client::connect(d.socket_path()).unwrap();
     for populate in [PopulateMethod::Copy, PopulateMethod::Continue] {
-        let vm = client
-            .create_mapped_vm(VmSpec {
-                regions: vec![RegionSpec::new(1 << 32, (pages * PAGE) as u64, 0)],
-                source: PageSource::File(img.try_clone().unwrap()),
-                populate,
-                ..Default::default()
-            })
-            .unwrap();
+        let (vm, snapshot) = snapshot_vm(&client, &dir, pages, 11, populate);
         let r = &vm.regions()[0];
         for p in 0..pages {
             assert_eq!(
@@ -133,18 +124,9 @@ fn many_threads_faulting_on_the_same_pages_are_coalesced() {
     let dir = TestDir::new("threads");
     let d = daemon(&dir);
     let pages = 512;
-    let img = image(&dir, "img", (pages * PAGE) as u64, 12);
-    let snapshot = image_bytes(pages * PAGE, 12);
     let client = Client::connect(d.socket_path()).unwrap();
     for populate in [PopulateMethod::Copy, PopulateMethod::Continue] {
-        let vm = client
-            .create_mapped_vm(VmSpec {
-                regions: vec![RegionSpec::new(1 << 32, (pages * PAGE) as u64, 0)],
-                source: PageSource::File(img.try_clone().unwrap()),
-                populate,
-                ..Default::default()
-            })
-            .unwrap();
+        let (vm, snapshot) = snapshot_vm(&client, &dir, pages, 12, populate);
         let r = &vm.regions()[0];
         let barrier = std::sync::Barrier::new(8);
         std::thread::scope(|s| {
@@ -235,18 +217,9 @@ fn faults_racing_with_removes_never_hang_or_resurrect_old_bytes() {
     let dir = TestDir::new("race");
     let d = daemon(&dir);
     let pages = 128;
-    let img = image(&dir, "img", (pages * PAGE) as u64, 14);
-    let snapshot = image_bytes(pages * PAGE, 14);
     let client = Client::connect(d.socket_path()).unwrap();
     for populate in [PopulateMethod::Copy, PopulateMethod::Continue] {
-        let vm = client
-            .create_mapped_vm(VmSpec {
-                regions: vec![RegionSpec::new(1 << 32, (pages * PAGE) as u64, 0)],
-                source: PageSource::File(img.try_clone().unwrap()),
-                populate,
-                ..Default::default()
-            })
-            .unwrap();
+        let (vm, snapshot) = snapshot_vm(&client, &dir, pages, 14, populate);
         let r = &vm.regions()[0];
         let removes = 300;
         let removed_once = std::sync::Mutex::new(vec![false; pages]);
