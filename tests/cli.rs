@@ -35,7 +35,10 @@ fn print_capabilities_is_json_describing_this_host() {
         caps["kvm"]["available"],
         std::path::Path::new("/dev/kvm").exists() && kvm_ioctls::Kvm::new().is_ok()
     );
-    assert_eq!(caps["protocol"]["version"], 2);
+    assert_eq!(
+        caps["protocol"]["version"],
+        u64::from(vmpager_protocol::PROTOCOL_VERSION)
+    );
     if uffd_ok {
         let names: Vec<_> = caps["userfaultfd"]["features"]
             .as_array()

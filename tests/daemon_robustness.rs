@@ -159,6 +159,7 @@ fn garbage_never_takes_the_daemon_down() {
         policy: None,
         source: PageSourceKind::File,
         populate: PopulateMethod::Copy,
+        flags: 0,
         regions: vec![RegionSpec::new(0, 1 << 20, 0)],
     });
     conn.send(&create, 7, &[r.as_fd()]).unwrap();
@@ -168,6 +169,7 @@ fn garbage_never_takes_the_daemon_down() {
         policy: None,
         source: PageSourceKind::Zero,
         populate: PopulateMethod::Copy,
+        flags: 0,
         regions: vec![RegionSpec::new(0, 1 << 20, 0)],
     });
     conn.send(&zero, 8, &[]).unwrap();

@@ -6,11 +6,13 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 use vmpager_protocol::mailbox::{Mailbox, VcpuChannel, WaitPolicy};
+use vmpager_protocol::message::MAX_REPLAY_PAGES;
 use vmpager_protocol::socket::Received;
 use vmpager_protocol::{
-    features, AttachUffd, Connection, ConversionEvent, CreateVm, ErrorCode, Hello, Message,
-    PageSourceKind, PopulateMethod, RegionSpec, SocketError, Stats, VmType, Welcome,
-    PROTOCOL_VERSION, VMCREATED_VMM_SETS_ATTRIBUTES,
+    features, AttachChannel, AttachUffd, ChannelProtocol, Connection, ConversionEvent, CreateVm,
+    ErrorCode, Hello, Message, PageSourceKind, PopulateMethod, RegionSpec, ReplayWorkingSet,
+    SocketError, Stats, VmType, Welcome, WorkingSetEntry, PROTOCOL_VERSION,
+    VMCREATED_VMM_SETS_ATTRIBUTES, VM_MEMORY_IN_VMM, VM_RECORD_WORKING_SET,
 };
 
 /// Errors talking to the daemon, classified with [`ClientError::peer_gone`] and
@@ -82,6 +84,12 @@ pub struct VmSpec {
     pub vm_fd: Option<OwnedFd>,
     /// Per-VM policy overrides (TOML with a `[policy]` table), if any.
     pub policy: Option<String>,
+    /// The guest RAM is the VMM's own private memory (Firecracker's anonymous mappings): the
+    /// daemon creates no memfd and installs pages with `UFFDIO_COPY` only.
+    pub memory_in_vmm: bool,
+    /// Record the order in which pages are first needed (`Client::working_set`); the daemon
+    /// turns readahead off for this VM so every first touch is seen.
+    pub record_working_set: bool,
 }
 
 impl Default for VmSpec {
@@ -93,6 +101,8 @@ impl Default for VmSpec {
             vm_type: VmType::Default,
             vm_fd: None,
             policy: None,
+            memory_in_vmm: false,
+            record_working_set: false,
         }
     }
 }
@@ -104,7 +114,8 @@ pub struct CreatedVm {
     pub vm_id: u64,
     /// Regions, as requested.
     pub regions: Vec<RegionSpec>,
-    /// One memfd per region.
+    /// One memfd per region (regions sharing a memory file get copies of one memfd); none
+    /// when the memory is the VMM's own.
     pub memfds: Vec<OwnedFd>,
     /// One guest_memfd per private-capable region, in region order (`None` for the others);
     /// created here (the daemon holds a copy).
@@ -164,11 +175,19 @@ impl Client {
             PageSource::Zero => (PageSourceKind::Zero, None),
             PageSource::File(f) => (PageSourceKind::File, Some(f)),
         };
+        let mut flags = 0;
+        if spec.memory_in_vmm {
+            flags |= VM_MEMORY_IN_VMM;
+        }
+        if spec.record_working_set {
+            flags |= VM_RECORD_WORKING_SET;
+        }
         let msg = Message::CreateVm(CreateVm {
             vm_type: spec.vm_type,
             policy: spec.policy.clone(),
             source,
             populate: spec.populate,
+            flags,
             regions: spec.regions.clone(),
         });
         // One guest_memfd per private region, created here: only the VM's creator may.
@@ -191,7 +210,14 @@ impl Client {
         fds.extend(gmems.iter().flatten().map(|g| g.as_fd()));
         let reply = request(&self.conn, &msg, &fds)?;
         match reply.message {
-            Message::VmCreated(v) if v.region_count as usize == spec.regions.len() => {
+            Message::VmCreated(v)
+                if v.region_count as usize
+                    == if spec.memory_in_vmm {
+                        0
+                    } else {
+                        spec.regions.len()
+                    } =>
+            {
                 Ok(CreatedVm {
                     vm_id: v.vm_id,
                     regions: spec.regions,
@@ -229,6 +255,72 @@ impl Client {
                 "{:?} instead of Attached",
                 other.kind()
             ))),
+        }
+    }
+
+    /// Hands the daemon a fault channel: a connected stream socket on which a VMM (today
+    /// cloud-hypervisor, `protocol`) asks for pages of `vm_id` by guest physical address. The
+    /// daemon answers every request until the VMM closes it.
+    pub fn attach_channel(
+        &self,
+        vm_id: u64,
+        socket: BorrowedFd<'_>,
+        protocol: ChannelProtocol,
+    ) -> Result<(), ClientError> {
+        let msg = Message::AttachChannel(AttachChannel { vm_id, protocol });
+        match request(&self.conn, &msg, &[socket])?.message {
+            Message::Attached { vm_id: id } if id == vm_id => Ok(()),
+            other => Err(ClientError::Protocol(format!(
+                "{:?} instead of Attached",
+                other.kind()
+            ))),
+        }
+    }
+
+    /// Queues `pages` (source page numbers, `source offset / 4096`) to be pushed into the VM
+    /// in this order ahead of its vCPUs; returns how many are waiting.
+    pub fn replay_working_set(&self, vm_id: u64, pages: &[u64]) -> Result<u64, ClientError> {
+        let mut queued = 0;
+        for chunk in pages.chunks(MAX_REPLAY_PAGES) {
+            let msg = Message::ReplayWorkingSet(ReplayWorkingSet {
+                vm_id,
+                pages: chunk.to_vec(),
+            });
+            queued = match request(&self.conn, &msg, &[])?.message {
+                Message::ReplayQueued { vm_id: id, queued } if id == vm_id => queued,
+                other => {
+                    return Err(ClientError::Protocol(format!(
+                        "{:?} instead of ReplayQueued",
+                        other.kind()
+                    )))
+                }
+            };
+        }
+        Ok(queued)
+    }
+
+    /// The VM's recorded working set so far: source pages in order of first need, with the
+    /// time since VM creation (the VM must have been created with `record_working_set`).
+    pub fn working_set(&self, vm_id: u64) -> Result<Vec<WorkingSetEntry>, ClientError> {
+        let mut out = Vec::new();
+        loop {
+            let from = out.len() as u64;
+            let msg = Message::GetWorkingSet { vm_id, from };
+            match request(&self.conn, &msg, &[])?.message {
+                Message::WorkingSet(w) if w.vm_id == vm_id && w.from == from => {
+                    let done = w.entries.is_empty() || from + w.entries.len() as u64 >= w.total;
+                    out.extend(w.entries);
+                    if done {
+                        return Ok(out);
+                    }
+                }
+                other => {
+                    return Err(ClientError::Protocol(format!(
+                        "{:?} instead of WorkingSet",
+                        other.kind()
+                    )))
+                }
+            }
         }
     }
 

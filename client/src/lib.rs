@@ -42,5 +42,5 @@ pub use memory::{MappedRegion, VmMemory};
 pub use vmpager_protocol::mailbox::{
     Request, RequestKind, Response, Status, VcpuChannel, WaitPolicy,
 };
+pub use vmpager_protocol::{ChannelProtocol, PopulateMethod, RegionSpec, Stats, WorkingSetEntry};
 pub use vmpager_protocol::{ConversionEvent, VmType, REGION_PRIVATE};
-pub use vmpager_protocol::{PopulateMethod, RegionSpec, Stats};

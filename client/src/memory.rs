@@ -105,7 +105,8 @@ impl MappedRegion {
         self.mapping.is_empty()
     }
 
-    /// The region's memfd (owned by the daemon too).
+    /// The region's memfd (owned by the daemon too); the region starts at
+    /// [`RegionSpec::file_offset`] in it.
     pub fn memfd(&self) -> BorrowedFd<'_> {
         self.memfd.as_fd()
     }
@@ -166,7 +167,7 @@ impl VmMemory {
                 region: i,
                 source: std::io::Error::other("region larger than the address space"),
             })?;
-            let mapping = SharedMapping::new(memfd.as_fd(), len)
+            let mapping = SharedMapping::new_at(memfd.as_fd(), spec.file_offset(), len)
                 .map_err(|source| MemoryError::Map { region: i, source })?;
             let ptr = mapping.as_ptr().as_ptr().cast();
             let region = MappedRegion {

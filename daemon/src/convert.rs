@@ -165,7 +165,9 @@ fn convert_inner(
         // the shared backing goes (its pages are unmapped from the VMM too).
         region.state.set_private(first, last, true);
         region.state.discard(first, last);
-        guest_memfd::punch_hole(region.memfd_file(), offset, size).map_err(ConvertError::Kernel)?;
+        region
+            .punch_shared(offset, size)
+            .map_err(ConvertError::Kernel)?;
     } else {
         guest_memfd::punch_hole(gmem, offset, size).map_err(ConvertError::Kernel)?;
         region.state.discard(first, last);

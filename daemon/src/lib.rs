@@ -6,15 +6,20 @@
 //! * [`control`]: the control reactor (connections, protocol state machine, VM lifecycle).
 //! * [`worker`]: worker threads that serve uffds.
 //! * [`fault`]: serving one VM's userfaultfd.
+//! * [`ch_faults`]: serving cloud-hypervisor's postcopy fault connection.
+//! * [`ahead`]: what to install with a requested page and ahead of it.
 //! * [`uffd`]: the uffd ioctls the daemon drives.
 //! * [`memory`]: memfds, the daemon's mappings, page state.
 //! * [`source`]: page sources (`zero`, `file`).
+//! * [`working_set`]: recording and replaying the order of first touches.
 //! * [`metrics`]: counters and latency histograms.
 //! * [`caps`]: host capability probe.
 //! * [`listener`]: the control socket, its lock file and umask.
 #![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
+pub mod ahead;
 pub mod caps;
+pub mod ch_faults;
 pub mod control;
 pub mod convert;
 pub mod exits;
@@ -30,6 +35,7 @@ pub mod source;
 pub mod uffd;
 pub mod wait;
 pub mod worker;
+pub mod working_set;
 
 pub use session::Populate;
 

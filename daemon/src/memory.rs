@@ -1,10 +1,13 @@
-//! Guest memory the daemon owns: one sealed memfd per region, the daemon's own shared mapping
-//! of each, and the per-region page-state table.
+//! Guest memory the daemon serves: the sealed memfds it owns (one per region, or one shared by a
+//! memfd group), the daemon's own shared mapping of each region, and the per-region page-state
+//! table. For `VM_MEMORY_IN_VMM` VMs (Firecracker) the memory is the VMM's own private
+//! mapping: only the page state is kept here.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use vmpager_protocol::mapping::SharedMapping;
 use vmpager_protocol::{RegionSpec, PAGE_SIZE};
 
@@ -38,23 +41,38 @@ impl MemoryError {
     }
 }
 
-/// One region: its spec, its memfd and the daemon's mapping of it.
+/// One region: its spec, its page state and, unless the memory is the VMM's own, the memfd it
+/// lives in and the daemon's mapping of it.
 #[derive(Debug)]
 pub struct Region {
     /// As requested in `CreateVm`.
     pub spec: RegionSpec,
-    /// Page state, shared by fault serving and conversions.
+    /// Page state (one bit per page of the region's page size), shared by fault serving and
+    /// conversions.
     pub state: PageState,
-    memfd: File,
+    /// `None`: the VMM's own private memory (`VM_MEMORY_IN_VMM`), which the daemon never maps.
+    backing: Option<Backing>,
     gmem: Option<File>,
-    /// The daemon's own shared mapping of the memfd.
+}
+
+/// A region's memory file and the daemon's mapping of the region's window of it.
+#[derive(Debug)]
+struct Backing {
+    /// The memfd; regions of one memfd group share it.
+    memfd: Arc<File>,
+    /// The daemon's own shared mapping of `[file_offset, file_offset + size)`.
     mapping: SharedMapping,
 }
 
 impl Region {
-    /// The region's memfd (sent to the VMM).
-    pub fn memfd(&self) -> BorrowedFd<'_> {
-        self.memfd.as_fd()
+    /// The memfd the region lives in (sent to the VMM), unless the memory is the VMM's own.
+    pub fn memfd(&self) -> Option<BorrowedFd<'_>> {
+        self.backing.as_ref().map(|b| b.memfd.as_fd())
+    }
+
+    /// Whether the daemon owns (and maps) this region's memory.
+    pub fn is_owned(&self) -> bool {
+        self.backing.is_some()
     }
 
     /// The region's guest_memfd (private memory), if it has one.
@@ -67,9 +85,15 @@ impl Region {
         self.gmem.as_ref()
     }
 
-    /// The memfd as a file (hole punching on conversion to private).
-    pub fn memfd_file(&self) -> &File {
-        &self.memfd
+    /// Frees `[offset, offset + len)` of the region's memfd (conversion to private): the
+    /// shared side's pages are gone and read as zeros. A no-op for the VMM's own memory.
+    pub fn punch_shared(&self, offset: u64, len: u64) -> io::Result<()> {
+        match &self.backing {
+            Some(b) => {
+                crate::guest_memfd::punch_hole(&b.memfd, self.spec.file_offset() + offset, len)
+            }
+            None => Ok(()),
+        }
     }
 
     /// Size in bytes.
@@ -77,26 +101,36 @@ impl Region {
         self.spec.size()
     }
 
-    /// Number of pages.
-    pub fn pages(&self) -> usize {
-        (self.spec.size() / PAGE_SIZE) as usize
+    /// The region's page size (4 KiB, or 2 MiB for huge-page regions).
+    pub fn page_size(&self) -> u64 {
+        self.spec.page_size()
     }
 
-    /// For each page of `pages` (page indices of this region), whether it is in the memfd's
-    /// page cache: one `mincore` for the whole range into `out` (resized to fit). Pages outside
-    /// the region read as not resident.
+    /// Number of pages of the region's page size.
+    pub fn pages(&self) -> usize {
+        (self.spec.size() / self.page_size()) as usize
+    }
+
+    /// For each page of `pages` (4 KiB page indices of this region), whether it is in the
+    /// memfd's page cache: one `mincore` for the whole range into `out` (resized to fit). Pages
+    /// outside the region, and every page of the VMM's own memory, read as resident (the
+    /// safe answer for a caller about to overwrite).
     pub fn residency(&self, pages: std::ops::Range<usize>, out: &mut Vec<u8>) {
         out.clear();
-        out.resize(pages.len(), 0);
-        let end = pages.end.min(self.pages());
+        out.resize(pages.len(), 1);
+        let Some(b) = &self.backing else {
+            return;
+        };
+        let end = pages.end.min((self.size() / PAGE_SIZE) as usize);
         if pages.start >= end {
             return;
         }
-        // SAFETY: `[start, end)` pages lie inside the live mapping (`end <= pages()`), and
-        // `out` holds at least one byte per page of that range, which is all mincore writes.
+        // SAFETY: `[start, end)` pages lie inside the live mapping (`end` is clamped to the
+        // region's 4 KiB pages), and `out` holds at least one byte per page of that range,
+        // which is all mincore writes.
         let rc = unsafe {
             libc::mincore(
-                self.mapping
+                b.mapping
                     .as_ptr()
                     .as_ptr()
                     .add(pages.start * PAGE_SIZE as usize)
@@ -106,15 +140,17 @@ impl Region {
             )
         };
         if rc != 0 {
-            // Unknown: say resident, the safe answer for a caller about to overwrite.
             out.fill(1);
         }
     }
 
     /// Whether the page at `offset` is in the memfd's page cache (`mincore` on the daemon's
-    /// mapping). False for offsets outside the region.
+    /// mapping). False for offsets outside the region and for the VMM's own memory.
     pub fn is_resident(&self, offset: u64) -> bool {
-        if offset >= self.mapping.len() as u64 {
+        let Some(b) = &self.backing else {
+            return false;
+        };
+        if offset >= b.mapping.len() as u64 {
             return false;
         }
         let page = offset & !(PAGE_SIZE - 1);
@@ -123,7 +159,7 @@ impl Region {
         // above, the length is a multiple of the page size); mincore writes one byte to `vec`.
         let rc = unsafe {
             libc::mincore(
-                self.mapping.as_ptr().as_ptr().add(page as usize).cast(),
+                b.mapping.as_ptr().as_ptr().add(page as usize).cast(),
                 PAGE_SIZE as usize,
                 &mut vec,
             )
@@ -132,15 +168,16 @@ impl Region {
     }
 
     /// A writable view of `len` bytes at `offset` of the daemon's mapping, for a page source to
-    /// fill. `None` if the range is outside the region.
+    /// fill. `None` if the range is outside the region or the memory is the VMM's own.
     pub fn page_dst(&self, offset: u64, len: usize) -> Option<PageDst<'_>> {
+        let b = self.backing.as_ref()?;
         let end = offset.checked_add(len as u64)?;
-        if end > self.mapping.len() as u64 {
+        if end > b.mapping.len() as u64 {
             return None;
         }
         // SAFETY: `offset + len <= mapping.len` was checked above, so the pointer stays inside the
         // live mapping, which `PageDst`'s lifetime ties to `self`.
-        let ptr = unsafe { self.mapping.as_ptr().as_ptr().add(offset as usize) };
+        let ptr = unsafe { b.mapping.as_ptr().as_ptr().add(offset as usize) };
         Some(PageDst {
             ptr,
             len,
@@ -219,6 +256,26 @@ fn fd_raw(fd: BorrowedFd<'_>) -> i32 {
     fd.as_raw_fd()
 }
 
+/// A sealed memfd of `len` bytes (hugetlb 2 MiB pages with `huge`).
+fn create_memfd(name: &str, len: u64, huge: bool) -> io::Result<File> {
+    let mut opts = memfd::MemfdOptions::default()
+        .close_on_exec(true)
+        .allow_sealing(true);
+    if huge {
+        opts = opts.hugetlb(Some(memfd::HugetlbSize::Huge2MB));
+    }
+    let memfd = opts.create(name).map_err(io::Error::other)?;
+    memfd.as_file().set_len(len)?;
+    memfd
+        .add_seals(&[
+            memfd::FileSeal::SealGrow,
+            memfd::FileSeal::SealShrink,
+            memfd::FileSeal::SealSeal,
+        ])
+        .map_err(io::Error::other)?;
+    Ok(memfd.into_file())
+}
+
 /// All of one VM's guest memory.
 #[derive(Debug)]
 pub struct GuestMemory {
@@ -226,42 +283,70 @@ pub struct GuestMemory {
 }
 
 impl GuestMemory {
-    /// Creates one memfd per region (sized, sealed against grow/shrink and further sealing) and
-    /// maps each into the daemon; `gmems[i]` is region `i`'s guest_memfd, if it has one (the
-    /// VMM creates them). `regions` must have passed `validate_regions`.
+    /// Creates the memory files (one per region, or one per memfd group; hugetlb for 2 MiB
+    /// regions; sized to their furthest region, sealed against grow/shrink and further sealing)
+    /// and maps each region's window into the daemon; `gmems[i]` is region `i`'s guest_memfd,
+    /// if it has one (the VMM creates them). With `in_vmm`, the memory is the VMM's own: no
+    /// file is created. `regions` must have passed `validate_regions`.
     pub fn new(
         vm_id: u64,
         regions: &[RegionSpec],
         gmems: Vec<Option<File>>,
+        in_vmm: bool,
     ) -> Result<GuestMemory, MemoryError> {
         let mut gmems = gmems.into_iter();
+        // Memfd of each region: its own, or the first of its group's.
+        let mut files: Vec<Option<Arc<File>>> = vec![None; regions.len()];
+        if !in_vmm {
+            for (i, spec) in regions.iter().enumerate() {
+                if files[i].is_some() {
+                    continue;
+                }
+                let group = spec.memfd_group();
+                let members: Vec<usize> = match group {
+                    0 => vec![i],
+                    g => (i..regions.len())
+                        .filter(|&j| regions[j].memfd_group() == g)
+                        .collect(),
+                };
+                let len = members
+                    .iter()
+                    .map(|&j| regions[j].file_offset() + regions[j].size())
+                    .max()
+                    .unwrap_or(0);
+                let name = match group {
+                    0 => format!("vmpager-vm{vm_id}-r{i}"),
+                    g => format!("vmpager-vm{vm_id}-g{g}"),
+                };
+                let file = Arc::new(
+                    create_memfd(&name, len, spec.is_huge())
+                        .map_err(|source| MemoryError::Memfd { region: i, source })?,
+                );
+                for j in members {
+                    files[j] = Some(file.clone());
+                }
+            }
+        }
         let mut out = Vec::with_capacity(regions.len());
-        for (i, spec) in regions.iter().enumerate() {
-            let memfd_err = |source| MemoryError::Memfd { region: i, source };
-            let memfd = memfd::MemfdOptions::default()
-                .close_on_exec(true)
-                .allow_sealing(true)
-                .create(format!("vmpager-vm{vm_id}-r{i}"))
-                .map_err(|e| memfd_err(io::Error::other(e)))?;
-            memfd.as_file().set_len(spec.size()).map_err(memfd_err)?;
-            memfd
-                .add_seals(&[
-                    memfd::FileSeal::SealGrow,
-                    memfd::FileSeal::SealShrink,
-                    memfd::FileSeal::SealSeal,
-                ])
-                .map_err(|e| memfd_err(io::Error::other(e)))?;
-            let file = memfd.into_file();
-            // The size fits in usize: validate_regions checked it.
-            let mapping = SharedMapping::new(file.as_fd(), spec.size() as usize)
-                .map_err(|source| MemoryError::Map { region: i, source })?;
-            let gmem = gmems.next().flatten();
+        for (i, (spec, file)) in regions.iter().zip(files).enumerate() {
+            let backing = match file {
+                None => None,
+                Some(memfd) => {
+                    // The size fits in usize: validate_regions checked it.
+                    let mapping = SharedMapping::new_at(
+                        memfd.as_fd(),
+                        spec.file_offset(),
+                        spec.size() as usize,
+                    )
+                    .map_err(|source| MemoryError::Map { region: i, source })?;
+                    Some(Backing { memfd, mapping })
+                }
+            };
             out.push(Region {
                 spec: *spec,
-                state: PageState::new((spec.size() / PAGE_SIZE) as usize),
-                memfd: file,
-                gmem,
-                mapping,
+                state: PageState::new((spec.size() / spec.page_size()) as usize),
+                backing,
+                gmem: gmems.next().flatten(),
             });
         }
         Ok(GuestMemory { regions: out })
@@ -424,11 +509,12 @@ mod tests {
             RegionSpec::new(0, 1 << 20, 0),
             RegionSpec::new(1 << 30, 8192, 0),
         ];
-        let mem = GuestMemory::new(1, &regions, vec![]).unwrap();
+        let mem = GuestMemory::new(1, &regions, vec![], false).unwrap();
         assert_eq!(mem.total_size(), (1 << 20) + 8192);
         let r = &mem.regions()[1];
-        assert_eq!(rustix::fs::fstat(r.memfd()).unwrap().st_size, 8192);
-        let seals = rustix::fs::fcntl_get_seals(r.memfd()).unwrap();
+        let fd = r.memfd().unwrap();
+        assert_eq!(rustix::fs::fstat(fd).unwrap().st_size, 8192);
+        let seals = rustix::fs::fcntl_get_seals(fd).unwrap();
         assert!(seals.contains(rustix::fs::SealFlags::GROW | rustix::fs::SealFlags::SHRINK));
         assert!(r.page_dst(8192, 1).is_none());
         let mut dst = r.page_dst(4096, 4096).unwrap();
@@ -441,8 +527,54 @@ mod tests {
         let f = tempfile_with(b"snapshot");
         assert_eq!(dst.pread_at(0, f.as_fd(), 0).unwrap(), 8);
         let mut back = [0u8; 8];
-        rustix::io::pread(r.memfd(), &mut back, 4096).unwrap();
+        rustix::io::pread(fd, &mut back, 4096).unwrap();
         assert_eq!(&back, b"snapshot");
+    }
+
+    #[test]
+    fn a_memfd_group_is_one_file_and_each_region_maps_its_window() {
+        let m = 1u64 << 20;
+        let regions = [
+            RegionSpec::new(0, m, 0).in_memfd(7, 0),
+            RegionSpec::new(1 << 32, 2 * m, m).in_memfd(7, 3 * m),
+            RegionSpec::new(1 << 33, m, 0),
+        ];
+        let mem = GuestMemory::new(2, &regions, vec![], false).unwrap();
+        let [a, b, c] = mem.regions() else {
+            panic!("three regions")
+        };
+        let ino = |r: &Region| rustix::fs::fstat(r.memfd().unwrap()).unwrap().st_ino;
+        assert_eq!(ino(a), ino(b));
+        assert_ne!(ino(a), ino(c));
+        assert_eq!(
+            rustix::fs::fstat(a.memfd().unwrap()).unwrap().st_size as u64,
+            5 * m,
+            "sized to the furthest region of the group"
+        );
+        // Region b's page 1 is file offset 3 MiB + 4 KiB.
+        let f = tempfile_with(b"window");
+        b.page_dst(4096, 4096)
+            .unwrap()
+            .pread_at(0, f.as_fd(), 0)
+            .unwrap();
+        let mut back = [0u8; 6];
+        rustix::io::pread(a.memfd().unwrap(), &mut back, 3 * m + 4096).unwrap();
+        assert_eq!(&back, b"window");
+        assert!(b.is_resident(4096) && !b.is_resident(0));
+    }
+
+    #[test]
+    fn the_vmms_own_memory_has_no_file_and_reads_as_resident() {
+        let regions = [RegionSpec::new(0, 1 << 21, 0).huge_2m()];
+        let mem = GuestMemory::new(3, &regions, vec![], true).unwrap();
+        let r = &mem.regions()[0];
+        assert!(r.memfd().is_none() && !r.is_owned());
+        assert_eq!((r.page_size(), r.pages()), (2 << 20, 1));
+        assert!(r.page_dst(0, 4096).is_none());
+        let mut out = Vec::new();
+        r.residency(0..4, &mut out);
+        assert_eq!(out, vec![1; 4]);
+        r.punch_shared(0, 4096).unwrap();
     }
 
     fn tempfile_with(bytes: &[u8]) -> File {

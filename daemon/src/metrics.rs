@@ -51,6 +51,14 @@ pub struct VmMetrics {
     pub attributes_emulated: AtomicU64,
     /// Pages installed ahead of a fault.
     pub pages_prefetched: AtomicU64,
+    /// Pages pushed from a replayed working set.
+    pub pages_replayed: AtomicU64,
+    /// Bytes read from the page source.
+    pub source_bytes_read: AtomicU64,
+    /// Fault-channel requests served.
+    pub channel_requests: AtomicU64,
+    /// Fault-channel requests refused.
+    pub channel_errors: AtomicU64,
     denial_log: Mutex<DenialLog>,
     latency: Mutex<Option<Histogram<u64>>>,
 }
@@ -148,6 +156,10 @@ impl VmMetrics {
             attributes_emulated: self.attributes_emulated.load(Relaxed),
             populate_method,
             pages_prefetched: self.pages_prefetched.load(Relaxed),
+            pages_replayed: self.pages_replayed.load(Relaxed),
+            source_bytes_read: self.source_bytes_read.load(Relaxed),
+            channel_requests: self.channel_requests.load(Relaxed),
+            channel_errors: self.channel_errors.load(Relaxed),
             ..Stats::default()
         };
         if let Ok(guard) = self.latency.lock() {

@@ -1,9 +1,12 @@
 //! One VM served by the daemon: its memory, page source, populate method and counters.
 
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, PageDst};
 use crate::metrics::VmMetrics;
 use crate::policy::{Policy, RateLimit};
-use crate::source::PageSource;
+use crate::readahead::Readahead;
+use crate::source::{Fill, PageSource, SourceError};
+use crate::working_set::{Recorder, ReplayQueue};
+use std::ops::Range;
 use std::sync::Mutex;
 use vmpager_protocol::{ConversionEvent, PopulateMethod, VmType};
 
@@ -80,6 +83,65 @@ pub struct Vm {
     pub listener: ConversionListener,
     /// Secret a `Subscribe` must present.
     pub token: u64,
+    /// Pages installed along with a faulting one (off while recording a working set).
+    pub readahead: Readahead,
+    /// Records the working set (`VM_RECORD_WORKING_SET`).
+    pub recorder: Option<Recorder>,
+    /// Pages to push ahead of the vCPUs (`ReplayWorkingSet`).
+    pub replay: ReplayQueue,
+}
+
+/// Attempts to fetch a page from the source before giving up on it.
+const SOURCE_ATTEMPTS: usize = 3;
+
+impl Vm {
+    /// The guest RAM is the VMM's own private memory (`VM_MEMORY_IN_VMM`).
+    pub fn memory_in_vmm(&self) -> bool {
+        self.memory.regions().iter().all(|r| !r.is_owned())
+    }
+
+    /// Fills `dst` from the page source at `source_offset`, retrying transient errors; counts
+    /// the source bytes read.
+    pub fn fill(&self, source_offset: u64, dst: &mut PageDst<'_>) -> Result<Fill, SourceError> {
+        let mut last = None;
+        for _ in 0..SOURCE_ATTEMPTS {
+            match self.source.fill(source_offset, dst) {
+                Ok(f) => {
+                    if f == Fill::Data {
+                        let read = (self.source.data_end().saturating_sub(source_offset))
+                            .min(dst.len() as u64);
+                        VmMetrics::add(&self.metrics.source_bytes_read, read);
+                    }
+                    return Ok(f);
+                }
+                Err(e) if e.is_retryable() => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| SourceError::Unusable("no attempt made".into())))
+    }
+
+    /// Writes pages `pages` (of the region's page size) of owned region `ri` straight into
+    /// its memfd from the source (zeros where the source has none, so every page ends up in
+    /// the page cache). The caller has checked that none of them is there already.
+    pub fn fill_owned(&self, ri: usize, pages: Range<usize>) -> Result<Fill, SourceError> {
+        let region = self
+            .memory
+            .regions()
+            .get(ri)
+            .ok_or_else(|| SourceError::Unusable("no such region".into()))?;
+        let ps = region.page_size();
+        let off = pages.start as u64 * ps;
+        let len = (pages.len() as u64 * ps) as usize;
+        let mut dst = region
+            .page_dst(off, len)
+            .ok_or_else(|| SourceError::Unusable("pages outside the daemon's memory".into()))?;
+        let fill = self.fill(region.spec.source_offset() + off, &mut dst)?;
+        if fill == Fill::Zero {
+            dst.fill_zero(0);
+        }
+        Ok(fill)
+    }
 }
 
 impl std::fmt::Debug for Vm {

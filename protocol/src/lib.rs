@@ -18,17 +18,18 @@ pub mod socket;
 
 pub use header::{Header, HEADER_LEN, MAGIC};
 pub use message::{
-    AttachUffd, ConversionEvent, CreateVm, DecodeError, ErrorCode, ErrorReply, Hello, Message,
-    PageSourceKind, PopulateMethod, Stats, VmCreated, VmType, Welcome,
-    VMCREATED_VMM_SETS_ATTRIBUTES,
+    AttachChannel, AttachUffd, ChannelProtocol, ConversionEvent, CreateVm, DecodeError, ErrorCode,
+    ErrorReply, Hello, Message, PageSourceKind, PopulateMethod, ReplayWorkingSet, Stats, VmCreated,
+    VmType, Welcome, WorkingSet, WorkingSetEntry, VMCREATED_VMM_SETS_ATTRIBUTES, VM_MEMORY_IN_VMM,
+    VM_RECORD_WORKING_SET,
 };
-pub use region::{RegionError, RegionSpec, REGION_PRIVATE};
+pub use region::{RegionError, RegionSpec, HUGE_PAGE_SIZE, REGION_HUGE_2M, REGION_PRIVATE};
 pub use socket::{Connection, SocketError};
 
 /// The protocol version this crate speaks and puts in every header. A record whose header
 /// carries another version is malformed; `Hello.version` is the highest version the client
 /// speaks, and the daemon answers with the version it will use (at most its own).
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Largest payload a peer may send (bytes after the header). Bigger messages are refused.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
@@ -59,9 +60,25 @@ pub mod features {
     pub const MAILBOX: u64 = 1 << 4;
     /// `Subscribe` and `ConversionEvent`.
     pub const CONVERSION_EVENTS: u64 = 1 << 5;
+    /// `CreateVm.flags` `VM_MEMORY_IN_VMM`: serve the VMM's own private memory.
+    pub const VMM_MEMORY: u64 = 1 << 6;
+    /// `AttachChannel`: serve a VMM's page requests on a socket (cloud-hypervisor).
+    pub const FAULT_CHANNEL: u64 = 1 << 7;
+    /// `VM_RECORD_WORKING_SET`, `GetWorkingSet`/`WorkingSet`, `ReplayWorkingSet`.
+    pub const WORKING_SET: u64 = 1 << 8;
+    /// Regions flagged `REGION_HUGE_2M`.
+    pub const HUGE_PAGES: u64 = 1 << 9;
     /// Every feature this version of the crate knows.
-    pub const ALL: u64 =
-        FILE_SOURCE | STATS | POPULATE_CONTINUE | PRIVATE_MEMORY | MAILBOX | CONVERSION_EVENTS;
+    pub const ALL: u64 = FILE_SOURCE
+        | STATS
+        | POPULATE_CONTINUE
+        | PRIVATE_MEMORY
+        | MAILBOX
+        | CONVERSION_EVENTS
+        | VMM_MEMORY
+        | FAULT_CHANNEL
+        | WORKING_SET
+        | HUGE_PAGES;
 }
 
 /// Registration modes the daemon asks the VMM to use on its uffd (`VmCreated.uffd_modes`); the

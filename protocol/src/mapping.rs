@@ -9,7 +9,7 @@ use std::io;
 use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
 
-/// A shared mapping of `len` bytes of an fd, from offset 0.
+/// A shared mapping of `len` bytes of an fd.
 #[derive(Debug)]
 pub struct SharedMapping {
     ptr: NonNull<u8>,
@@ -26,6 +26,12 @@ unsafe impl Sync for SharedMapping {}
 impl SharedMapping {
     /// Maps `len` bytes of `fd` read/write and shared, at an address the kernel chooses.
     pub fn new(fd: BorrowedFd<'_>, len: usize) -> io::Result<SharedMapping> {
+        Self::new_at(fd, 0, len)
+    }
+
+    /// Maps `len` bytes of `fd` from `offset` (a multiple of the file's page size) read/write
+    /// and shared, at an address the kernel chooses.
+    pub fn new_at(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<SharedMapping> {
         // SAFETY: a new mapping at a kernel-chosen address aliases no Rust object; it is
         // unmapped exactly once, by `Drop`.
         let ptr = unsafe {
@@ -35,7 +41,7 @@ impl SharedMapping {
                 rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
                 rustix::mm::MapFlags::SHARED,
                 fd,
-                0,
+                offset,
             )
         }?;
         let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("null mapping"))?;

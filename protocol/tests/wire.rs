@@ -2,16 +2,32 @@
 
 use proptest::prelude::*;
 use std::os::fd::AsFd;
-use vmpager_protocol::message::{Kind, Stats};
+use vmpager_protocol::message::{Kind, Stats, MAX_REPLAY_PAGES, MAX_WORKING_SET_ENTRIES};
 use vmpager_protocol::*;
 
+const VM_FLAGS_ALL: u32 = vmpager_protocol::message::VM_FLAGS;
+
 fn region_strategy() -> impl Strategy<Value = Vec<RegionSpec>> {
-    // Disjoint regions: consecutive slots of at most 1 GiB pages each.
-    prop::collection::vec((1u64..1024, 0u64..1024, 0u64..1 << 20), 1..MAX_REGIONS).prop_map(|v| {
+    // Disjoint regions: consecutive 4 GiB slots; some of 2 MiB pages, some in memfd groups
+    // (each region in a group of its own index, so no two overlap in a file).
+    prop::collection::vec(
+        (
+            1u64..1024,
+            0u64..1024,
+            0u64..1 << 20,
+            any::<bool>(),
+            0u32..3,
+        ),
+        1..MAX_REGIONS,
+    )
+    .prop_map(|v| {
         v.iter()
             .enumerate()
-            .map(|(i, &(pages, gap, off))| {
-                RegionSpec::new((i as u64) << 32 | gap << 12, pages << 12, off << 12)
+            .map(|(i, &(pages, gap, off, huge, group))| {
+                let r = RegionSpec::new((i as u64) << 32 | gap << 21, pages << 21, off << 21);
+                let r = if huge { r.huge_2m() } else { r };
+                let group = if group == 0 { 0 } else { i as u32 + 1 };
+                r.in_memfd(group, off << 21)
             })
             .collect()
     })
@@ -37,12 +53,14 @@ fn message_strategy() -> impl Strategy<Value = Message> {
             any::<bool>(),
             0u32..3,
             0u32..6,
-            prop::option::of("[a-z =\"\n]{1,200}")
+            prop::option::of("[a-z =\"\n]{1,200}"),
+            0u32..=VM_FLAGS_ALL,
         )
-            .prop_map(|(regions, file, p, t, policy)| {
+            .prop_map(|(regions, file, p, t, policy, flags)| {
                 Message::CreateVm(CreateVm {
                     vm_type: VmType::from_wire(t).unwrap(),
                     policy,
+                    flags,
                     source: if file {
                         PageSourceKind::File
                     } else {
@@ -60,7 +78,7 @@ fn message_strategy() -> impl Strategy<Value = Message> {
             id.clone(),
             any::<u64>(),
             any::<u64>(),
-            1u32..=MAX_REGIONS as u32,
+            0u32..=MAX_REGIONS as u32,
             any::<u64>(),
         )
             .prop_map(|(vm_id, uffd_modes, uffd_features, region_count, token)| {
@@ -106,6 +124,40 @@ fn message_strategy() -> impl Strategy<Value = Message> {
             latency_max_ns: c,
             ..Stats::default()
         })),
+        (id.clone(), any::<bool>()).prop_map(|(vm_id, _)| {
+            Message::AttachChannel(AttachChannel {
+                vm_id,
+                protocol: ChannelProtocol::CloudHypervisor,
+            })
+        }),
+        (
+            id.clone(),
+            prop::collection::vec(any::<u64>(), 0..=MAX_REPLAY_PAGES)
+        )
+            .prop_map(|(vm_id, pages)| {
+                Message::ReplayWorkingSet(ReplayWorkingSet { vm_id, pages })
+            }),
+        (id.clone(), any::<u64>())
+            .prop_map(|(vm_id, queued)| Message::ReplayQueued { vm_id, queued }),
+        (id.clone(), any::<u64>()).prop_map(|(vm_id, from)| Message::GetWorkingSet { vm_id, from }),
+        (
+            id.clone(),
+            0u64..1 << 40,
+            prop::collection::vec((any::<u64>(), any::<u64>()), 0..=MAX_WORKING_SET_ENTRIES),
+            0u64..100
+        )
+            .prop_map(|(vm_id, from, e, more)| {
+                let entries: Vec<_> = e
+                    .into_iter()
+                    .map(|(p, t)| WorkingSetEntry::new(p, t))
+                    .collect();
+                Message::WorkingSet(WorkingSet {
+                    vm_id,
+                    total: from + entries.len() as u64 + more,
+                    from,
+                    entries,
+                })
+            }),
         ("[a-zA-Z0-9 é]{0,300}", 0usize..9).prop_map(|(text, c)| {
             let code = [
                 ErrorCode::BadMessage,
@@ -226,6 +278,7 @@ fn refuses_bad_create_vm() {
             policy: None,
             source: PageSourceKind::Zero,
             populate: PopulateMethod::Default,
+            flags: 0,
             regions,
         })
         .encode(1)
@@ -284,12 +337,20 @@ fn refuses_bad_create_vm() {
             ..
         })
     ));
+    // Unknown CreateVm flags.
+    let mut bytes = create(vec![RegionSpec::new(0, 4096, 0)]);
+    bytes[HEADER_LEN + 20] = 0x80;
+    assert!(matches!(
+        Message::decode(&bytes, 0),
+        Err(DecodeError::Reserved(Kind::CreateVm))
+    ));
     // A file source must come with its fd.
     let file = Message::CreateVm(CreateVm {
         vm_type: VmType::Default,
         policy: None,
         source: PageSourceKind::File,
         populate: PopulateMethod::Copy,
+        flags: 0,
         regions: vec![RegionSpec::new(0, 4096, 0)],
     });
     let mut bytes = file.encode(1);

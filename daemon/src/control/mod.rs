@@ -4,14 +4,22 @@
 //! One thread, one mio poller. A connection owns its VMs: when it closes (or its process dies)
 //! every VM it created is stopped and freed, and no other connection can name them.
 
+mod attach;
+mod create;
+mod working_set;
+
 use crate::exits::ExitServer;
 use crate::fault::FaultServer;
 use crate::memory::GuestMemory;
 use crate::metrics::VmMetrics;
 use crate::policy::RateLimit;
+use crate::readahead::Readahead;
 use crate::session::{AttributeKeeper, Populate, PrivateMemory, Vm};
+use crate::working_set::{Recorder, ReplayQueue};
 use vmpager_protocol::mailbox::Mailbox;
-use vmpager_protocol::{ConversionEvent, VmType, VMCREATED_VMM_SETS_ATTRIBUTES};
+use vmpager_protocol::{
+    ConversionEvent, VmType, VMCREATED_VMM_SETS_ATTRIBUTES, VM_RECORD_WORKING_SET,
+};
 
 use crate::source::{FileSource, PageSource, ZeroSource};
 use crate::uffd::Uffd;
@@ -30,7 +38,7 @@ use vmpager_protocol::socket::Received;
 use vmpager_protocol::{
     features, AttachUffd, Connection, CreateVm, DecodeError, ErrorCode, ErrorReply, Message,
     PageSourceKind, PopulateMethod, SocketError, VmCreated, Welcome, MAX_PAYLOAD, MAX_REGIONS,
-    PAGE_SIZE, PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 
 const LISTENER: Token = Token(0);
@@ -53,32 +61,6 @@ impl EventQueue {
     }
 }
 
-/// Checks that `fd` is a guest_memfd of at least `size` bytes.
-fn check_guest_memfd(fd: OwnedFd, size: u64) -> Result<File, String> {
-    let link = rustix::fs::readlinkat(
-        rustix::fs::CWD,
-        format!("/proc/self/fd/{}", fd.as_raw_fd()),
-        Vec::new(),
-    )
-    .map_err(|e| e.to_string())?;
-    if !link.to_string_lossy().starts_with("anon_inode:[kvm-gmem]") {
-        return Err("the fd is not a guest_memfd".into());
-    }
-    let len = rustix::fs::fstat(&fd).map_err(|e| e.to_string())?.st_size as u64;
-    if len < size {
-        return Err(format!(
-            "the guest_memfd has {len} bytes, the region {size}"
-        ));
-    }
-    Ok(File::from(fd))
-}
-
-/// A random 64-bit secret (0 never).
-fn random_token() -> u64 {
-    let mut b = [0u8; 8];
-    let _ = rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty());
-    u64::from_ne_bytes(b).max(1)
-}
 /// Malformed messages in a row after which a connection is dropped.
 const MAX_BAD_IN_A_ROW: u32 = 32;
 
@@ -492,6 +474,30 @@ impl Reactor {
                 self.create_vm(token, features, create, fds)
             }
             (State::Ready { .. }, Message::AttachUffd(attach)) => self.attach(token, attach, fds),
+            (State::Ready { features }, Message::AttachChannel(_))
+                if features & features::FAULT_CHANNEL == 0 =>
+            {
+                Err(refuse(
+                    ErrorCode::Unsupported,
+                    "fault channels were not negotiated",
+                ))
+            }
+            (State::Ready { .. }, Message::AttachChannel(attach)) => {
+                self.attach_channel(token, attach, fds)
+            }
+            (
+                State::Ready { features },
+                Message::ReplayWorkingSet(_) | Message::GetWorkingSet { .. },
+            ) if features & features::WORKING_SET == 0 => Err(refuse(
+                ErrorCode::Unsupported,
+                "working sets were not negotiated",
+            )),
+            (State::Ready { .. }, Message::ReplayWorkingSet(replay)) => {
+                self.replay_working_set(token, replay)
+            }
+            (State::Ready { .. }, Message::GetWorkingSet { vm_id, from }) => {
+                self.get_working_set(token, vm_id, from)
+            }
             (State::Ready { features }, Message::OpenMailbox { .. })
                 if features & features::MAILBOX == 0 =>
             {
@@ -572,330 +578,17 @@ impl Reactor {
             | features::STATS
             | features::PRIVATE_MEMORY
             | features::MAILBOX
-            | features::CONVERSION_EVENTS;
+            | features::CONVERSION_EVENTS
+            | features::VMM_MEMORY
+            | features::FAULT_CHANNEL
+            | features::WORKING_SET;
         if self.host.has(k::UFFD_FEATURE_MINOR_SHMEM) {
             f |= features::POPULATE_CONTINUE;
         }
+        if self.host.has(k::UFFD_FEATURE_MISSING_HUGETLBFS) {
+            f |= features::HUGE_PAGES;
+        }
         f
-    }
-
-    fn create_vm(
-        &mut self,
-        token: usize,
-        features: u64,
-        create: CreateVm,
-        fds: Vec<OwnedFd>,
-    ) -> Result<(Message, Vec<OwnedFd>), Refusal> {
-        let conn_vms = self.conns.get(&token).map_or(0, |c| c.vms.len());
-        if conn_vms >= self.config.max_vms_per_connection {
-            return Err(refuse(
-                ErrorCode::LimitExceeded,
-                "too many VMs on this connection",
-            ));
-        }
-        let total: u64 = create.regions.iter().map(|r| r.size()).sum();
-        if total > self.config.max_vm_memory {
-            return Err(refuse(
-                ErrorCode::LimitExceeded,
-                format!(
-                    "{total} bytes of guest memory exceed the limit of {}",
-                    self.config.max_vm_memory
-                ),
-            ));
-        }
-        let populate = match create.populate {
-            PopulateMethod::Copy => Populate::Copy,
-            PopulateMethod::Continue if features & features::POPULATE_CONTINUE == 0 => {
-                return Err(refuse(
-                    ErrorCode::Unsupported,
-                    "populate method continue was not negotiated",
-                ));
-            }
-            PopulateMethod::Continue => Populate::Continue,
-            PopulateMethod::Default
-                if self.config.populate == Populate::Continue
-                    && features & features::POPULATE_CONTINUE != 0 =>
-            {
-                Populate::Continue
-            }
-            PopulateMethod::Default => Populate::Copy,
-        };
-        if create.vm_type != VmType::Default && features & features::PRIVATE_MEMORY == 0 {
-            return Err(refuse(
-                ErrorCode::Unsupported,
-                "VM types were not negotiated",
-            ));
-        }
-        if !create.vm_type.has_private_memory() && create.regions.iter().any(|r| r.is_private()) {
-            return Err(refuse(
-                ErrorCode::InvalidRegions,
-                format!(
-                    "VM type {} has no private memory: no region may be private",
-                    create.vm_type.name()
-                ),
-            ));
-        }
-        let policy = match &create.policy {
-            Some(text) => self
-                .config
-                .policy
-                .overridden_by(text)
-                .map_err(|e| refuse(ErrorCode::BadMessage, error_chain(&e)))?,
-            None => self.config.policy.clone(),
-        };
-        // The decoder checked the fd count: [snapshot if file source][one guest_memfd per private region].
-        let mut fds = fds.into_iter();
-        let source: Box<dyn PageSource> = match create.source {
-            PageSourceKind::Zero => Box::new(ZeroSource),
-            PageSourceKind::File => {
-                if features & features::FILE_SOURCE == 0 {
-                    return Err(refuse(
-                        ErrorCode::Unsupported,
-                        "file source was not negotiated",
-                    ));
-                }
-                let fd = fds
-                    .next()
-                    .ok_or_else(|| refuse(ErrorCode::BadMessage, "file source without its fd"))?;
-                Box::new(
-                    FileSource::new(File::from(fd))
-                        .map_err(|e| refuse(ErrorCode::BadSource, error_chain(&e)))?,
-                )
-            }
-        };
-        // One guest_memfd per private region, created by the VMM (only the process that
-        // created a KVM VM may issue its ioctls) and checked here.
-        let mut gmems = Vec::with_capacity(create.regions.len());
-        for (i, r) in create.regions.iter().enumerate() {
-            gmems.push(match r.is_private() {
-                false => None,
-                true => {
-                    let fd = fds.next().ok_or_else(|| {
-                        refuse(
-                            ErrorCode::BadMessage,
-                            "private region without its guest_memfd",
-                        )
-                    })?;
-                    Some(check_guest_memfd(fd, r.size()).map_err(|why| {
-                        refuse(ErrorCode::BadMessage, format!("region {i}: {why}"))
-                    })?)
-                }
-            });
-        }
-        let private = match create.vm_type.has_private_memory() {
-            false => None,
-            true => Some(self.private_memory(create.vm_type)?),
-        };
-        let id = self.next_vm.fetch_add(1, Ordering::Relaxed);
-        let memory = GuestMemory::new(id, &create.regions, gmems)
-            .map_err(|e| refuse(ErrorCode::Internal, error_chain(&e)))?;
-        let out_fds = memory
-            .regions()
-            .iter()
-            .map(|r| r.memfd().try_clone_to_owned())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| {
-                refuse(
-                    ErrorCode::Internal,
-                    format!("cannot duplicate a memfd: {e}"),
-                )
-            })?;
-        let flags = match &private {
-            Some(p) if p.attributes == AttributeKeeper::Kvm => VMCREATED_VMM_SETS_ATTRIBUTES,
-            _ => 0,
-        };
-        let mut uffd_features = u64::from(
-            k::UFFD_FEATURE_MISSING_SHMEM
-                | k::UFFD_FEATURE_EVENT_REMOVE
-                | k::UFFD_FEATURE_EVENT_UNMAP
-                | k::UFFD_FEATURE_EVENT_REMAP,
-        );
-        // `serve` refused to start without POISON.
-        uffd_features |= u64::from(k::UFFD_FEATURE_POISON);
-        if populate == Populate::Continue {
-            uffd_features |= u64::from(k::UFFD_FEATURE_MINOR_SHMEM);
-        }
-        let metrics = VmMetrics::new();
-        if private
-            .as_ref()
-            .is_some_and(|p| p.attributes == AttributeKeeper::Emulated)
-        {
-            metrics.attributes_emulated.store(1, Ordering::Relaxed);
-        }
-        let secret = random_token();
-        let events = self.events.clone();
-        let vm = Arc::new(Vm {
-            id,
-            memory,
-            source,
-            populate,
-            metrics,
-            vm_type: create.vm_type,
-            private,
-            rate: std::sync::Mutex::new(RateLimit::new(policy.max_conversions_per_sec)),
-            policy,
-            listener: Box::new(move |e| events.send(e)),
-            token: secret,
-        });
-        let reply = VmCreated {
-            vm_id: id,
-            uffd_modes: populate.register_modes(),
-            uffd_features,
-            region_count: create.regions.len() as u32,
-            flags,
-            token: secret,
-        };
-        tracing::debug!(
-            vm = id,
-            bytes = total,
-            ?populate,
-            source = vm.source.name(),
-            vm_type = vm.vm_type.name(),
-            "VM created"
-        );
-        if let Some(conn) = self.conns.get_mut(&token) {
-            conn.vms.insert(
-                id,
-                VmEntry {
-                    vm,
-                    worker: None,
-                    attached: false,
-                    exits: false,
-                },
-            );
-            self.live.add(1);
-        }
-        Ok((Message::VmCreated(reply), out_fds))
-    }
-
-    /// Private memory of a new VM: who keeps the attributes.
-    fn private_memory(&self, vm_type: VmType) -> Result<PrivateMemory, Refusal> {
-        let attributes = if self.host.memory_attributes
-            & u64::from(kvm_bindings::KVM_MEMORY_ATTRIBUTE_PRIVATE)
-            != 0
-        {
-            AttributeKeeper::Kvm
-        } else if self.config.emulate_attributes {
-            AttributeKeeper::Emulated
-        } else {
-            return Err(refuse(
-                ErrorCode::Unsupported,
-                format!(
-                    "this host has no KVM memory attributes (KVM_CAP_MEMORY_ATTRIBUTES), so VM type {} cannot have private memory; run vmpagerd --emulate-attributes to keep them in the daemon (for testing)",
-                    vm_type.name()
-                ),
-            ));
-        };
-        Ok(PrivateMemory { attributes })
-    }
-
-    fn open_mailbox(
-        &mut self,
-        token: usize,
-        vm_id: u64,
-        vcpus: u32,
-    ) -> Result<(Message, Vec<OwnedFd>), Refusal> {
-        let workers = self.workers.len();
-        let Some(conn) = self.conns.get_mut(&token) else {
-            return Err(refuse(ErrorCode::Internal, "connection vanished"));
-        };
-        let entry = conn.vms.get_mut(&vm_id).ok_or_else(|| unknown_vm(vm_id))?;
-        if entry.exits {
-            return Err(refuse(
-                ErrorCode::BadState,
-                format!("VM {vm_id} already has a mailbox"),
-            ));
-        }
-        let internal = |e: &dyn std::error::Error| refuse(ErrorCode::Internal, error_chain(e));
-        let (mailbox, mailbox_fd) = Mailbox::create(vcpus).map_err(|e| internal(&e))?;
-        let doorbell = rustix::event::eventfd(
-            0,
-            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
-        )
-        .map_err(|e| internal(&std::io::Error::from(e)))?;
-        let doorbell_copy = doorbell.try_clone().map_err(|e| internal(&e))?;
-        let server = ExitServer::new(entry.vm.clone(), Arc::new(mailbox), doorbell);
-        // The same worker as the VM's uffd: one VM's work stays on one thread.
-        let w = (vm_id as usize) % workers;
-        self.workers[w]
-            .serve_exits(server)
-            .map_err(|e| internal(&e))?;
-        entry.exits = true;
-        entry.worker = Some(w);
-        Ok((
-            Message::MailboxOpened { vm_id, vcpus },
-            vec![mailbox_fd, doorbell_copy],
-        ))
-    }
-
-    fn attach(
-        &mut self,
-        token: usize,
-        attach: AttachUffd,
-        mut fds: Vec<OwnedFd>,
-    ) -> Result<(Message, Vec<OwnedFd>), Refusal> {
-        let workers = self.workers.len();
-        let Some(conn) = self.conns.get_mut(&token) else {
-            return Err(refuse(ErrorCode::Internal, "connection vanished"));
-        };
-        let vm_id = attach.vm_id;
-        let entry = conn.vms.get_mut(&vm_id).ok_or_else(|| unknown_vm(vm_id))?;
-        if entry.attached {
-            return Err(refuse(
-                ErrorCode::BadState,
-                format!("VM {vm_id} already has a uffd"),
-            ));
-        }
-        let regions = entry.vm.memory.regions();
-        if attach.host_addrs.len() != regions.len() {
-            return Err(refuse(
-                ErrorCode::BadMessage,
-                format!(
-                    "{} host addresses for {} regions",
-                    attach.host_addrs.len(),
-                    regions.len()
-                ),
-            ));
-        }
-        let mut spans: Vec<(u64, u64)> = Vec::with_capacity(regions.len());
-        for (r, &addr) in regions.iter().zip(&attach.host_addrs) {
-            let end = addr
-                .checked_add(r.size())
-                .filter(|_| addr % PAGE_SIZE == 0 && addr != 0);
-            let Some(end) = end else {
-                return Err(refuse(
-                    ErrorCode::BadMessage,
-                    format!("bad host address {addr:#x}"),
-                ));
-            };
-            spans.push((addr, end));
-        }
-        spans.sort_unstable();
-        if spans.windows(2).any(|w| w[0].1 > w[1].0) {
-            return Err(refuse(ErrorCode::BadMessage, "host mappings overlap"));
-        }
-        let fd = fds
-            .pop()
-            .ok_or_else(|| refuse(ErrorCode::BadMessage, "AttachUffd without a uffd"))?;
-        let uffd = Uffd::from_received(fd).map_err(|e| {
-            refuse(
-                ErrorCode::BadMessage,
-                format!("the fd is not a usable userfaultfd: {e}"),
-            )
-        })?;
-        let server = FaultServer::new(
-            entry.vm.clone(),
-            uffd,
-            &attach.host_addrs,
-            self.config.readahead,
-        );
-        let w = (vm_id as usize) % workers;
-        self.workers[w]
-            .serve(server)
-            .map_err(|e| refuse(ErrorCode::Internal, error_chain(&e)))?;
-        entry.worker = Some(w);
-        entry.attached = true;
-        Ok((Message::Attached { vm_id }, vec![]))
     }
 }
 

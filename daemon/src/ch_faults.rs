@@ -1,0 +1,415 @@
+//! Serving cloud-hypervisor's postcopy fault connection (`AttachChannel` with
+//! `ChannelProtocol::CloudHypervisor`): cloud-hypervisor owns the uffd of its mapping of the
+//! daemon's memfds and asks for each page it needs — demand faults, and its own background pull
+//! of every page — with a `PageFault` request (a GPA and the page size of its memory zone). The
+//! daemon writes the page into the memfd and answers `Ok` with length 0; cloud-hypervisor then
+//! maps it with `UFFDIO_CONTINUE`. EOF on the connection is cloud-hypervisor's "every page is
+//! in" (docs/cloud-hypervisor.md).
+//!
+//! Requests come one at a time (cloud-hypervisor waits for each answer), so the socket's send
+//! buffer never fills; a peer that pipelines without reading its answers is dropped.
+
+use crate::ahead::{without_resident, Planner, AHEAD_CHUNK};
+use crate::fault::Drained;
+use crate::metrics::VmMetrics;
+use crate::session::Vm;
+use crate::source::Fill;
+use crate::working_set::locate_source_page;
+use rustix::io::Errno;
+use std::ops::Range;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vmpager_compat::cloud_hypervisor::wire::{
+    Command, MemoryRange, Request, Response, MEMORY_RANGE_LEN, REQUEST_LEN,
+};
+
+/// Errors setting up a channel.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// The fd is not a connected stream socket.
+    #[error("the fault channel must be a connected stream socket")]
+    NotAStream(#[source] std::io::Error),
+}
+
+impl ChannelError {
+    /// The client sent something unusable.
+    pub fn is_bad_input(&self) -> bool {
+        true
+    }
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy)]
+enum Refused {
+    /// No region holds the GPA.
+    Outside,
+    /// The length is not the page size of the region, or the GPA not aligned to it.
+    BadPage,
+    /// The page source failed.
+    Source,
+}
+
+/// Pages cloud-hypervisor has asked for, and where its background pull will ask next (to tell
+/// its demand faults from its background pulls when recording a working set).
+#[derive(Debug)]
+struct Requested {
+    /// One bit per page of each region.
+    bits: Vec<Vec<u64>>,
+    /// Region indices in GPA order (the order of cloud-hypervisor's walk).
+    order: Vec<usize>,
+    /// The first page not asked for at or after the background pull's position: (position
+    /// in `order`, page).
+    cursor: (usize, usize),
+}
+
+impl Requested {
+    fn new(vm: &Vm) -> Requested {
+        let regions = vm.memory.regions();
+        let mut order: Vec<usize> = (0..regions.len()).collect();
+        order.sort_by_key(|&i| regions[i].spec.gpa());
+        Requested {
+            bits: regions
+                .iter()
+                .map(|r| vec![0; r.pages().div_ceil(64)])
+                .collect(),
+            order,
+            cursor: (0, 0),
+        }
+    }
+
+    fn test_and_set(&mut self, ri: usize, page: usize) -> bool {
+        let Some(w) = self.bits.get_mut(ri).and_then(|b| b.get_mut(page / 64)) else {
+            return true;
+        };
+        let bit = 1u64 << (page % 64);
+        let was = *w & bit != 0;
+        *w |= bit;
+        was
+    }
+
+    /// Notes a request; true if it is the page the background pull asks for next.
+    fn note(&mut self, vm: &Vm, ri: usize, page: usize) -> bool {
+        let background = self.order.get(self.cursor.0) == Some(&ri) && self.cursor.1 == page;
+        self.test_and_set(ri, page);
+        // Move the cursor past every page already asked for.
+        let regions = vm.memory.regions();
+        while let Some(&r) = self.order.get(self.cursor.0) {
+            let pages = regions[r].pages();
+            while self.cursor.1 < pages
+                && self.bits[r][self.cursor.1 / 64] & (1 << (self.cursor.1 % 64)) != 0
+            {
+                self.cursor.1 += 1;
+            }
+            if self.cursor.1 < pages {
+                break;
+            }
+            self.cursor = (self.cursor.0 + 1, 0);
+        }
+        background
+    }
+}
+
+/// Serves one VM's cloud-hypervisor fault connection.
+#[derive(Debug)]
+pub struct ChFaultServer {
+    vm: Arc<Vm>,
+    socket: OwnedFd,
+    /// A request header and its range, as far as received.
+    buf: [u8; REQUEST_LEN + MEMORY_RANGE_LEN],
+    have: usize,
+    plan: Planner,
+    residency: Vec<u8>,
+    latencies: Vec<Duration>,
+    requested: Option<Requested>,
+    replay: Vec<u64>,
+    refused: Option<Instant>,
+}
+
+impl ChFaultServer {
+    /// A server of `vm`'s channel on `socket`, made non-blocking.
+    pub fn new(vm: Arc<Vm>, socket: OwnedFd) -> Result<ChFaultServer, ChannelError> {
+        let kind = rustix::net::sockopt::socket_type(&socket)
+            .map_err(|e| ChannelError::NotAStream(e.into()))?;
+        if kind != rustix::net::SocketType::STREAM {
+            return Err(ChannelError::NotAStream(std::io::Error::other(
+                "not SOCK_STREAM",
+            )));
+        }
+        let flags =
+            rustix::fs::fcntl_getfl(&socket).map_err(|e| ChannelError::NotAStream(e.into()))?;
+        rustix::fs::fcntl_setfl(&socket, flags | rustix::fs::OFlags::NONBLOCK)
+            .map_err(|e| ChannelError::NotAStream(e.into()))?;
+        Ok(ChFaultServer {
+            requested: vm.recorder.is_some().then(|| Requested::new(&vm)),
+            plan: Planner::new(&vm),
+            vm,
+            socket,
+            buf: [0; REQUEST_LEN + MEMORY_RANGE_LEN],
+            have: 0,
+            residency: Vec::new(),
+            latencies: Vec::new(),
+            replay: Vec::new(),
+            refused: None,
+        })
+    }
+
+    /// The VM served.
+    pub fn vm(&self) -> &Arc<Vm> {
+        &self.vm
+    }
+
+    /// The socket (for registration with a poller).
+    pub fn socket(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+
+    /// Answers every complete request received, then installs a chunk ahead (of a stream, or
+    /// from the replay queue) if no request is waiting. `Closed` at EOF (cloud-hypervisor has
+    /// every page), on `Abandon`, and on a protocol violation.
+    pub fn drain(&mut self) -> Drained {
+        loop {
+            let need = match self.have {
+                n if n < REQUEST_LEN => REQUEST_LEN,
+                _ => REQUEST_LEN + MEMORY_RANGE_LEN,
+            };
+            match rustix::io::read(&self.socket, &mut self.buf[self.have..need]) {
+                Ok(0) => {
+                    self.flush_latencies();
+                    tracing::debug!(
+                        vm = self.vm.id,
+                        "cloud-hypervisor closed its fault connection"
+                    );
+                    return Drained::Closed;
+                }
+                Ok(n) => {
+                    self.have += n;
+                    if self.have == REQUEST_LEN && !self.header_wants_range() {
+                        let d = self.end_of_session();
+                        return self.finish(d);
+                    }
+                    if self.have == REQUEST_LEN + MEMORY_RANGE_LEN {
+                        self.have = 0;
+                        if !self.serve() {
+                            return self.finish(Drained::Closed);
+                        }
+                    }
+                }
+                Err(Errno::INTR) => {}
+                Err(Errno::AGAIN) => break,
+                Err(_) => return self.finish(Drained::Closed),
+            }
+        }
+        self.flush_latencies();
+        if self.have != 0 {
+            // Half a request: the rest comes with the next readiness.
+            return Drained::Idle;
+        }
+        if self.plan.has_ahead() {
+            if let Some((ri, chunk)) = self.plan.next_ahead(&self.vm) {
+                let start = chunk.start;
+                let run = without_resident(&self.vm, ri, chunk, start, &mut self.residency);
+                if let Some(done) = self.fill(ri, run) {
+                    VmMetrics::add(&self.vm.metrics.pages_prefetched, done.len() as u64);
+                }
+            }
+            return Drained::More;
+        }
+        if !self.vm.replay.is_empty() {
+            self.replay_chunk();
+            return Drained::More;
+        }
+        Drained::Idle
+    }
+
+    fn finish(&mut self, d: Drained) -> Drained {
+        self.flush_latencies();
+        d
+    }
+
+    fn flush_latencies(&mut self) {
+        if !self.latencies.is_empty() {
+            self.vm.metrics.record_latencies(&self.latencies);
+            self.latencies.clear();
+        }
+    }
+
+    fn header(&self) -> Option<Request> {
+        let mut h = [0u8; REQUEST_LEN];
+        h.copy_from_slice(&self.buf[..REQUEST_LEN]);
+        Request::decode(&h).ok()
+    }
+
+    /// Whether the received header is a `PageFault` with its 16-byte range.
+    fn header_wants_range(&self) -> bool {
+        self.header().is_some_and(|r| {
+            r.command() == Command::PageFault && r.length() == MEMORY_RANGE_LEN as u64
+        })
+    }
+
+    /// Any other request ends the session: `Abandon` is answered `Ok` (as cloud-hypervisor's
+    /// own sender does), anything else `Error`.
+    fn end_of_session(&mut self) -> Drained {
+        let response = match self.header().map(|r| r.command()) {
+            Some(Command::Abandon) => Response::ok(),
+            other => {
+                VmMetrics::bump(&self.vm.metrics.channel_errors);
+                tracing::warn!(
+                    vm = self.vm.id,
+                    request = ?other,
+                    "cloud-hypervisor fault connection: not a PageFault request, closing"
+                );
+                Response::error()
+            }
+        };
+        let _ = self.respond(response);
+        Drained::Closed
+    }
+
+    /// Answers the request in `buf`. False if the connection must close.
+    fn serve(&mut self) -> bool {
+        let start = Instant::now();
+        VmMetrics::bump(&self.vm.metrics.channel_requests);
+        let mut r = [0u8; MEMORY_RANGE_LEN];
+        r.copy_from_slice(&self.buf[REQUEST_LEN..]);
+        let range = MemoryRange::decode(&r);
+        let response = match self.page(range) {
+            Ok(()) => Response::ok(),
+            Err(why) => {
+                self.note_refusal(range, why);
+                Response::error()
+            }
+        };
+        let sent = self.respond(response);
+        self.latencies.push(start.elapsed());
+        sent
+    }
+
+    fn respond(&self, response: Response) -> bool {
+        // One 16-byte answer per request: it always fits an empty send buffer.
+        matches!(rustix::io::write(&self.socket, &response.encode()), Ok(16))
+    }
+
+    fn note_refusal(&mut self, range: MemoryRange, why: Refused) {
+        VmMetrics::bump(&self.vm.metrics.channel_errors);
+        let now = Instant::now();
+        if self
+            .refused
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.refused = Some(now);
+        let why = match why {
+            Refused::Outside => "its GPA lies outside every memory slot",
+            Refused::BadPage => {
+                "its length is not the page size of its slot (or the GPA is not aligned to it)"
+            }
+            Refused::Source => "the page source could not deliver it",
+        };
+        tracing::warn!(
+            vm = self.vm.id,
+            gpa = format_args!("{:#x}", range.gpa),
+            len = range.length,
+            "cloud-hypervisor PageFault refused: {why}"
+        );
+    }
+
+    /// Puts the page of `range` into the memfd (with its readahead run), unless it is there.
+    fn page(&mut self, range: MemoryRange) -> Result<(), Refused> {
+        let regions = self.vm.memory.regions();
+        let (ri, region) = regions
+            .iter()
+            .enumerate()
+            .find(|(_, r)| range.gpa >= r.spec.gpa() && range.gpa - r.spec.gpa() < r.size())
+            .ok_or(Refused::Outside)?;
+        let ps = region.page_size();
+        let off = range.gpa - region.spec.gpa();
+        if range.length != ps || !off.is_multiple_of(ps) {
+            return Err(Refused::BadPage);
+        }
+        let page = (off / ps) as usize;
+        let vm = self.vm.clone();
+        if let Some(req) = &mut self.requested {
+            if !req.note(&vm, ri, page) {
+                if let Some(rec) = &vm.recorder {
+                    rec.note(ri, page, region.spec.source_offset() + off);
+                }
+            }
+        }
+        if region.state.is_populated(page) {
+            if region.is_resident(off) {
+                return Ok(());
+            }
+            // Installed once and gone since: cloud-hypervisor removed it (a balloon). It is
+            // zeros now, never the snapshot's bytes again.
+            region.state.discard(page, page + 1);
+        }
+        let run = self.plan.run_around(&vm, ri, page);
+        let run = without_resident(&vm, ri, run, page, &mut self.residency);
+        if run.is_empty() {
+            // Already in the memfd (written through another mapping): leave it.
+            region.state.mark_populated(page);
+            return Ok(());
+        }
+        let done = self.fill(ri, run).ok_or(Refused::Source)?;
+        if !done.contains(&page) {
+            return Err(Refused::Source);
+        }
+        VmMetrics::add(&vm.metrics.pages_prefetched, done.len() as u64 - 1);
+        Ok(())
+    }
+
+    /// Fills `run` of region `ri` into the memfd from the source (a removed page: zeros);
+    /// returns the pages filled, marked populated and counted.
+    fn fill(&mut self, ri: usize, run: Range<usize>) -> Option<Range<usize>> {
+        if run.is_empty() {
+            return None;
+        }
+        let vm = &*self.vm;
+        let region = &vm.memory.regions()[ri];
+        let fill = if run.len() == 1 && region.state.is_discarded(run.start) {
+            let ps = region.page_size();
+            let mut dst = region.page_dst(run.start as u64 * ps, ps as usize)?;
+            dst.fill_zero(0);
+            Fill::Zero
+        } else {
+            match vm.fill_owned(ri, run.clone()) {
+                Ok(f) => f,
+                Err(e) => {
+                    VmMetrics::bump(&vm.metrics.source_errors);
+                    tracing::trace!(error = %e, "page source failed on a channel request");
+                    return None;
+                }
+            }
+        };
+        let counter = match fill {
+            Fill::Data => &vm.metrics.pages_from_source,
+            Fill::Zero => &vm.metrics.pages_zero,
+        };
+        VmMetrics::add(counter, run.len() as u64);
+        for q in run.clone() {
+            region.state.mark_populated(q);
+        }
+        Some(run)
+    }
+
+    /// Pushes the next chunk of the replay queue into the memfds.
+    fn replay_chunk(&mut self) {
+        let mut pages = std::mem::take(&mut self.replay);
+        self.vm.replay.take(AHEAD_CHUNK, &mut pages);
+        for &source_page in &pages {
+            let Some((ri, page)) = locate_source_page(&self.vm.memory, source_page) else {
+                continue;
+            };
+            if !self.vm.memory.regions()[ri].state.is_untouched(page) {
+                continue;
+            }
+            let run = without_resident(&self.vm, ri, page..page + 1, page, &mut self.residency);
+            if let Some(done) = self.fill(ri, run) {
+                VmMetrics::add(&self.vm.metrics.pages_replayed, done.len() as u64);
+            }
+        }
+        self.replay = pages;
+    }
+}

@@ -1,0 +1,338 @@
+//! Creating a VM: its memory, page source, policy and the uffd settings the VMM must use.
+
+use super::*;
+
+/// Checks that `fd` is a guest_memfd of at least `size` bytes.
+fn check_guest_memfd(fd: OwnedFd, size: u64) -> Result<File, String> {
+    let link = rustix::fs::readlinkat(
+        rustix::fs::CWD,
+        format!("/proc/self/fd/{}", fd.as_raw_fd()),
+        Vec::new(),
+    )
+    .map_err(|e| e.to_string())?;
+    if !link.to_string_lossy().starts_with("anon_inode:[kvm-gmem]") {
+        return Err("the fd is not a guest_memfd".into());
+    }
+    let len = rustix::fs::fstat(&fd).map_err(|e| e.to_string())?.st_size as u64;
+    if len < size {
+        return Err(format!(
+            "the guest_memfd has {len} bytes, the region {size}"
+        ));
+    }
+    Ok(File::from(fd))
+}
+
+/// A random 64-bit secret (0 never).
+fn random_token() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty());
+    u64::from_ne_bytes(b).max(1)
+}
+
+/// The `UFFD_FEATURE_*` bits the VMM must enable for a VM: the events that keep the page
+/// state true, POISON (`serve` refused to start without it), and the fault kinds of its memory.
+fn uffd_features(create: &CreateVm, populate: Populate) -> u64 {
+    let mut f = k::UFFD_FEATURE_EVENT_REMOVE
+        | k::UFFD_FEATURE_EVENT_UNMAP
+        | k::UFFD_FEATURE_EVENT_REMAP
+        | k::UFFD_FEATURE_POISON;
+    let owned = !create.memory_in_vmm();
+    for r in &create.regions {
+        f |= match (r.is_huge(), owned) {
+            (true, _) => k::UFFD_FEATURE_MISSING_HUGETLBFS,
+            (false, true) => k::UFFD_FEATURE_MISSING_SHMEM,
+            (false, false) => 0,
+        };
+        if populate == Populate::Continue {
+            f |= match r.is_huge() {
+                true => k::UFFD_FEATURE_MINOR_HUGETLBFS,
+                false => k::UFFD_FEATURE_MINOR_SHMEM,
+            };
+        }
+    }
+    u64::from(f)
+}
+
+impl Reactor {
+    /// Checks what a `CreateVm` asks for against the negotiated features and the host, and
+    /// decides the populate method.
+    pub(super) fn check_create(
+        &self,
+        create: &CreateVm,
+        features: u64,
+    ) -> Result<Populate, Refusal> {
+        let need = |feature: u64, what: &str| {
+            if features & feature == 0 {
+                Err(refuse(
+                    ErrorCode::Unsupported,
+                    format!("{what} was not negotiated"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        let populate = match create.populate {
+            PopulateMethod::Copy => Populate::Copy,
+            PopulateMethod::Continue => {
+                need(features::POPULATE_CONTINUE, "populate method continue")?;
+                Populate::Continue
+            }
+            PopulateMethod::Default
+                if self.config.populate == Populate::Continue
+                    && features & features::POPULATE_CONTINUE != 0
+                    && !create.memory_in_vmm() =>
+            {
+                Populate::Continue
+            }
+            PopulateMethod::Default => Populate::Copy,
+        };
+        if create.vm_type != VmType::Default {
+            need(features::PRIVATE_MEMORY, "a VM type other than default")?;
+        }
+        if create.flags & VM_RECORD_WORKING_SET != 0 {
+            need(features::WORKING_SET, "recording a working set")?;
+        }
+        if create.regions.iter().any(|r| r.is_huge()) {
+            need(features::HUGE_PAGES, "a 2 MiB region")?;
+            if !self.host.has(k::UFFD_FEATURE_MISSING_HUGETLBFS) {
+                return Err(refuse(
+                    ErrorCode::Unsupported,
+                    "this host's userfaultfd cannot serve huge pages (UFFD_FEATURE_MISSING_HUGETLBFS)",
+                ));
+            }
+            if populate == Populate::Continue && !self.host.has(k::UFFD_FEATURE_MINOR_HUGETLBFS) {
+                return Err(refuse(
+                    ErrorCode::Unsupported,
+                    "populate method continue on huge pages needs UFFD_FEATURE_MINOR_HUGETLBFS",
+                ));
+            }
+            if create.regions.iter().any(|r| r.is_huge() && r.is_private()) {
+                return Err(refuse(
+                    ErrorCode::InvalidRegions,
+                    "private regions use 4 KiB pages",
+                ));
+            }
+        }
+        if create.memory_in_vmm() {
+            need(features::VMM_MEMORY, "serving the VMM's own memory")?;
+            if populate == Populate::Continue {
+                return Err(refuse(
+                    ErrorCode::Unsupported,
+                    "the VMM's own private memory can only be populated with copy",
+                ));
+            }
+            if create.vm_type != VmType::Default || create.regions.iter().any(|r| r.is_private()) {
+                return Err(refuse(
+                    ErrorCode::InvalidRegions,
+                    "private memory needs memory the daemon owns",
+                ));
+            }
+            if create
+                .regions
+                .iter()
+                .any(|r| r.memfd_group() != 0 || r.file_offset() != 0)
+            {
+                return Err(refuse(
+                    ErrorCode::InvalidRegions,
+                    "the VMM's own memory has no memfd to place regions in",
+                ));
+            }
+        }
+        if !create.vm_type.has_private_memory() && create.regions.iter().any(|r| r.is_private()) {
+            return Err(refuse(
+                ErrorCode::InvalidRegions,
+                format!(
+                    "VM type {} has no private memory: no region may be private",
+                    create.vm_type.name()
+                ),
+            ));
+        }
+        Ok(populate)
+    }
+
+    pub(super) fn create_vm(
+        &mut self,
+        token: usize,
+        features: u64,
+        create: CreateVm,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(Message, Vec<OwnedFd>), Refusal> {
+        let conn_vms = self.conns.get(&token).map_or(0, |c| c.vms.len());
+        if conn_vms >= self.config.max_vms_per_connection {
+            return Err(refuse(
+                ErrorCode::LimitExceeded,
+                "too many VMs on this connection",
+            ));
+        }
+        let total: u64 = create.regions.iter().map(|r| r.size()).sum();
+        if total > self.config.max_vm_memory {
+            return Err(refuse(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "{total} bytes of guest memory exceed the limit of {}",
+                    self.config.max_vm_memory
+                ),
+            ));
+        }
+        let populate = self.check_create(&create, features)?;
+        let policy = match &create.policy {
+            Some(text) => self
+                .config
+                .policy
+                .overridden_by(text)
+                .map_err(|e| refuse(ErrorCode::BadMessage, error_chain(&e)))?,
+            None => self.config.policy.clone(),
+        };
+        // The decoder checked the fd count: [snapshot if file source][one guest_memfd per private region].
+        let mut fds = fds.into_iter();
+        let source: Box<dyn PageSource> = match create.source {
+            PageSourceKind::Zero => Box::new(ZeroSource),
+            PageSourceKind::File => {
+                if features & features::FILE_SOURCE == 0 {
+                    return Err(refuse(
+                        ErrorCode::Unsupported,
+                        "file source was not negotiated",
+                    ));
+                }
+                let fd = fds
+                    .next()
+                    .ok_or_else(|| refuse(ErrorCode::BadMessage, "file source without its fd"))?;
+                Box::new(
+                    FileSource::new(File::from(fd))
+                        .map_err(|e| refuse(ErrorCode::BadSource, error_chain(&e)))?,
+                )
+            }
+        };
+        // One guest_memfd per private region, created by the VMM (only the process that
+        // created a KVM VM may issue its ioctls) and checked here.
+        let mut gmems = Vec::with_capacity(create.regions.len());
+        for (i, r) in create.regions.iter().enumerate() {
+            gmems.push(match r.is_private() {
+                false => None,
+                true => {
+                    let fd = fds.next().ok_or_else(|| {
+                        refuse(
+                            ErrorCode::BadMessage,
+                            "private region without its guest_memfd",
+                        )
+                    })?;
+                    Some(check_guest_memfd(fd, r.size()).map_err(|why| {
+                        refuse(ErrorCode::BadMessage, format!("region {i}: {why}"))
+                    })?)
+                }
+            });
+        }
+        let private = match create.vm_type.has_private_memory() {
+            false => None,
+            true => Some(self.private_memory(create.vm_type)?),
+        };
+        let id = self.next_vm.fetch_add(1, Ordering::Relaxed);
+        let memory =
+            GuestMemory::new(id, &create.regions, gmems, create.memory_in_vmm()).map_err(|e| {
+                let hint = if create.regions.iter().any(|r| r.is_huge()) {
+                    " (2 MiB regions need free huge pages: /proc/sys/vm/nr_hugepages)"
+                } else {
+                    ""
+                };
+                refuse(ErrorCode::Internal, format!("{}{hint}", error_chain(&e)))
+            })?;
+        let out_fds = memory
+            .regions()
+            .iter()
+            .filter_map(|r| r.memfd())
+            .map(|fd| fd.try_clone_to_owned())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| {
+                refuse(
+                    ErrorCode::Internal,
+                    format!("cannot duplicate a memfd: {e}"),
+                )
+            })?;
+        let flags = match &private {
+            Some(p) if p.attributes == AttributeKeeper::Kvm => VMCREATED_VMM_SETS_ATTRIBUTES,
+            _ => 0,
+        };
+        let uffd_features = uffd_features(&create, populate);
+        let metrics = VmMetrics::new();
+        if private
+            .as_ref()
+            .is_some_and(|p| p.attributes == AttributeKeeper::Emulated)
+        {
+            metrics.attributes_emulated.store(1, Ordering::Relaxed);
+        }
+        let secret = random_token();
+        let recording = create.flags & VM_RECORD_WORKING_SET != 0;
+        let events = self.events.clone();
+        let recorder = recording.then(|| Recorder::new(&memory));
+        let vm = Arc::new(Vm {
+            id,
+            memory,
+            source,
+            populate,
+            metrics,
+            vm_type: create.vm_type,
+            private,
+            rate: std::sync::Mutex::new(RateLimit::new(policy.max_conversions_per_sec)),
+            policy,
+            listener: Box::new(move |e| events.send(e)),
+            token: secret,
+            readahead: if recording {
+                Readahead::OFF
+            } else {
+                self.config.readahead
+            },
+            recorder,
+            replay: ReplayQueue::default(),
+        });
+        let reply = VmCreated {
+            vm_id: id,
+            uffd_modes: populate.register_modes(),
+            uffd_features,
+            region_count: out_fds.len() as u32,
+            flags,
+            token: secret,
+        };
+        tracing::debug!(
+            vm = id,
+            bytes = total,
+            ?populate,
+            source = vm.source.name(),
+            vm_type = vm.vm_type.name(),
+            "VM created"
+        );
+        if let Some(conn) = self.conns.get_mut(&token) {
+            conn.vms.insert(
+                id,
+                VmEntry {
+                    vm,
+                    worker: None,
+                    attached: false,
+                    exits: false,
+                },
+            );
+            self.live.add(1);
+        }
+        Ok((Message::VmCreated(reply), out_fds))
+    }
+
+    /// Private memory of a new VM: who keeps the attributes.
+    pub(super) fn private_memory(&self, vm_type: VmType) -> Result<PrivateMemory, Refusal> {
+        let attributes = if self.host.memory_attributes
+            & u64::from(kvm_bindings::KVM_MEMORY_ATTRIBUTE_PRIVATE)
+            != 0
+        {
+            AttributeKeeper::Kvm
+        } else if self.config.emulate_attributes {
+            AttributeKeeper::Emulated
+        } else {
+            return Err(refuse(
+                ErrorCode::Unsupported,
+                format!(
+                    "this host has no KVM memory attributes (KVM_CAP_MEMORY_ATTRIBUTES), so VM type {} cannot have private memory; run vmpagerd --emulate-attributes to keep them in the daemon (for testing)",
+                    vm_type.name()
+                ),
+            ));
+        };
+        Ok(PrivateMemory { attributes })
+    }
+}
