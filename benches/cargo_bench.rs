@@ -1,6 +1,7 @@
 //! `cargo bench`: the full harness (`vmpager-bench`), report in
 //! `target/vmpager-bench/bench.json` with its pictures next to it. `QUICK=1` for the quick run.
-//! Needs a release vmpagerd: `cargo build --release --workspace` first (or set `VMPAGERD`).
+//! Needs release binaries: `cargo build --release --workspace` first (or set `VMPAGERD`; the
+//! `vmpager` binary is taken from next to vmpagerd).
 
 fn main() {
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -10,6 +11,7 @@ fn main() {
         quick: std::env::var_os("QUICK").is_some(),
         json: Some(target.join("vmpager-bench").join("bench.json")),
         vmpagerd: None,
+        vmpager: None,
     };
     match vmpager_bench::run(&opts, &mut |s| eprintln!("bench: {s}")) {
         Ok(report) => {

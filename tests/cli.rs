@@ -136,10 +136,8 @@ fn a_vmm_killed_mid_run_disturbs_no_other_session() {
     let steady = std::thread::spawn(move || {
         let client = Client::connect(&path).unwrap();
         let cfg = ScenarioConfig {
-            memory: 16 << 20,
-            vcpus: 1,
-            populate: PopulateMethod::Default,
             write_pattern: true,
+            ..ScenarioConfig::new(16 << 20, 1, PopulateMethod::Default)
         };
         run_scenario(&client, Some(&img), &cfg).map(|(_, r)| r.stats.pages_from_source)
     });
@@ -153,12 +151,7 @@ fn a_vmm_killed_mid_run_disturbs_no_other_session() {
     assert_eq!(steady.join().unwrap().unwrap(), 4096);
     // And the daemon goes on serving new VMMs.
     let client = Client::connect(daemon.socket_path()).unwrap();
-    let cfg = ScenarioConfig {
-        memory: 4 << 20,
-        vcpus: 2,
-        populate: PopulateMethod::Continue,
-        write_pattern: false,
-    };
+    let cfg = ScenarioConfig::new(4 << 20, 2, PopulateMethod::Continue);
     let (_vm, report) = run_scenario(&client, None, &cfg).unwrap();
     assert_eq!(report.stats.pages_zero, 1024);
 }
@@ -192,6 +185,8 @@ fn bench_quick_prints_the_table_and_writes_json_and_pictures() {
         "[vcpu]",
         "[conversion]",
         "[memory]",
+        "[firecracker]",
+        "[restore]",
         "[targets",
     ] {
         assert!(stdout.contains(section), "no {section} in\n{stdout}");
@@ -226,9 +221,9 @@ fn bench_quick_prints_the_table_and_writes_json_and_pictures() {
             assert!(rows.iter().any(|b| b["id"] == to), "baseline {to} is a row");
         }
     }
-    assert_eq!(groups.len(), 10, "{groups:?}");
+    assert_eq!(groups.len(), 12, "{groups:?}");
     let targets = report["targets"].as_array().unwrap();
-    assert_eq!(targets.len(), 7);
+    assert_eq!(targets.len(), 9);
     assert!(
         targets.iter().all(|t| t["ratio"].as_f64().is_some()),
         "{targets:?}"
@@ -244,7 +239,7 @@ fn bench_quick_prints_the_table_and_writes_json_and_pictures() {
         svgs.contains(&"run-cdf-vmpagerd.svg".to_string()),
         "{svgs:?}"
     );
-    assert_eq!(svgs.len(), 10, "{svgs:?}");
+    assert_eq!(svgs.len(), 11, "{svgs:?}");
     for name in &svgs {
         let text = std::fs::read_to_string(dir.join(name)).unwrap();
         assert!(text.starts_with("<svg"), "{name}");

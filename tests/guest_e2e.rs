@@ -13,10 +13,8 @@ const PAGE: u64 = 4096;
 
 fn scenario(memory: u64, vcpus: usize, populate: PopulateMethod) -> ScenarioConfig {
     ScenarioConfig {
-        memory,
-        vcpus,
-        populate,
         write_pattern: true,
+        ..ScenarioConfig::new(memory, vcpus, populate)
     }
 }
 

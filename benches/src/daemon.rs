@@ -24,6 +24,11 @@ impl Daemon {
         Ok(Daemon { client, process })
     }
 
+    /// Its socket.
+    pub fn socket_path(&self) -> &Path {
+        self.process.socket_path()
+    }
+
     /// The daemon's pid (for its memory figures).
     pub fn pid(&self) -> u32 {
         self.process.pid()

@@ -58,6 +58,22 @@ impl Report {
         });
     }
 
+    /// Adds a target on the ratio of two rows' values that must stay at or below `bound`
+    /// (times and counts, where lower is better).
+    pub fn target_at_most(&mut self, name: &str, row: &str, base: &str, bound: f64) {
+        let ratio = match (self.row(row), self.row(base)) {
+            (Some(r), Some(b)) => r.clone().compare(b, RatioOf::Rate).ratio.map(|r| r.value),
+            _ => None,
+        };
+        self.targets.push(Target {
+            name: name.into(),
+            ratio,
+            bound,
+            at_most: true,
+            met: ratio.map(|r| r <= bound),
+        });
+    }
+
     /// The table, as printed by `vmpager bench`.
     pub fn table(&self) -> String {
         let mut out = String::new();

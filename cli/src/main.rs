@@ -5,6 +5,10 @@
 //! reads every page through daemon-served faults, and checks that the guest saw every byte.
 #![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
+mod ch_restore;
+mod firecracker;
+mod restore;
+
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -55,6 +59,57 @@ enum Cmd {
         #[arg(long)]
         socket_path: Option<PathBuf>,
     },
+    /// Serve Firecracker VMs restoring a snapshot with the UFFD memory backend: a drop-in for
+    /// Firecracker's page-fault handler (snapshot load with `mem_backend: {backend_type:
+    /// "Uffd", backend_path: SOCKET}`). Prints one JSON event per line on stdout.
+    FirecrackerHandler {
+        /// The Unix socket Firecracker connects to (`backend_path`).
+        socket: PathBuf,
+        /// The guest memory snapshot file (`mem_file_path` of the snapshot).
+        mem_file: PathBuf,
+        /// Hand each VM to the vmpagerd at this socket instead of serving it in this process.
+        #[arg(long, value_name = "S")]
+        daemon: Option<PathBuf>,
+        /// Record the order in which each VM first needs its pages to FILE (when the VM ends).
+        #[arg(long, value_name = "FILE")]
+        record_working_set: Option<PathBuf>,
+        /// Push the pages of this recorded working set into every VM ahead of its vCPUs.
+        #[arg(long, value_name = "FILE")]
+        working_set: Option<PathBuf>,
+    },
+    /// Restore a cloud-hypervisor snapshot directory into a cloud-hypervisor waiting in
+    /// `receive-migration` on RECEIVER (unix:PATH), serving its memory on demand (postcopy).
+    ChRestore {
+        /// The snapshot directory (config.json, state.json, memory-ranges).
+        snapshot_dir: PathBuf,
+        /// The receiver_url given to `ch-remote receive-migration`: unix:PATH.
+        receiver: String,
+        /// Hand the VM to the vmpagerd at this socket instead of serving it in this process.
+        #[arg(long, value_name = "S")]
+        daemon: Option<PathBuf>,
+        /// Resume the restored VM (Complete) instead of leaving it paused (CompletePaused).
+        #[arg(long)]
+        resume: bool,
+        /// JSON file holding the common_cpuid list to send (default: the minimal list
+        /// cloud-hypervisor's CPUID check accepts).
+        #[arg(long, value_name = "FILE")]
+        common_cpuid: Option<PathBuf>,
+        /// Record the order in which the guest first needs its pages to FILE.
+        #[arg(long, value_name = "FILE")]
+        record_working_set: Option<PathBuf>,
+        /// Push the pages of this recorded working set into memory ahead of the vCPUs.
+        #[arg(long, value_name = "FILE")]
+        working_set: Option<PathBuf>,
+    },
+    /// Firecracker's example page-fault handler, reproduced (one UFFDIO_COPY per fault, one VM):
+    /// the baseline `vmpager bench` measures vmpager against.
+    #[command(hide = true)]
+    FcExampleHandler {
+        /// The socket Firecracker connects to.
+        socket: PathBuf,
+        /// The memory snapshot file.
+        mem_file: PathBuf,
+    },
     /// Serve a real KVM guest's memory from a snapshot through vmpagerd and verify every byte.
     Demo {
         /// Guest memory size, e.g. 256M, 1G (multiple of 4 KiB).
@@ -75,6 +130,19 @@ enum Cmd {
         /// Seed of the snapshot's pseudo-random content.
         #[arg(long, default_value_t = 0x766d_7061_6765_72)]
         seed: u64,
+        /// Percent of the pages the guest reads: 100 checksums all of RAM; less reads that
+        /// share of the pages in a scattered order (a fixed working set; needs a power-of-two
+        /// number of pages per vCPU).
+        #[arg(long, value_name = "PCT", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100))]
+        touch: u32,
+        /// Record the order in which the guest first needs its pages to FILE (readahead is
+        /// off while recording, so every first touch is seen).
+        #[arg(long, value_name = "FILE")]
+        record_working_set: Option<PathBuf>,
+        /// Push the pages of this recorded working set into memory before the guest needs
+        /// them.
+        #[arg(long, value_name = "FILE")]
+        working_set: Option<PathBuf>,
     },
 }
 
@@ -106,20 +174,60 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn main() {
+    let args = Args::parse();
+    // The long-running front ends log what they serve; the others only warnings.
+    let default_level = match args.command {
+        Cmd::FirecrackerHandler { .. } | Cmd::ChRestore { .. } => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("VMPAGER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();
-    let result = match Args::parse().command {
+    let result = match args.command {
+        Cmd::FirecrackerHandler {
+            socket,
+            mem_file,
+            daemon,
+            record_working_set,
+            working_set,
+        } => firecracker::run(firecracker::Options {
+            socket,
+            mem_file,
+            daemon,
+            record: record_working_set,
+            replay: working_set,
+        }),
+        Cmd::ChRestore {
+            snapshot_dir,
+            receiver,
+            daemon,
+            resume,
+            common_cpuid,
+            record_working_set,
+            working_set,
+        } => ch_restore::run(ch_restore::Options {
+            snapshot: snapshot_dir,
+            receiver,
+            daemon,
+            resume,
+            common_cpuid,
+            record: record_working_set,
+            replay: working_set,
+        }),
         Cmd::Bench {
             quick,
             json,
             markdown,
         } => bench_cmd(quick, json, markdown),
         Cmd::CocoGuest { socket_path } => coco_cmd(socket_path),
+        Cmd::FcExampleHandler { socket, mem_file } => {
+            vmpager_bench::firecracker::example_handler(&socket, &mem_file)
+                .context("the example handler failed")
+        }
         Cmd::Demo {
             memory,
             vcpus,
@@ -127,7 +235,20 @@ fn main() {
             populate,
             workdir,
             seed,
-        } => demo_cmd(memory, vcpus, socket_path, populate, workdir, seed),
+            touch,
+            record_working_set,
+            working_set,
+        } => demo_cmd(DemoOptions {
+            memory,
+            vcpus,
+            socket_path,
+            populate,
+            workdir,
+            seed,
+            touch,
+            record: record_working_set,
+            replay: working_set,
+        }),
     };
     if let Err(e) = result {
         eprintln!("vmpager: {e:#}");
@@ -140,6 +261,7 @@ fn bench_cmd(quick: bool, json: Option<PathBuf>, markdown: Option<PathBuf>) -> a
         quick,
         json: json.clone(),
         vmpagerd: None,
+        vmpager: std::env::current_exe().ok(),
     };
     let report = vmpager_bench::run(&opts, &mut |step| eprintln!("bench: {step}"))?;
     println!(
@@ -160,14 +282,30 @@ fn bench_cmd(quick: bool, json: Option<PathBuf>, markdown: Option<PathBuf>) -> a
     Ok(())
 }
 
-fn demo_cmd(
+struct DemoOptions {
     memory: u64,
     vcpus: usize,
     socket_path: Option<PathBuf>,
     populate: PopulateArg,
     workdir: Option<PathBuf>,
     seed: u64,
-) -> anyhow::Result<()> {
+    touch: u32,
+    record: Option<PathBuf>,
+    replay: Option<PathBuf>,
+}
+
+fn demo_cmd(opts: DemoOptions) -> anyhow::Result<()> {
+    let DemoOptions {
+        memory,
+        vcpus,
+        socket_path,
+        populate,
+        workdir,
+        seed,
+        touch,
+        record,
+        replay,
+    } = opts;
     if vcpus == 0 {
         bail!("--vcpus must be at least 1");
     }
@@ -209,15 +347,22 @@ fn demo_cmd(
             PopulateArg::Copy => PopulateMethod::Copy,
             PopulateArg::Continue => PopulateMethod::Continue,
         },
-        write_pattern: true,
+        write_pattern: touch == 100,
+        touch_percent: touch,
+        record_working_set: record.is_some(),
     };
+    let working_sets = restore::WorkingSets::open(record, replay, &image)?;
     let vm = demo::create_scenario_vm(&client, Some(&image), &cfg)?;
+    let replayed = working_sets.start(&client, vm.vm_id())?;
     println!(
         "vm {}: {} MiB at GPA {:#x} attached to vmpagerd; guest starting",
         vm.vm_id(),
         memory >> 20,
         demo::DEMO_GPA
     );
+    if replayed > 0 {
+        println!("working set: {replayed} pages queued to be pushed ahead of the guest");
+    }
     let report = demo::run_guest(&client, &vm, Some(&image), &cfg)?;
     let s = report.stats;
     let method = match s.populate_method {
@@ -236,8 +381,8 @@ fn demo_cmd(
         s.faults, s.coalesced, s.eexist
     );
     println!(
-        "pages installed: {} from the snapshot, {} zero; {} of them ahead of a fault (fault-around, prefetch)",
-        s.pages_from_source, s.pages_zero, s.pages_prefetched
+        "pages installed: {} from the snapshot, {} zero; {} of them ahead of a fault (fault-around, prefetch), {} from the working set",
+        s.pages_from_source, s.pages_zero, s.pages_prefetched, s.pages_replayed
     );
     println!(
         "fault latency (fault read -> wake): p50 {:.1} us, p99 {:.1} us, max {:.1} us",
@@ -253,6 +398,9 @@ fn demo_cmd(
             report.pages
         );
     }
+    if let Some(n) = working_sets.finish(&client, vm.vm_id())? {
+        println!("working set: {n} pages recorded");
+    }
     client.detach(vm.vm_id())?;
     drop(vm);
     if let Some(d) = daemon {
@@ -261,7 +409,11 @@ fn demo_cmd(
             bail!("vmpagerd exited with {status}");
         }
     }
-    println!("verified: guest saw every byte of the snapshot");
+    if touch == 100 {
+        println!("verified: guest saw every byte of the snapshot");
+    } else {
+        println!("verified: guest saw every word it read of the snapshot ({touch}% of the pages, scattered)");
+    }
     Ok(())
 }
 

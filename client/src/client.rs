@@ -405,6 +405,13 @@ impl Client {
     }
 }
 
+impl AsFd for Client {
+    /// The control connection (poll it to notice the daemon going away).
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.conn.as_fd()
+    }
+}
+
 fn request(
     conn: &Connection,
     msg: &Message,

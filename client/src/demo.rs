@@ -110,6 +110,56 @@ pub fn expected_checksum(file: &File, offset: u64, len: u64) -> Result<u64, Demo
     Ok(h)
 }
 
+/// The guest checksum of a [`Workload::Scatter`] over `pages` pages of `file` from `offset`.
+pub fn expected_scatter(
+    file: &File,
+    offset: u64,
+    pages: u64,
+    stride: u64,
+    count: u64,
+) -> Result<u64, DemoError> {
+    let mut words = Vec::with_capacity(count as usize);
+    for page in crate::refvmm::scatter_order(pages, stride, count) {
+        let mut w = [0u8; 8];
+        // Past the end of the image: zeros, as the daemon serves them.
+        rustix::io::pread(file, &mut w, offset + page * PAGE_SIZE)
+            .map_err(|e| DemoError::Io("cannot read the image".into(), e.into()))?;
+        words.push(u64::from_le_bytes(w));
+    }
+    Ok(crate::refvmm::scatter_checksum(words.into_iter()))
+}
+
+/// What each vCPU reads: every word of its share of RAM, or (`touch_percent` < 100) a
+/// scattered share of its pages.
+fn read_plans(
+    regions: &[GuestRegion],
+    cfg: &ScenarioConfig,
+) -> Result<Vec<Vec<crate::refvmm::Task>>, DemoError> {
+    let plans = split_evenly(regions, cfg.vcpus, Workload::Checksum);
+    if cfg.touch_percent >= 100 {
+        return Ok(plans);
+    }
+    plans
+        .into_iter()
+        .map(|plan| {
+            plan.into_iter()
+                .map(|mut t| {
+                    let pages = (t.gpa_end - t.gpa_start) / PAGE_SIZE;
+                    if !pages.is_power_of_two() {
+                        return Err(DemoError::Mismatch(format!(
+                            "touching {}% needs a power-of-two number of pages per vCPU, not {pages}",
+                            cfg.touch_percent
+                        )));
+                    }
+                    let (stride, count) = scatter_plan(pages, cfg.touch_percent);
+                    t.workload = Workload::Scatter { stride, count };
+                    Ok(t)
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// A `vmpagerd` child process serving a listening socket that this process created, so the
 /// socket accepts connections before the child has even started (no readiness race).
 #[derive(Debug)]
@@ -253,6 +303,34 @@ pub struct ScenarioConfig {
     pub populate: PopulateMethod,
     /// Also write a pattern from the guest and check it from the host.
     pub write_pattern: bool,
+    /// Percent of the pages the guest reads: 100 checksums every word of RAM; less reads one
+    /// word of that share of the pages in a scattered order ([`Workload::Scatter`]; needs a
+    /// power-of-two number of pages per vCPU).
+    pub touch_percent: u32,
+    /// Create the VM to record its working set.
+    pub record_working_set: bool,
+}
+
+impl ScenarioConfig {
+    /// Every page read, nothing recorded.
+    pub fn new(memory: u64, vcpus: usize, populate: PopulateMethod) -> ScenarioConfig {
+        ScenarioConfig {
+            memory,
+            vcpus,
+            populate,
+            write_pattern: false,
+            touch_percent: 100,
+            record_working_set: false,
+        }
+    }
+}
+
+/// The scatter each vCPU runs over its share of `pages` pages when `percent` < 100: the odd
+/// stride (near the golden ratio of the share, so visits spread out) and the pages visited.
+pub fn scatter_plan(pages_per_vcpu: u64, percent: u32) -> (u64, u64) {
+    let stride = ((pages_per_vcpu as f64 * 0.618_033_988_7) as u64) | 1;
+    let count = pages_per_vcpu * u64::from(percent.min(100)) / 100;
+    (stride, count)
 }
 
 /// What a scenario run saw.
@@ -260,11 +338,11 @@ pub struct ScenarioConfig {
 pub struct ScenarioReport {
     /// The daemon's counters after the run.
     pub stats: Stats,
-    /// Pages in guest RAM.
+    /// Pages the guest read.
     pub pages: u64,
     /// Wall time of the read pass (slowest vCPU).
     pub read_elapsed: Duration,
-    /// Pages per second of the read pass (every page a daemon-served fault).
+    /// Pages per second of the read pass.
     pub pages_per_sec: f64,
 }
 
@@ -296,6 +374,7 @@ pub fn create_scenario_vm(
         regions: vec![RegionSpec::new(DEMO_GPA, cfg.memory, 0)],
         source,
         populate: cfg.populate,
+        record_working_set: cfg.record_working_set,
         ..Default::default()
     })?;
     Ok(memory)
@@ -320,7 +399,7 @@ pub fn run_guest(
     // SAFETY: the regions are mapped by `memory`, borrowed for longer than `vm` lives (it is
     // dropped at the end of this function).
     let vm = unsafe { RefVm::new(&regions, cfg.vcpus)? };
-    let plans = split_evenly(&regions, cfg.vcpus, Workload::Checksum);
+    let plans = read_plans(&regions, cfg)?;
     let reports = vm.run(&plans)?;
     let mut read_elapsed = Duration::ZERO;
     for (vcpu, (plan, report)) in plans.iter().zip(&reports).enumerate() {
@@ -328,9 +407,12 @@ pub fn run_guest(
         for (task, result) in plan.iter().zip(&report.results) {
             let offset = task.gpa_start - DEMO_GPA;
             let len = task.gpa_end - task.gpa_start;
-            let expected = match image {
-                Some(f) => expected_checksum(f, offset, len)?,
-                None => 0,
+            let expected = match (image, task.workload) {
+                (Some(f), Workload::Scatter { stride, count }) => {
+                    expected_scatter(f, offset, len / PAGE_SIZE, stride, count)?
+                }
+                (Some(f), _) => expected_checksum(f, offset, len)?,
+                (None, _) => 0,
             };
             if result.value != expected {
                 return Err(DemoError::Mismatch(format!(
@@ -363,7 +445,14 @@ pub fn run_guest(
     }
     drop(vm);
     let stats = client.stats(memory.vm_id())?;
-    let pages = cfg.memory / PAGE_SIZE;
+    let pages = plans
+        .iter()
+        .flatten()
+        .map(|t| match t.workload {
+            Workload::Scatter { count, .. } => count,
+            _ => (t.gpa_end - t.gpa_start) / PAGE_SIZE,
+        })
+        .sum::<u64>();
     let pages_per_sec = pages as f64 / read_elapsed.as_secs_f64().max(1e-9);
     Ok(ScenarioReport {
         stats,

@@ -23,7 +23,10 @@
 //!
 //! * [`client`]: the control connection (handshake, create, attach, stats, detach).
 //! * [`memory`]: mapping the daemon's memfds and registering them on the VMM's userfaultfd.
+//! * [`working_set`]: the working-set file (record and replay of first touches).
 //! * [`refvmm`] (feature `refvmm`): a small reference VMM that runs real guest code.
+//! * [`peers`] (feature `refvmm`): Firecracker's and cloud-hypervisor's side of their
+//!   page-server protocols, for tests and benchmarks.
 //! * [`demo`] (feature `refvmm`): the end-to-end scenario of `vmpager demo` and the tests.
 #![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
@@ -35,7 +38,10 @@ pub mod demo;
 pub mod kvm_private;
 pub mod memory;
 #[cfg(feature = "refvmm")]
+pub mod peers;
+#[cfg(feature = "refvmm")]
 pub mod refvmm;
+pub mod working_set;
 
 pub use client::{Client, ClientError, CreatedVm, PageSource, Subscription, VmExits, VmSpec};
 pub use memory::{MappedRegion, VmMemory};

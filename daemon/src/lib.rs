@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod policy;
 pub mod readahead;
 pub mod session;
+pub mod signals;
 pub mod source;
 pub mod uffd;
 pub mod wait;

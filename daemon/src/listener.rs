@@ -45,8 +45,14 @@ pub struct Bound {
 
 impl Bound {
     /// Takes `PATH.lock` (fails if another daemon holds it), removes a stale socket at `path`,
-    /// and binds a new one with mode 0600 (umask 077 around the bind).
+    /// and binds a new `SOCK_SEQPACKET` one with mode 0600 (umask 077 around the bind).
     pub fn new(path: &Path) -> Result<Bound, ListenerError> {
+        Self::new_of(path, SocketType::SEQPACKET)
+    }
+
+    /// As [`Bound::new`], for a socket of type `kind` (Firecracker's handler socket is a
+    /// `SOCK_STREAM`).
+    pub fn new_of(path: &Path, kind: SocketType) -> Result<Bound, ListenerError> {
         let io = |what, source: rustix::io::Errno| ListenerError::Io {
             what,
             path: path.to_owned(),
@@ -72,13 +78,8 @@ impl Bound {
             Ok(()) | Err(rustix::io::Errno::NOENT) => {}
             Err(e) => return Err(io("cannot remove the stale socket", e)),
         }
-        let sock = rustix::net::socket_with(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )
-        .map_err(|e| io("cannot create a socket for", e))?;
+        let sock = rustix::net::socket_with(AddressFamily::UNIX, kind, SocketFlags::CLOEXEC, None)
+            .map_err(|e| io("cannot create a socket for", e))?;
         let addr = SocketAddrUnix::new(path).map_err(|e| io("bad socket path", e))?;
         let old = rustix::process::umask(Mode::from_raw_mode(0o077));
         let bound = rustix::net::bind(&sock, &addr);

@@ -142,34 +142,6 @@ impl Args {
     }
 }
 
-/// Blocks SIGTERM/SIGINT in every thread and returns a signalfd that becomes readable on them.
-fn shutdown_signals() -> anyhow::Result<OwnedFd> {
-    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it before any use.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid, exclusively borrowed sigset_t; these calls only write it.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-    }
-    // SAFETY: called before any other thread exists, so every thread inherits the mask; `set`
-    // is initialised above and the old mask is not requested.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc != 0 {
-        bail!(
-            "cannot block SIGTERM: {}",
-            std::io::Error::from_raw_os_error(rc)
-        );
-    }
-    // SAFETY: signalfd(-1, ...) creates a new fd from an initialised set; no memory is retained.
-    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("cannot create a signalfd");
-    }
-    // SAFETY: `fd` is a new descriptor owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 fn main() {
     if let Err(e) = run() {
         eprintln!("vmpagerd: {e:#}");
@@ -194,7 +166,7 @@ fn run() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let config = args.config()?;
-    let shutdown = shutdown_signals()?;
+    let shutdown = vmpagerd::signals::shutdown_fd()?;
     let (listener_fd, _bound) = match (&args.socket_path, args.fd) {
         (Some(path), None) => {
             let bound = listener::Bound::new(path)?;

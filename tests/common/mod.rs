@@ -82,3 +82,33 @@ pub fn open_fds() -> usize {
         .map(|d| d.count())
         .unwrap_or(0)
 }
+
+/// Free 2 MiB huge pages of this host.
+pub fn free_hugepages() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("HugePages_Free:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// At least `n` free 2 MiB huge pages, reserving more (as root) if needed; otherwise skips (or
+/// fails under `VMPAGER_REQUIRE_KVM=1`) with the reason.
+pub fn have_hugepages(n: u64) -> bool {
+    let free = free_hugepages();
+    if free < n {
+        let path = "/proc/sys/vm/nr_hugepages";
+        let total: u64 = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        let _ = std::fs::write(path, (total + n - free).to_string());
+    }
+    have(
+        &format!("{n} free 2 MiB huge pages (/proc/sys/vm/nr_hugepages)"),
+        free_hugepages() >= n,
+    )
+}

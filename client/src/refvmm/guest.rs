@@ -23,7 +23,8 @@
 //! Runs at CPL 3 in 64-bit long mode with IOPL 3 (so `out` is allowed; `hlt` would fault), which is
 //! what this host's PVM backend runs natively. Inputs (set with `KVM_SET_REGS` before each task):
 //! `rdi` = first GPA, `rsi` = end GPA (exclusive), `rbx` = workload selector
-//! ([`SEL_CHECKSUM`], [`SEL_PATTERN`], [`SEL_TOUCH`]), `rdx` = pattern key. It runs the workload
+//! ([`SEL_CHECKSUM`], [`SEL_PATTERN`], [`SEL_TOUCH`], [`SEL_SCATTER`]), `rdx` = pattern key (or
+//! the scatter stride in bytes), `r8` = pages a scatter visits. It runs the workload
 //! over `[rdi, rsi)` and reports with `out 0x10, al` ([`DONE_PORT`]), the result in `rax` (checksum,
 //! or 0). An unknown selector reports on `out 0x11, al` ([`BAD_SELECTOR_PORT`]); the VMM treats
 //! that as an error and never resumes the guest after either `out`. No stack is used.
@@ -43,7 +44,7 @@
 //!     je    pattern               # 10: 74 1a
 //!     cmp   rbx, 2                # 12: 48 83 fb 02
 //!     je    touch                 # 16: 74 2b
-//!     out   0x11, al              # 18: e6 11        unknown selector (VMM stops here)
+//!     jmp   more                  # 18: eb 3a
 //! checksum:                       # h = rotl(h, 7) ^ word, for each 8-byte word in order
 //!     rol   rax, 7                # 1a: 48 c1 c0 07
 //!     xor   rax, [rdi]            # 1e: 48 33 07
@@ -66,6 +67,24 @@
 //!     jb    touch                 # 50: 72 f1
 //! done:
 //!     out   0x10, al              # 52: e6 10        result in rax
+//! more:
+//!     cmp   rbx, 3                # 54: 48 83 fb 03
+//!     jne   bad                   # 58: 75 24
+//!     mov   rcx, rsi              # 5a: 48 89 f1     scatter: mask = (rsi - rdi) - 1
+//!     sub   rcx, rdi              # 5d: 48 29 f9
+//!     dec   rcx                   # 60: 48 ff c9
+//!     xor   r9d, r9d              # 63: 45 31 c9     offset = 0
+//! scatter:                        # r8 times: h = rotl(h, 7) ^ [rdi + offset]
+//!     test  r8, r8                # 66: 4d 85 c0
+//!     jz    done                  # 69: 74 e7
+//!     rol   rax, 7                # 6b: 48 c1 c0 07
+//!     xor   rax, [rdi + r9]       # 6f: 4a 33 04 0f
+//!     add   r9, rdx               # 73: 49 01 d1     offset = (offset + stride) & mask
+//!     and   r9, rcx               # 76: 49 21 c9
+//!     dec   r8                    # 79: 49 ff c8
+//!     jmp   scatter               # 7c: eb e8
+//! bad:
+//!     out   0x11, al              # 7e: e6 11        unknown selector (VMM stops here)
 //! ```
 
 /// GPA of the guest program (also its entry point).
@@ -86,6 +105,8 @@ pub const SEL_CHECKSUM: u64 = 0;
 pub const SEL_PATTERN: u64 = 1;
 /// `rbx` value selecting the touch workload.
 pub const SEL_TOUCH: u64 = 2;
+/// `rbx` value selecting the scatter workload.
+pub const SEL_SCATTER: u64 = 3;
 
 /// 4 KiB.
 pub const PAGE_SIZE: u64 = 4096;
@@ -97,7 +118,7 @@ pub const GIB: u64 = 1 << 30;
 pub const MAX_PDS: u64 = 512;
 
 /// The assembled guest program (see the module docs for the source).
-pub const PROGRAM: [u8; 0x54] = [
+pub const PROGRAM: [u8; 0x80] = [
     0x31, 0xc0, // xor eax, eax
     0x48, 0x39, 0xf7, // cmp rdi, rsi
     0x73, 0x4b, // jae done
@@ -107,7 +128,7 @@ pub const PROGRAM: [u8; 0x54] = [
     0x74, 0x1a, // je pattern
     0x48, 0x83, 0xfb, 0x02, // cmp rbx, 2
     0x74, 0x2b, // je touch
-    0xe6, 0x11, // out 0x11, al
+    0xeb, 0x3a, // jmp more
     // checksum (0x1a):
     0x48, 0xc1, 0xc0, 0x07, // rol rax, 7
     0x48, 0x33, 0x07, // xor rax, [rdi]
@@ -130,6 +151,24 @@ pub const PROGRAM: [u8; 0x54] = [
     0x72, 0xf1, // jb touch
     // done (0x52):
     0xe6, 0x10, // out 0x10, al
+    // more (0x54):
+    0x48, 0x83, 0xfb, 0x03, // cmp rbx, 3
+    0x75, 0x24, // jne bad
+    0x48, 0x89, 0xf1, // mov rcx, rsi
+    0x48, 0x29, 0xf9, // sub rcx, rdi
+    0x48, 0xff, 0xc9, // dec rcx
+    0x45, 0x31, 0xc9, // xor r9d, r9d
+    // scatter (0x66):
+    0x4d, 0x85, 0xc0, // test r8, r8
+    0x74, 0xe7, // jz done
+    0x48, 0xc1, 0xc0, 0x07, // rol rax, 7
+    0x4a, 0x33, 0x04, 0x0f, // xor rax, [rdi + r9]
+    0x49, 0x01, 0xd1, // add r9, rdx
+    0x49, 0x21, 0xc9, // and r9, rcx
+    0x49, 0xff, 0xc8, // dec r8
+    0xeb, 0xe8, // jmp scatter
+    // bad (0x7e):
+    0xe6, 0x11, // out 0x11, al
 ];
 
 /// Page-table entry flags: present, writable, user.
@@ -205,14 +244,18 @@ mod tests {
             (0x40, 0x2c),
             (0x42, 0x52),
             (0x51, 0x43),
+            (0x19, 0x54),
+            (0x59, 0x7e),
+            (0x6a, 0x52),
+            (0x7d, 0x66),
         ];
         for (disp_at, target) in jumps {
             let next = disp_at as i64 + 1;
             let rel = PROGRAM[disp_at] as i8 as i64;
             assert_eq!(next + rel, target, "jump displacement at {disp_at:#x}");
         }
-        assert_eq!(&PROGRAM[0x52..], &[0xe6, DONE_PORT as u8]);
-        assert_eq!(&PROGRAM[0x18..0x1a], &[0xe6, BAD_SELECTOR_PORT as u8]);
+        assert_eq!(&PROGRAM[0x52..0x54], &[0xe6, DONE_PORT as u8]);
+        assert_eq!(&PROGRAM[0x7e..], &[0xe6, BAD_SELECTOR_PORT as u8]);
     }
 
     #[test]

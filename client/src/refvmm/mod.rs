@@ -28,17 +28,25 @@
 //! [`RefVm::run`] starts one thread per plan; thread `i` alone uses vCPU `i`. The threads are
 //! released together by a [`Barrier`] right before their first `KVM_RUN`.
 
+mod error;
 pub mod guest;
+mod low;
 mod plan;
+mod vcpu;
+
+use error::kvm_err;
+pub use error::RefVmError;
+use low::LowMem;
+use vcpu::{run_plan, Gate};
 
 use std::fmt;
 use std::ptr::NonNull;
-use std::sync::{Barrier, Condvar, Mutex, PoisonError};
+use std::sync::{Barrier, Mutex, PoisonError};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region, CpuId};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_bindings::{kvm_segment, kvm_sregs, kvm_userspace_memory_region, CpuId};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 pub use guest::checksum_words;
 pub use plan::split_evenly;
@@ -70,6 +78,29 @@ pub enum Workload {
     },
     /// Write one byte (value 1) per 4 KiB page at offset 0 (demand-paging rate measurement).
     Touch,
+    /// Read the first 8-byte word of `count` pages of the task's range in a scattered order —
+    /// page `k · stride mod n` for `k` in `0..count`, where the range is `n` pages (`n` a power
+    /// of two) and `stride` is odd, so every page visited is a different one — and report the
+    /// checksum of the words in visiting order (see [`scatter_checksum`]): a workload whose
+    /// working set is a fixed, scattered part of memory.
+    Scatter {
+        /// Odd step, in pages.
+        stride: u64,
+        /// Pages visited, at most `n`.
+        count: u64,
+    },
+}
+
+/// The order of pages a [`Workload::Scatter`] over `pages` pages visits.
+pub fn scatter_order(pages: u64, stride: u64, count: u64) -> impl Iterator<Item = u64> {
+    let mask = pages.wrapping_sub(1);
+    (0..count).map(move |k| k.wrapping_mul(stride) & mask)
+}
+
+/// The checksum a [`Workload::Scatter`] reports, from the first word of each visited page:
+/// `h = h.rotate_left(7) ^ word`, in visiting order.
+pub fn scatter_checksum(first_words: impl Iterator<Item = u64>) -> u64 {
+    first_words.fold(0, |h, w| h.rotate_left(7) ^ w)
 }
 
 /// One run of the guest program over `[gpa_start, gpa_end)`: both 4 KiB aligned, non-empty, and
@@ -102,191 +133,6 @@ pub struct VcpuReport {
     pub kvm_runs: u64,
     /// Wall time from the start barrier to the end of the last task.
     pub elapsed: Duration,
-}
-
-/// Errors of the reference VMM.
-#[derive(thiserror::Error, Debug)]
-#[non_exhaustive]
-pub enum RefVmError {
-    /// `/dev/kvm` could not be opened.
-    #[error("KVM is not available: opening /dev/kvm failed: {0}")]
-    KvmUnavailable(#[source] kvm_ioctls::Error),
-    /// A KVM ioctl other than `KVM_RUN` failed.
-    #[error("KVM request {op} failed: {source}")]
-    Kvm {
-        /// The request, e.g. `KVM_SET_SREGS`.
-        op: &'static str,
-        /// The kernel's error.
-        #[source]
-        source: kvm_ioctls::Error,
-    },
-    /// The VMM-private low slot could not be mapped.
-    #[error("Mapping {len} bytes of VMM-private low memory failed: {source}")]
-    LowMemory {
-        /// Bytes requested.
-        len: u64,
-        /// The kernel's error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The vCPU count is zero or above what KVM supports.
-    #[error("Invalid vCPU count {requested}: it must be between 1 and {max}")]
-    BadVcpuCount {
-        /// Count asked for.
-        requested: usize,
-        /// KVM's limit.
-        max: usize,
-    },
-    /// No regions were given.
-    #[error("No guest regions were given")]
-    NoRegions,
-    /// More regions than KVM has memslots for (slot 0 is the VMM's own).
-    #[error("Too many guest regions: {regions} given, KVM allows {max} besides the low slot")]
-    TooManyRegions {
-        /// Regions given.
-        regions: usize,
-        /// Regions possible.
-        max: usize,
-    },
-    /// A region breaks the layout rules.
-    #[error("Guest region {index} is rejected: {reason}")]
-    BadRegion {
-        /// Index in the slice given to [`RefVm::new`].
-        index: usize,
-        /// What is wrong.
-        reason: String,
-    },
-    /// More plans than vCPUs.
-    #[error("Too many plans: {plans} given but the VM has {vcpus} vCPUs")]
-    TooManyPlans {
-        /// Plans given.
-        plans: usize,
-        /// vCPUs of the VM.
-        vcpus: usize,
-    },
-    /// A task is malformed or outside the regions.
-    #[error("Task {task} of vCPU {vcpu} is rejected: {reason}")]
-    BadTask {
-        /// vCPU (plan) index.
-        vcpu: usize,
-        /// Task index in the plan.
-        task: usize,
-        /// What is wrong.
-        reason: String,
-    },
-    /// `KVM_RUN` itself failed (other than `EINTR`), e.g. `EFAULT` when the host memory behind a
-    /// region could not be faulted in.
-    #[error("KVM_RUN failed on vCPU {vcpu} at rip {}: {source}", Rip(*.rip))]
-    RunFailed {
-        /// vCPU index.
-        vcpu: usize,
-        /// Guest rip, if `KVM_GET_REGS` worked.
-        rip: Option<u64>,
-        /// The kernel's error.
-        #[source]
-        source: kvm_ioctls::Error,
-    },
-    /// The guest stopped for anything but its done `out` (or an interrupt).
-    #[error(
-        "Unexpected exit on vCPU {vcpu}: {reason} (exit reason {exit_reason}, rip {})",
-        Rip(*.rip)
-    )]
-    UnexpectedExit {
-        /// vCPU index.
-        vcpu: usize,
-        /// Raw `kvm_run.exit_reason`.
-        exit_reason: u32,
-        /// Human-readable description of the exit.
-        reason: String,
-        /// Guest rip, if `KVM_GET_REGS` worked.
-        rip: Option<u64>,
-    },
-    /// A vCPU thread could not be started.
-    #[error("Starting the thread for vCPU {vcpu} failed: {source}")]
-    ThreadSpawn {
-        /// vCPU index.
-        vcpu: usize,
-        /// The error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A vCPU thread panicked (a bug in this module).
-    #[error("The thread for vCPU {vcpu} panicked")]
-    ThreadPanicked {
-        /// vCPU index.
-        vcpu: usize,
-    },
-}
-
-/// Formats an optional rip for error messages.
-struct Rip(Option<u64>);
-
-impl fmt::Display for Rip {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            Some(rip) => write!(f, "{rip:#x}"),
-            None => f.write_str("unknown"),
-        }
-    }
-}
-
-fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> RefVmError {
-    move |source| RefVmError::Kvm { op, source }
-}
-
-/// The VMM-private low slot mapping (code and page tables); unmapped on drop.
-struct LowMem {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: `LowMem` owns its private anonymous mapping; the host writes it only in `RefVm::new`
-// before any vCPU exists and afterwards only unmaps it in `drop`, so moving or sharing the handle
-// across threads cannot race on the memory.
-unsafe impl Send for LowMem {}
-// SAFETY: see the `Send` impl: no `&self` method touches the memory.
-unsafe impl Sync for LowMem {}
-
-impl LowMem {
-    fn new(len: u64) -> Result<LowMem, RefVmError> {
-        let fail = |source: std::io::Error| RefVmError::LowMemory { len, source };
-        let size =
-            usize::try_from(len).map_err(|_| fail(std::io::ErrorKind::InvalidInput.into()))?;
-        // SAFETY: a fresh anonymous mapping at a kernel-chosen address aliases no Rust object.
-        let ptr = unsafe {
-            rustix::mm::mmap_anonymous(
-                std::ptr::null_mut(),
-                size,
-                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-                rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::POPULATE,
-            )
-        }
-        .map_err(|e| fail(e.into()))?;
-        let ptr =
-            NonNull::new(ptr.cast::<u8>()).ok_or_else(|| fail(std::io::ErrorKind::Other.into()))?;
-        Ok(LowMem { ptr, len: size })
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: `ptr..ptr+len` is our own live read/write mapping (zero-filled by the kernel),
-        // and `&mut self` guarantees no other reference to it exists on the host.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-
-    fn addr(&self) -> u64 {
-        self.ptr.as_ptr() as u64
-    }
-}
-
-impl Drop for LowMem {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` is exactly the mapping created in `new`, no slice into it outlives
-        // `as_mut_slice`'s borrow, and the VM using it as a memslot was dropped before (field order
-        // of `RefVm`).
-        if let Err(e) = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) } {
-            tracing::warn!(error = %e, "refvmm: munmap of the low slot failed");
-        }
-    }
 }
 
 /// A KVM VM with `vcpus` vCPUs running the reference guest program over caller-mapped regions.
@@ -605,167 +451,11 @@ pub(crate) fn set_long_mode(sregs: &mut kvm_sregs, cpl: u8) {
     sregs.efer = (1 << 10) | (1 << 8); // LMA | LME
 }
 
-/// A one-shot start gate: threads wait until the spawner says go (true) or quit (false).
-#[derive(Default)]
-struct Gate {
-    state: Mutex<Option<bool>>,
-    cv: Condvar,
-}
-
-impl Gate {
-    fn open(&self, go: bool) {
-        *self.state.lock().unwrap_or_else(PoisonError::into_inner) = Some(go);
-        self.cv.notify_all();
-    }
-
-    fn wait(&self) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        loop {
-            if let Some(go) = *state {
-                return go;
-            }
-            state = self.cv.wait(state).unwrap_or_else(PoisonError::into_inner);
-        }
-    }
-}
-
-/// Body of vCPU thread `index`.
-fn run_plan(
-    index: usize,
-    vcpu: &mut VcpuFd,
-    plan: &[Task],
-    gate: &Gate,
-    barrier: &Barrier,
-) -> Result<VcpuReport, RefVmError> {
-    if !gate.wait() {
-        return Ok(VcpuReport::default());
-    }
-    barrier.wait();
-    let start = Instant::now();
-    let mut kvm_runs = 0u64;
-    let mut results = Vec::with_capacity(plan.len());
-    for task in plan {
-        let (selector, key) = task.workload.guest_inputs();
-        let regs = kvm_regs {
-            rip: guest::CODE_GPA,
-            rflags: GUEST_RFLAGS,
-            rdi: task.gpa_start,
-            rsi: task.gpa_end,
-            rbx: selector,
-            rdx: key,
-            ..Default::default()
-        };
-        vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
-        let t0 = Instant::now();
-        run_until_done(index, vcpu, &mut kvm_runs)?;
-        let elapsed = t0.elapsed();
-        let value = match task.workload {
-            Workload::Checksum => vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?.rax,
-            Workload::WritePattern { .. } | Workload::Touch => 0,
-        };
-        results.push(TaskResult { value, elapsed });
-    }
-    Ok(VcpuReport {
-        results,
-        kvm_runs,
-        elapsed: start.elapsed(),
-    })
-}
-
-/// `KVM_RUN` until the guest's `out` on [`guest::DONE_PORT`], re-entering after interrupts.
-fn run_until_done(index: usize, vcpu: &mut VcpuFd, kvm_runs: &mut u64) -> Result<(), RefVmError> {
-    loop {
-        *kvm_runs += 1;
-        let failure = match vcpu.run() {
-            Ok(VcpuExit::IoOut(guest::DONE_PORT, _)) => return Ok(()),
-            Ok(VcpuExit::Intr) => continue,
-            Err(e) if e.errno() == libc::EINTR => continue,
-            Ok(exit) => Ok(describe_exit(&exit)),
-            Err(e) => Err(e),
-        };
-        let rip = vcpu.get_regs().ok().map(|r| r.rip);
-        let err = match failure {
-            Ok(mut reason) => {
-                let run = vcpu.get_kvm_run();
-                let exit_reason = run.exit_reason;
-                if exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR {
-                    // SAFETY: exit_reason says the kernel filled the `internal` union member.
-                    let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
-                    reason.push_str(&format!(" (suberror {suberror})"));
-                }
-                RefVmError::UnexpectedExit {
-                    vcpu: index,
-                    exit_reason,
-                    reason,
-                    rip,
-                }
-            }
-            Err(source) => RefVmError::RunFailed {
-                vcpu: index,
-                rip,
-                source,
-            },
-        };
-        settle(index, vcpu);
-        return Err(err);
-    }
-}
-
-/// Lets KVM finish whatever it left pending for userspace at the refused exit (e.g. the rest of
-/// an emulated MMIO read, which would otherwise complete with stale state on the next `KVM_RUN`
-/// and override the next task's registers) without entering the guest: one `KVM_RUN` with
-/// `immediate_exit` set, which KVM answers with `EINTR`.
-fn settle(index: usize, vcpu: &mut VcpuFd) {
-    vcpu.set_kvm_immediate_exit(1);
-    let outcome = match vcpu.run() {
-        Err(e) if e.errno() == libc::EINTR => None,
-        Err(e) => Some(e.to_string()),
-        Ok(exit) => Some(format!("{exit:?}")),
-    };
-    vcpu.set_kvm_immediate_exit(0);
-    if let Some(outcome) = outcome {
-        tracing::debug!(vcpu = index, %outcome, "refvmm: settling KVM_RUN did not return EINTR");
-    }
-}
-
-fn describe_exit(exit: &VcpuExit<'_>) -> String {
-    match exit {
-        VcpuExit::IoOut(guest::BAD_SELECTOR_PORT, _) => {
-            "the guest rejected its workload selector (out on port 0x11)".to_string()
-        }
-        VcpuExit::IoOut(port, data) => format!("IO out of {} bytes on port {port:#x}", data.len()),
-        VcpuExit::IoIn(port, data) => format!("IO in of {} bytes on port {port:#x}", data.len()),
-        VcpuExit::MmioRead(gpa, data) => {
-            format!(
-                "MMIO read of {} bytes at GPA {gpa:#x} (no memslot there)",
-                data.len()
-            )
-        }
-        VcpuExit::MmioWrite(gpa, data) => {
-            format!(
-                "MMIO write of {} bytes at GPA {gpa:#x} (no memslot there)",
-                data.len()
-            )
-        }
-        VcpuExit::Hlt => "HLT".to_string(),
-        VcpuExit::Shutdown => "shutdown (triple fault)".to_string(),
-        VcpuExit::FailEntry(reason, cpu) => {
-            format!("entry failure (hardware reason {reason:#x}, host CPU {cpu})")
-        }
-        VcpuExit::InternalError => "KVM internal error".to_string(),
-        VcpuExit::Exception => "exception".to_string(),
-        VcpuExit::MemoryFault { flags, gpa, size } => {
-            format!("memory fault at GPA {gpa:#x} size {size:#x} flags {flags:#x}")
-        }
-        VcpuExit::SystemEvent(kind, _) => format!("system event of type {kind}"),
-        VcpuExit::Unsupported(reason) => format!("exit reason {reason} unknown to kvm-ioctls"),
-        other => format!("{other:?}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::vcpu::run_until_done;
     use super::*;
+    use kvm_bindings::kvm_regs;
 
     fn kvm_or_skip(test: &str) -> bool {
         if RefVm::kvm_available() {
@@ -830,7 +520,7 @@ mod tests {
         );
         assert_eq!(run_raw(&vm, gpa, gpa, guest::SEL_TOUCH).ok(), Some(0));
 
-        // Unknown selector: the guest's `out 0x11` at program offset 0x18.
+        // Unknown selector: the guest's `out 0x11` at program offset 0x7e.
         let err = run_raw(&vm, gpa, gpa + 4096, 7).expect_err("bad selector");
         eprintln!("{err}");
         match &err {
@@ -843,7 +533,7 @@ mod tests {
                 assert_eq!(*exit_reason, kvm_bindings::KVM_EXIT_IO);
                 assert!(reason.contains("workload selector"), "{reason}");
                 assert!(
-                    (guest::CODE_GPA + 0x18..=guest::CODE_GPA + 0x1a).contains(rip),
+                    (guest::CODE_GPA + 0x7e..=guest::CODE_GPA + 0x80).contains(rip),
                     "rip {rip:#x}"
                 );
             }
@@ -874,5 +564,41 @@ mod tests {
         let plans = split_evenly(&[region], 1, Workload::Checksum);
         let reports = vm.run(&plans).expect("run after errors");
         assert_eq!(reports[0].results[0].value, want);
+
+        // A scatter over the 512 pages: the first word of every page visited, in its order.
+        let word = |p: u64| {
+            let at = (p * guest::PAGE_SIZE) as usize;
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&mem.as_mut_slice()[at..at + 8]);
+            u64::from_le_bytes(w)
+        };
+        let (stride, count) = (317, 100);
+        let task = Task {
+            workload: Workload::Scatter { stride, count },
+            gpa_start: gpa,
+            gpa_end: gpa + (2 << 20),
+        };
+        let reports = vm.run(&[vec![task]]).expect("scatter");
+        let want = scatter_checksum(scatter_order(512, stride, count).map(word));
+        assert_eq!(reports[0].results[0].value, want);
+        let visited: std::collections::HashSet<u64> = scatter_order(512, stride, count).collect();
+        assert_eq!(visited.len(), 100, "every page visited is a different one");
+        // An even stride, or a range that is not a power of two, is refused.
+        let bad = Task {
+            workload: Workload::Scatter { stride: 2, count },
+            ..task
+        };
+        assert!(matches!(
+            vm.run(&[vec![bad]]),
+            Err(RefVmError::BadTask { .. })
+        ));
+        let bad = Task {
+            gpa_end: gpa + 3 * guest::PAGE_SIZE,
+            ..task
+        };
+        assert!(matches!(
+            vm.run(&[vec![bad]]),
+            Err(RefVmError::BadTask { .. })
+        ));
     }
 }

@@ -1,6 +1,6 @@
 //! Region layout checks, task checks and [`split_evenly`].
 
-use super::guest::{PAGE_SIZE, SEL_CHECKSUM, SEL_PATTERN, SEL_TOUCH};
+use super::guest::{PAGE_SIZE, SEL_CHECKSUM, SEL_PATTERN, SEL_SCATTER, SEL_TOUCH};
 use super::{GuestRegion, RefVmError, Task, Workload};
 
 /// A caller region as the VM remembers it (without the host pointer, so the VM stays `Send`).
@@ -17,12 +17,15 @@ impl Span {
 }
 
 impl Workload {
-    /// The `rbx` selector and `rdx` key the guest program expects.
-    pub(crate) fn guest_inputs(&self) -> (u64, u64) {
+    /// The `rbx` selector, `rdx` key and `r8` count the guest program expects.
+    pub(crate) fn guest_inputs(&self) -> (u64, u64, u64) {
         match *self {
-            Workload::Checksum => (SEL_CHECKSUM, 0),
-            Workload::WritePattern { key } => (SEL_PATTERN, key),
-            Workload::Touch => (SEL_TOUCH, 0),
+            Workload::Checksum => (SEL_CHECKSUM, 0, 0),
+            Workload::WritePattern { key } => (SEL_PATTERN, key, 0),
+            Workload::Touch => (SEL_TOUCH, 0, 0),
+            Workload::Scatter { stride, count } => {
+                (SEL_SCATTER, stride.wrapping_mul(PAGE_SIZE), count)
+            }
         }
     }
 }
@@ -133,6 +136,14 @@ pub(crate) fn check_task(
             "range {:#x}..{:#x} is empty or reversed",
             t.gpa_start, t.gpa_end
         )));
+    }
+    if let Workload::Scatter { stride, count } = t.workload {
+        let pages = (t.gpa_end - t.gpa_start) / PAGE_SIZE;
+        if !pages.is_power_of_two() || stride % 2 == 0 || count > pages {
+            return Err(reject(format!(
+                "a scatter needs a power-of-two number of pages ({pages} given), an odd stride ({stride}) and at most that many visits ({count})"
+            )));
+        }
     }
     if !spans
         .iter()
