@@ -81,8 +81,12 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     let mut main = connect(&path)?;
     step(&mut main, Request::start(), &[], "Start")?;
     for (slot, memfd) in snap.slots.iter().zip(&created.memfds) {
-        wire::send_memory_fd(main.as_fd(), slot.slot, memfd.as_fd())
-            .with_context(|| format!("cannot send the memfd of slot {}", slot.slot))?;
+        wire::send_memory_fd(main.as_fd(), slot.slot, memfd.as_fd()).with_context(|| {
+            format!(
+                "cloud-hypervisor went away before the memfd of slot {} was sent",
+                slot.slot
+            )
+        })?;
         expect_ok(&mut main, "MemoryFd")?;
     }
     let config = snap.config_payload(common_cpuid);

@@ -56,7 +56,8 @@ enum Refused {
 struct Requested {
     /// One bit per page of each region.
     bits: Vec<Vec<u64>>,
-    /// Region indices in GPA order (the order of cloud-hypervisor's walk).
+    /// Region indices in the order of cloud-hypervisor's walk: its memory range table's order,
+    /// which is the order of the ranges in the snapshot, so of the regions' source offsets.
     order: Vec<usize>,
     /// The first page not asked for at or after the background pull's position: (position
     /// in `order`, page).
@@ -67,7 +68,7 @@ impl Requested {
     fn new(vm: &Vm) -> Requested {
         let regions = vm.memory.regions();
         let mut order: Vec<usize> = (0..regions.len()).collect();
-        order.sort_by_key(|&i| regions[i].spec.gpa());
+        order.sort_by_key(|&i| regions[i].spec.source_offset());
         Requested {
             bits: regions
                 .iter()
@@ -352,10 +353,16 @@ impl ChFaultServer {
             region.state.mark_populated(page);
             return Ok(());
         }
-        let done = self.fill(ri, run).ok_or(Refused::Source)?;
-        if !done.contains(&page) {
+        let done = match self.fill(ri, run.clone()) {
+            Some(done) => Some(done),
+            // The run failed: the requested page alone gets its own try.
+            None if run.len() > 1 => self.fill(ri, page..page + 1),
+            None => None,
+        };
+        let Some(done) = done.filter(|d| d.contains(&page)) else {
+            VmMetrics::bump(&vm.metrics.source_errors);
             return Err(Refused::Source);
-        }
+        };
         VmMetrics::add(&vm.metrics.pages_prefetched, done.len() as u64 - 1);
         Ok(())
     }
@@ -377,7 +384,6 @@ impl ChFaultServer {
             match vm.fill_owned(ri, run.clone()) {
                 Ok(f) => f,
                 Err(e) => {
-                    VmMetrics::bump(&vm.metrics.source_errors);
                     tracing::trace!(error = %e, "page source failed on a channel request");
                     return None;
                 }

@@ -165,12 +165,27 @@ impl Reactor {
             ));
         }
         let total: u64 = create.regions.iter().map(|r| r.size()).sum();
-        if total > self.config.max_vm_memory {
+        // A memfd is as long as the furthest region in it: regions at large file offsets make
+        // files larger than the memory they hold.
+        let mut files: HashMap<u32, u64> = HashMap::new();
+        let mut own_files = 0u64;
+        for r in &create.regions {
+            let end = r.file_offset().saturating_add(r.size());
+            match r.memfd_group() {
+                0 => own_files = own_files.saturating_add(end),
+                g => {
+                    let e = files.entry(g).or_insert(0);
+                    *e = (*e).max(end);
+                }
+            }
+        }
+        let file_bytes = files.values().fold(own_files, |a, &b| a.saturating_add(b));
+        if total.max(file_bytes) > self.config.max_vm_memory {
             return Err(refuse(
                 ErrorCode::LimitExceeded,
                 format!(
-                    "{total} bytes of guest memory exceed the limit of {}",
-                    self.config.max_vm_memory
+                    "{} bytes of guest memory (memfds of {file_bytes}) exceed the limit of {}",
+                    total, self.config.max_vm_memory
                 ),
             ));
         }

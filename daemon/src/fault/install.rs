@@ -89,47 +89,54 @@ impl FaultServer {
         if run.is_empty() {
             return;
         }
-        let done = if region.is_owned() {
-            // Never overwrite what is in the memfd: only the part before the first resident
-            // page goes in now.
-            let ps = region.page_size();
-            let mut end = run.start;
-            if ps == PAGE_SIZE {
-                region.residency(run.clone(), &mut self.residency);
-                while end < run.end && self.residency[end - run.start] & 1 == 0 {
-                    end += 1;
+        if !region.is_owned() {
+            if let Ok(done) = self.populate(ri, run, true) {
+                for q in done.clone() {
+                    region.state.mark_populated(q);
                 }
-            } else if !region.is_resident(run.start as u64 * ps) {
-                end = run.start + 1;
+                VmMetrics::add(&vm.metrics.pages_replayed, done.len() as u64);
             }
-            let part = run.start..end;
-            if part.is_empty() {
-                return;
+            return;
+        }
+        // Never overwrite what is in the memfd: the run goes in piece by piece, around the
+        // pages that are there already.
+        let ps = region.page_size();
+        if ps == PAGE_SIZE {
+            region.residency(run.clone(), &mut self.residency);
+        }
+        let resident = |q: usize| match ps {
+            PAGE_SIZE => self.residency[q - run.start] & 1 != 0,
+            _ => region.is_resident(q as u64 * ps),
+        };
+        let mut pieces = Vec::new();
+        let mut q = run.start;
+        while q < run.end {
+            if resident(q) {
+                q += 1;
+                continue;
             }
-            match vm.fill_owned(ri, part.clone()) {
+            let start = q;
+            while q < run.end && !resident(q) {
+                q += 1;
+            }
+            pieces.push(start..q);
+        }
+        for piece in pieces {
+            match vm.fill_owned(ri, piece.clone()) {
                 Ok(fill) => {
                     let counter = match fill {
                         Fill::Data => &vm.metrics.pages_from_source,
                         Fill::Zero => &vm.metrics.pages_zero,
                     };
-                    VmMetrics::add(counter, part.len() as u64);
-                    part
+                    VmMetrics::add(counter, piece.len() as u64);
+                    for q in piece.clone() {
+                        region.state.mark_populated(q);
+                    }
+                    VmMetrics::add(&vm.metrics.pages_replayed, piece.len() as u64);
                 }
-                Err(e) => {
-                    tracing::trace!(error = %e, "page source failed for a replayed run");
-                    return;
-                }
+                Err(e) => tracing::trace!(error = %e, "page source failed for a replayed run"),
             }
-        } else {
-            match self.populate(ri, run, true) {
-                Ok(done) => done,
-                Err(_) => return,
-            }
-        };
-        for q in done.clone() {
-            region.state.mark_populated(q);
         }
-        VmMetrics::add(&vm.metrics.pages_replayed, done.len() as u64);
     }
 
     /// With `continue`, the part of `run` around `keep` whose pages are not in the memfd
