@@ -12,6 +12,7 @@ fn main() {
         json: Some(target.join("vmpager-bench").join("bench.json")),
         vmpagerd: None,
         vmpager: None,
+        only: Vec::new(),
     };
     match vmpager_bench::run(&opts, &mut |s| eprintln!("bench: {s}")) {
         Ok(report) => {

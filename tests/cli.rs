@@ -109,6 +109,90 @@ fn demo_verifies_every_byte() {
     );
 }
 
+/// Runs `vmpager demo` with `args`, expecting success; returns its stdout.
+fn demo(dir: &TestDir, args: &[&str]) -> String {
+    let out = Command::new(vmpager_binary())
+        .arg("demo")
+        .args(args)
+        .arg("--workdir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The number after `prefix` on the line that has it.
+fn number_after(text: &str, prefix: &str) -> u64 {
+    let at = text
+        .find(prefix)
+        .unwrap_or_else(|| panic!("no {prefix:?} in {text}"))
+        + prefix.len();
+    text[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number after {prefix:?} in {text}"))
+}
+
+#[test]
+fn demo_records_a_working_set_and_replays_it() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = TestDir::new("demo-ws");
+    let ws = dir.join("demo.ws");
+    let w = ws.to_str().unwrap();
+    let common = ["--memory", "32M", "--vcpus", "2", "--touch", "20"];
+    let recorded = demo(&dir, &[&common[..], &["--record-working-set", w]].concat());
+    // 20 % of each vCPU's 4096 pages, every first touch a fault (no readahead while recording).
+    let pages = number_after(&recorded, "working set: ");
+    assert_eq!(pages, 2 * 819, "{recorded}");
+    assert_eq!(number_after(&recorded, "faults served: "), pages);
+    assert!(
+        recorded.contains("verified: guest saw every word it read"),
+        "{recorded}"
+    );
+    let replayed = demo(&dir, &[&common[..], &["--working-set", w]].concat());
+    assert_eq!(
+        number_after(&replayed, "working set: "),
+        pages,
+        "{replayed}"
+    );
+    let faults = number_after(&replayed, "faults served: ");
+    let from_set = number_after(&replayed, "ahead of a fault (fault-around, prefetch), ");
+    // Each page the guest read came from the working set or from its own fault, once.
+    assert!(from_set + faults >= pages, "{replayed}");
+    assert!(
+        replayed.contains("verified: guest saw every word it read"),
+        "{replayed}"
+    );
+    // A working set is refused for another snapshot (another seed).
+    let out = Command::new(vmpager_binary())
+        .args([
+            "demo",
+            "--memory",
+            "32M",
+            "--seed",
+            "7",
+            "--touch",
+            "20",
+            "--working-set",
+            w,
+        ])
+        .arg("--workdir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another snapshot"));
+}
+
 #[test]
 fn a_vmm_killed_mid_run_disturbs_no_other_session() {
     if !have_kvm() {

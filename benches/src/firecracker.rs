@@ -142,7 +142,7 @@ pub fn example_handler(socket: &Path, mem_file: &Path) -> std::io::Result<()> {
 }
 
 /// A page-fault handler process for Firecracker: the example handler or
-/// `vmpager firecracker-handler`, pinned to CPU 0 with everything it starts.
+/// `vmpager firecracker-handler`, optionally pinned to one CPU with everything it starts.
 pub struct HandlerProcess {
     child: Child,
     stdout: BufReader<ChildStdout>,
@@ -151,26 +151,30 @@ pub struct HandlerProcess {
 }
 
 impl HandlerProcess {
-    /// Starts `vmpager <args>`, serving `socket`, and waits until it listens.
+    /// Starts `vmpager <args>`, serving `socket`, on CPU `pin` if given, and waits until it
+    /// listens.
     pub fn start(
         vmpager: &Path,
         args: &[&str],
         socket: &Path,
+        pin: Option<usize>,
     ) -> Result<HandlerProcess, BenchError> {
         let mut cmd = Command::new(vmpager);
         cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped());
         if std::env::var_os("VMPAGER_LOG").is_none() {
             cmd.env("VMPAGER_LOG", "warn");
         }
-        // SAFETY: runs in the child between fork and exec and only calls sched_setaffinity, which
-        // is async-signal-safe, on a set built on the stack.
-        unsafe {
-            cmd.pre_exec(|| {
-                let mut set = rustix::thread::CpuSet::new();
-                set.set(0);
-                let _ = rustix::thread::sched_setaffinity(None, &set);
-                Ok(())
-            });
+        if let Some(cpu) = pin {
+            // SAFETY: runs in the child between fork and exec and only calls
+            // sched_setaffinity, which is async-signal-safe, on a set built on the stack.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut set = rustix::thread::CpuSet::new();
+                    set.set(cpu);
+                    let _ = rustix::thread::sched_setaffinity(None, &set);
+                    Ok(())
+                });
+            }
         }
         let mut child = cmd
             .spawn()
@@ -238,6 +242,12 @@ impl Drop for HandlerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The run of median time (with its own counters).
+fn median(mut runs: Vec<Restore>) -> Restore {
+    runs.sort_by_key(|r| r.elapsed);
+    runs.swap_remove(runs.len() / 2)
 }
 
 /// What one served VM cost: faults the handler read and bytes it read from the memory file.
@@ -327,7 +337,8 @@ pub fn host_fault_rows(
     let mem = image.to_str().unwrap_or_default();
     let sock = dir.join("fc-faults.sock");
     let s = sock.to_str().unwrap_or_default();
-    let mut example = HandlerProcess::start(vmpager, &["fc-example-handler", s, mem], &sock)?;
+    let mut example =
+        HandlerProcess::start(vmpager, &["fc-example-handler", s, mem], &sock, Some(0))?;
     let mut a = host_fault_row(
         "Firecracker's example handler (process), 4 KiB per fault",
         &mut example,
@@ -358,6 +369,7 @@ pub fn host_fault_rows(
         vmpager,
         &["firecracker-handler", s, mem, "--daemon", &daemon_sock],
         &sock,
+        Some(0),
     )?;
     let b = host_fault_row(
         "vmpager firecracker-handler --daemon (vmpagerd blocking, 4 KiB per fault)",
@@ -367,7 +379,7 @@ pub fn host_fault_rows(
     .compare(&a, crate::RatioOf::P50);
     h.stop();
     d.stop()?;
-    let mut h = HandlerProcess::start(vmpager, &["firecracker-handler", s, mem], &sock)?;
+    let mut h = HandlerProcess::start(vmpager, &["firecracker-handler", s, mem], &sock, Some(0))?;
     let c = host_fault_row(
         "vmpager firecracker-handler, in-process vmpagerd defaults (fault-around + prefetch)",
         &mut h,
@@ -381,9 +393,9 @@ pub fn host_fault_rows(
 /// The restore benchmark: a `len`-byte snapshot whose guest (`vcpus` real vCPUs) reads a
 /// fixed, scattered `percent` % of its pages, restored (a) as Firecracker's example handler
 /// serves it, (b) by `vmpager firecracker-handler` as it starts (fault-around + prefetch),
-/// (c) by it replaying the working set recorded in a first restore (r). Three rows per
-/// restore: time until the workload is done, faults taken, bytes read from the snapshot; the
-/// ratios are to (a).
+/// (c) by it replaying the working set recorded in a first restore (r). (a), (b) and (c) run
+/// `runs` times, interleaved, and report their medians. Three rows per restore: time until the
+/// workload is done, faults taken, bytes read from the snapshot; the ratios are to (a).
 pub fn restore_rows(
     vmpager: &Path,
     dir: &Path,
@@ -391,6 +403,7 @@ pub fn restore_rows(
     len: u64,
     vcpus: usize,
     percent: u32,
+    runs: usize,
 ) -> Result<Vec<Row>, BenchError> {
     let file = File::open(image).map_err(|e| BenchError::io("open the snapshot", e))?;
     let mem = image.to_str().unwrap_or_default();
@@ -399,15 +412,20 @@ pub fn restore_rows(
     let ws = dir.join("restore.ws");
     let w = ws.to_str().unwrap_or_default();
     let run = |args: &[&str]| -> Result<Restore, BenchError> {
-        let mut h = HandlerProcess::start(vmpager, args, &sock)?;
+        // Nothing pinned: handlers and vCPUs where the scheduler puts them.
+        let mut h = HandlerProcess::start(vmpager, args, &sock, None)?;
         let r = restore_once(&mut h, &file, len, vcpus, percent)?;
         h.stop();
         Ok(r)
     };
-    let a = run(&["fc-example-handler", s, mem])?;
-    let b = run(&["firecracker-handler", s, mem])?;
     let rec = run(&["firecracker-handler", s, mem, "--record-working-set", w])?;
-    let c = run(&["firecracker-handler", s, mem, "--working-set", w])?;
+    let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs.max(1) {
+        a.push(run(&["fc-example-handler", s, mem])?);
+        b.push(run(&["firecracker-handler", s, mem])?);
+        c.push(run(&["firecracker-handler", s, mem, "--working-set", w])?);
+    }
+    let (a, b, c) = (median(a), median(b), median(c));
     let mut rows = Vec::new();
     let mut base: Vec<Row> = Vec::new();
     for (tag, r) in [

@@ -82,6 +82,28 @@ pub struct Options {
     pub vmpagerd: Option<PathBuf>,
     /// The vmpager binary, for the Firecracker handlers (default: next to vmpagerd).
     pub vmpager: Option<PathBuf>,
+    /// Run only these sections ([`SECTIONS`]); empty: all.
+    pub only: Vec<String>,
+}
+
+/// The sections of a run, in order: IPC round trips, populate ioctls, host-thread faults,
+/// vCPU demand paging, Firecracker's protocol, the restore benchmark, conversions, daemon
+/// memory.
+pub const SECTIONS: [&str; 8] = [
+    "ipc",
+    "ioctl",
+    "faults",
+    "vcpu",
+    "firecracker",
+    "restore",
+    "conversion",
+    "memory",
+];
+
+impl Options {
+    fn wants(&self, section: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == section)
+    }
 }
 
 /// How much of each path to measure.
@@ -153,13 +175,23 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Report, BenchErr
     vmpager_client::demo::write_image(&image_path, (image_pages * PAGE) as u64, 9)?;
     let image = File::open(&image_path).map_err(|e| BenchError::io("open image", e))?;
 
+    if let Some(bad) = opts.only.iter().find(|s| !SECTIONS.contains(&s.as_str())) {
+        return Err(BenchError::Setup(format!(
+            "no section {bad:?} (sections: {})",
+            SECTIONS.join(", ")
+        )));
+    }
     let mut rows = Vec::new();
-    log("round trips: eventfd, unix socket, mailbox");
-    rows.extend(round_trip_rows(sizes));
-    log("populate ioctls with nobody waiting");
-    rows.extend(ioctl_rows(sizes, &image)?);
+    if opts.wants("ipc") {
+        log("round trips: eventfd, unix socket, mailbox");
+        rows.extend(round_trip_rows(sizes));
+    }
+    if opts.wants("ioctl") {
+        log("populate ioctls with nobody waiting");
+        rows.extend(ioctl_rows(sizes, &image)?);
+    }
     let mut accs = Accs::default();
-    for round in 0..sizes.rounds {
+    for round in (0..sizes.rounds).filter(|_| opts.wants("faults")) {
         log(&format!(
             "host-thread faults, round {}/{}",
             round + 1,
@@ -167,7 +199,7 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Report, BenchErr
         ));
         fault_round(&mut accs, sizes, &image, &vmpagerd, &dir)?;
     }
-    if kvm {
+    if kvm && opts.wants("vcpu") {
         for round in 0..sizes.rounds {
             log(&format!(
                 "vCPU demand paging, round {}/{}",
@@ -176,7 +208,7 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Report, BenchErr
             ));
             vcpu_round(&mut accs, sizes, &image, &vmpagerd, &dir)?;
         }
-    } else {
+    } else if !kvm {
         log("no /dev/kvm: vCPU rows skipped");
     }
     rows.extend(compare_fault_rows(accs.rows()));
@@ -184,28 +216,31 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Report, BenchErr
         .vmpager
         .clone()
         .unwrap_or_else(|| vmpagerd.with_file_name("vmpager"));
-    log("Firecracker's protocol: host-thread faults");
-    let baseline = rows
-        .iter()
-        .find(|r| {
-            r.id == format!(
-                "in-process handler/copy blocking, {}",
-                Placement::OtherCpu.name()
-            )
-        })
-        .cloned();
-    rows.extend(firecracker::host_fault_rows(
-        &vmpager,
-        &vmpagerd,
-        &dir,
-        &image_path,
-        sizes.fault_pages,
-        baseline.as_ref(),
-    )?);
-    if kvm {
+    if opts.wants("firecracker") {
+        log("Firecracker's protocol: host-thread faults");
+        let baseline = rows
+            .iter()
+            .find(|r| {
+                r.id == format!(
+                    "in-process handler/copy blocking, {}",
+                    Placement::OtherCpu.name()
+                )
+            })
+            .cloned();
+        rows.extend(firecracker::host_fault_rows(
+            &vmpager,
+            &vmpagerd,
+            &dir,
+            &image_path,
+            sizes.fault_pages,
+            baseline.as_ref(),
+        )?);
+    }
+    if kvm && opts.wants("restore") {
         log(&format!(
-            "restore: {} MiB snapshot, 20 % read scattered by 2 vCPUs, three ways",
-            sizes.restore_bytes >> 20
+            "restore: {} MiB snapshot, 20 % read scattered by 2 vCPUs, three ways (median of {})",
+            sizes.restore_bytes >> 20,
+            if opts.quick { 1 } else { 3 }
         ));
         let snapshot = dir.join("restore.img");
         vmpager_client::demo::write_image(&snapshot, sizes.restore_bytes, 17)?;
@@ -216,15 +251,18 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Report, BenchErr
             sizes.restore_bytes,
             2,
             20,
+            if opts.quick { 1 } else { 3 },
         )?);
         let _ = std::fs::remove_file(&snapshot);
     }
-    if kvm {
+    if kvm && opts.wants("conversion") {
         log("conversions");
         rows.extend(conversion_rows(sizes, &vmpagerd, &dir, &rows)?);
     }
-    log("daemon memory");
-    rows.extend(memory_rows(&vmpagerd, &dir)?);
+    if opts.wants("memory") {
+        log("daemon memory");
+        rows.extend(memory_rows(&vmpagerd, &dir)?);
+    }
 
     let mut report = Report {
         quick: opts.quick,

@@ -50,6 +50,10 @@ enum Cmd {
         /// Also write the table as Markdown to FILE.
         #[arg(long, value_name = "FILE")]
         markdown: Option<PathBuf>,
+        /// Run only these sections (comma-separated): ipc, ioctl, faults, vcpu, firecracker,
+        /// restore, conversion, memory.
+        #[arg(long, value_name = "SECTIONS", value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// The guest side of the CoCo rig (tests/coco/run): a KVM_X86_SW_PROTECTED_VM whose
     /// conversion and memory-fault exits go to vmpagerd over the mailbox. Needs a kernel with
@@ -222,7 +226,8 @@ fn main() {
             quick,
             json,
             markdown,
-        } => bench_cmd(quick, json, markdown),
+            only,
+        } => bench_cmd(quick, json, markdown, only),
         Cmd::CocoGuest { socket_path } => coco_cmd(socket_path),
         Cmd::FcExampleHandler { socket, mem_file } => {
             vmpager_bench::firecracker::example_handler(&socket, &mem_file)
@@ -256,12 +261,18 @@ fn main() {
     }
 }
 
-fn bench_cmd(quick: bool, json: Option<PathBuf>, markdown: Option<PathBuf>) -> anyhow::Result<()> {
+fn bench_cmd(
+    quick: bool,
+    json: Option<PathBuf>,
+    markdown: Option<PathBuf>,
+    only: Vec<String>,
+) -> anyhow::Result<()> {
     let opts = vmpager_bench::Options {
         quick,
         json: json.clone(),
         vmpagerd: None,
         vmpager: std::env::current_exe().ok(),
+        only,
     };
     let report = vmpager_bench::run(&opts, &mut |step| eprintln!("bench: {step}"))?;
     println!(

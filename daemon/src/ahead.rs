@@ -43,12 +43,18 @@ impl Planner {
     /// The pages to install for a request of `page` of region `ri`: the contiguous run of
     /// untouched pages (neither installed, removed nor private) around `page` inside the
     /// readahead window, so one source read and one install cover them all. Just `page` if it
-    /// was removed (it becomes a zero page on its own), or if the region has huge pages (a
-    /// 2 MiB page is its own fault-around). Queues the window's part to install later.
+    /// was removed (it becomes a zero page on its own), if the region has huge pages (a 2 MiB
+    /// page is its own fault-around), or while a working set is being replayed (it names the
+    /// pages the guest will need; the neighbours of a page it missed mostly are not).
+    /// Queues the window's part to install later.
     pub fn run_around(&mut self, vm: &Vm, ri: usize, page: usize) -> Range<usize> {
         let region = &vm.memory.regions()[ri];
         let state = &region.state;
-        if !self.on || state.is_discarded(page) || region.page_size() != PAGE_SIZE {
+        if !self.on
+            || state.is_discarded(page)
+            || region.page_size() != PAGE_SIZE
+            || !vm.replay.is_empty()
+        {
             return page..page + 1;
         }
         let Window {

@@ -299,11 +299,26 @@ impl Uffd {
 
     /// `UFFDIO_COPY` of `src` to `dst` and wake the waiters. On `EEXIST` the caller must wake.
     pub fn copy(&self, dst: u64, src: &[u8]) -> Result<(), UffdError> {
+        self.copy_mode(dst, src, 0)
+    }
+
+    /// `UFFDIO_COPY` without waking anyone (`UFFDIO_COPY_MODE_DONTWAKE`), for pages installed
+    /// ahead of any fault: a thread that faulted on one meanwhile has its event queued, and is
+    /// woken when that event is served.
+    pub fn copy_ahead(&self, dst: u64, src: &[u8]) -> Result<(), UffdError> {
+        self.copy_mode(
+            dst,
+            src,
+            u64::from(linux_raw_sys::general::UFFDIO_COPY_MODE_DONTWAKE),
+        )
+    }
+
+    fn copy_mode(&self, dst: u64, src: &[u8], mode: u64) -> Result<(), UffdError> {
         let mut arg = uffdio_copy {
             dst,
             src: src.as_ptr() as u64,
             len: src.len() as u64,
-            mode: 0,
+            mode,
             copy: 0,
         };
         let r = self.ioctl(UFFDIO_COPY, &mut arg);

@@ -198,6 +198,7 @@ impl FaultServer {
             Ok(Fill::Zero) => (self.zeros(ri, dst, off, len), &vm.metrics.pages_zero),
             Ok(Fill::Data) => (
                 match vm.populate {
+                    Populate::Copy if speculative => self.uffd.copy_ahead(dst, &self.bounce[..len]),
                     Populate::Copy => self.uffd.copy(dst, &self.bounce[..len]),
                     Populate::Continue => self.uffd.r#continue(dst, len as u64),
                 },
