@@ -354,6 +354,11 @@ fn handshake_over_a_socket() {
     }
 }
 
+/// Bytes waiting in `sock`'s receive queue.
+fn queued(sock: &OwnedFd) -> u64 {
+    rustix::io::ioctl_fionread(sock).unwrap_or(0)
+}
+
 #[test]
 fn handshake_split_in_two_writes() {
     let (fc, handler) = pair(false);
@@ -362,8 +367,13 @@ fn handshake_split_in_two_writes() {
     let (first, second) = bytes.split_at(bytes.len() / 2);
     let second = second.to_vec();
     send_raw(fc.as_fd(), first, &[uffd.as_fd()]);
+    // The second half goes once the handler has taken the first off the socket (its receive
+    // queue is empty), so the handler really sees two reads.
+    let watch = handler.try_clone().unwrap();
     let writer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(50));
+        while queued(&watch) > 0 {
+            std::thread::yield_now();
+        }
         send_raw(fc.as_fd(), &second, &[]);
         fc // Firecracker keeps the socket open.
     });

@@ -50,18 +50,8 @@ impl Reactor {
         attach: AttachUffd,
         mut fds: Vec<OwnedFd>,
     ) -> Result<(Message, Vec<OwnedFd>), Refusal> {
-        let workers = self.workers.len();
-        let Some(conn) = self.conns.get_mut(&token) else {
-            return Err(refuse(ErrorCode::Internal, "connection vanished"));
-        };
         let vm_id = attach.vm_id;
-        let entry = conn.vms.get_mut(&vm_id).ok_or_else(|| unknown_vm(vm_id))?;
-        if entry.attached {
-            return Err(refuse(
-                ErrorCode::BadState,
-                format!("VM {vm_id} already has a uffd"),
-            ));
-        }
+        let entry = unattached(&mut self.conns, token, vm_id)?;
         let regions = entry.vm.memory.regions();
         if attach.host_addrs.len() != regions.len() {
             return Err(refuse(
@@ -100,7 +90,7 @@ impl Reactor {
             )
         })?;
         let server = FaultServer::new(entry.vm.clone(), uffd, &attach.host_addrs);
-        let w = (vm_id as usize) % workers;
+        let w = (vm_id as usize) % self.workers.len();
         self.workers[w]
             .serve(server)
             .map_err(|e| refuse(ErrorCode::Internal, error_chain(&e)))?;
@@ -117,18 +107,8 @@ impl Reactor {
         attach: AttachChannel,
         mut fds: Vec<OwnedFd>,
     ) -> Result<(Message, Vec<OwnedFd>), Refusal> {
-        let workers = self.workers.len();
-        let Some(conn) = self.conns.get_mut(&token) else {
-            return Err(refuse(ErrorCode::Internal, "connection vanished"));
-        };
         let vm_id = attach.vm_id;
-        let entry = conn.vms.get_mut(&vm_id).ok_or_else(|| unknown_vm(vm_id))?;
-        if entry.attached {
-            return Err(refuse(
-                ErrorCode::BadState,
-                format!("VM {vm_id} is already attached to a uffd or a channel"),
-            ));
-        }
+        let entry = unattached(&mut self.conns, token, vm_id)?;
         if entry.vm.memory_in_vmm() {
             return Err(refuse(
                 ErrorCode::BadState,
@@ -142,7 +122,7 @@ impl Reactor {
             ChannelProtocol::CloudHypervisor => ChFaultServer::new(entry.vm.clone(), fd)
                 .map_err(|e| refuse(ErrorCode::BadMessage, error_chain(&e)))?,
         };
-        let w = (vm_id as usize) % workers;
+        let w = (vm_id as usize) % self.workers.len();
         self.workers[w]
             .serve_channel(server)
             .map_err(|e| refuse(ErrorCode::Internal, error_chain(&e)))?;
@@ -150,4 +130,24 @@ impl Reactor {
         entry.attached = true;
         Ok((Message::Attached { vm_id }, vec![]))
     }
+}
+
+/// VM `vm_id` of connection `token`, which has no uffd or fault channel yet (a VM has one fault
+/// source).
+fn unattached(
+    conns: &mut HashMap<usize, Conn>,
+    token: usize,
+    vm_id: u64,
+) -> Result<&mut VmEntry, Refusal> {
+    let conn = conns
+        .get_mut(&token)
+        .ok_or_else(|| refuse(ErrorCode::Internal, "connection vanished"))?;
+    let entry = conn.vms.get_mut(&vm_id).ok_or_else(|| unknown_vm(vm_id))?;
+    if entry.attached {
+        return Err(refuse(
+            ErrorCode::BadState,
+            format!("VM {vm_id} already has a uffd or a fault channel"),
+        ));
+    }
+    Ok(entry)
 }

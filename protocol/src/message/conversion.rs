@@ -48,14 +48,8 @@ impl ConversionEvent {
         if w.reserved.get() != 0 || w.to_private.get() > 1 {
             return Err(DecodeError::Reserved(kind));
         }
-        if w.vm_id.get() == 0 {
-            return Err(DecodeError::BadValue {
-                field: "vm_id",
-                value: 0,
-            });
-        }
         Ok(ConversionEvent {
-            vm_id: w.vm_id.get(),
+            vm_id: super::nonzero_vm(w.vm_id.get())?,
             gpa: w.gpa.get(),
             size: w.size.get(),
             to_private: w.to_private.get() == 1,

@@ -426,16 +426,22 @@ fn prefix<T: FromBytes + KnownLayout + Immutable>(
     T::read_from_prefix(p).map_err(|_| DecodeError::Malformed { kind, len: p.len() })
 }
 
-/// Exactly `N` little-endian u64 words, the first a non-zero VM id.
-fn id_words<const N: usize>(kind: Kind, p: &[u8]) -> Result<[u64; N], DecodeError> {
-    let w: [U64; N] = exact(kind, p)?;
-    let words = w.map(|v| v.get());
-    if words[0] == 0 {
+/// A VM id as decoded: never 0.
+fn nonzero_vm(id: u64) -> Result<u64, DecodeError> {
+    if id == 0 {
         return Err(DecodeError::BadValue {
             field: "vm_id",
             value: 0,
         });
     }
+    Ok(id)
+}
+
+/// Exactly `N` little-endian u64 words, the first a non-zero VM id.
+fn id_words<const N: usize>(kind: Kind, p: &[u8]) -> Result<[u64; N], DecodeError> {
+    let w: [U64; N] = exact(kind, p)?;
+    let words = w.map(|v| v.get());
+    nonzero_vm(words[0])?;
     Ok(words)
 }
 
@@ -452,13 +458,7 @@ fn decode_payload(kind: Kind, p: &[u8]) -> Result<Message, DecodeError> {
             if w.reserved.get() != 0 {
                 return Err(DecodeError::Reserved(kind));
             }
-            let (vm_id, vcpus) = (w.vm_id.get(), w.count.get());
-            if vm_id == 0 {
-                return Err(DecodeError::BadValue {
-                    field: "vm_id",
-                    value: 0,
-                });
-            }
+            let (vm_id, vcpus) = (nonzero_vm(w.vm_id.get())?, w.count.get());
             if vcpus == 0 || vcpus > crate::MAX_VCPUS {
                 return Err(DecodeError::Limit {
                     field: "vcpus",

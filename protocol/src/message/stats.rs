@@ -110,12 +110,7 @@ impl Stats {
                 len: p.len(),
             })?;
         let stats = Stats::from_words(words);
-        if stats.vm_id == 0 {
-            return Err(DecodeError::BadValue {
-                field: "vm_id",
-                value: 0,
-            });
-        }
+        super::nonzero_vm(stats.vm_id)?;
         Ok(stats)
     }
 }

@@ -1,7 +1,7 @@
 //! Creating a VM and attaching its fault sources: `CreateVm`, `VmCreated`, `AttachUffd`,
 //! `AttachChannel`, and the enumerations they carry.
 
-use super::{prefix, DecodeError, Kind};
+use super::{nonzero_vm, prefix, DecodeError, Kind};
 use crate::region::{validate_regions, RegionSpec};
 use crate::{MAX_POLICY_TEXT, MAX_REGIONS};
 use zerocopy::little_endian::{U32, U64};
@@ -212,16 +212,6 @@ struct AttachChannelWire {
     vm_id: U64,
     protocol: U32,
     reserved: U32,
-}
-
-fn nonzero_vm(id: u64) -> Result<u64, DecodeError> {
-    if id == 0 {
-        return Err(DecodeError::BadValue {
-            field: "vm_id",
-            value: 0,
-        });
-    }
-    Ok(id)
 }
 
 impl CreateVm {

@@ -5,7 +5,7 @@
 //! offset (`source_offset / 4096`), so a working set recorded under one VMM layout replays
 //! under another that restores the same snapshot.
 
-use super::{prefix, DecodeError, Kind};
+use super::{nonzero_vm, prefix, DecodeError, Kind};
 use crate::MAX_PAYLOAD;
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -75,16 +75,6 @@ struct WorkingSetWire {
     from: U64,
     count: U32,
     reserved: U32,
-}
-
-fn nonzero_vm(id: u64) -> Result<u64, DecodeError> {
-    if id == 0 {
-        return Err(DecodeError::BadValue {
-            field: "vm_id",
-            value: 0,
-        });
-    }
-    Ok(id)
 }
 
 impl ReplayWorkingSet {
