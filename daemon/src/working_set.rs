@@ -8,6 +8,7 @@
 
 use crate::memory::GuestMemory;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 use vmpager_protocol::{WorkingSetEntry, PAGE_SIZE};
@@ -87,6 +88,8 @@ impl Recorder {
 #[derive(Debug, Default)]
 pub struct ReplayQueue {
     pages: Mutex<VecDeque<u64>>,
+    /// The queue's length, readable without the lock (every fault asks whether a replay runs).
+    waiting: AtomicUsize,
 }
 
 /// Most pages a replay queue holds (16 GiB of 4 KiB pages); more are refused.
@@ -101,6 +104,7 @@ impl ReplayQueue {
             return None;
         }
         q.extend(pages);
+        self.waiting.store(q.len(), Ordering::Release);
         Some(q.len())
     }
 
@@ -110,12 +114,13 @@ impl ReplayQueue {
         if let Ok(mut q) = self.pages.lock() {
             let n = max.min(q.len());
             out.extend(q.drain(..n));
+            self.waiting.store(q.len(), Ordering::Release);
         }
     }
 
     /// Pages waiting.
     pub fn len(&self) -> usize {
-        self.pages.lock().map_or(0, |q| q.len())
+        self.waiting.load(Ordering::Acquire)
     }
 
     /// Nothing waiting.
