@@ -121,6 +121,8 @@ pub struct ChFaultServer {
     have: usize,
     plan: Planner,
     residency: Vec<u8>,
+    /// Pages on their way into the memfd (grown to the largest run on first use).
+    bounce: Vec<u8>,
     latencies: Vec<Duration>,
     requested: Option<Requested>,
     replay: Vec<u64>,
@@ -149,6 +151,7 @@ impl ChFaultServer {
             buf: [0; REQUEST_LEN + MEMORY_RANGE_LEN],
             have: 0,
             residency: Vec::new(),
+            bounce: Vec::new(),
             latencies: Vec::new(),
             replay: Vec::new(),
             refused: None,
@@ -353,12 +356,11 @@ impl ChFaultServer {
             region.state.mark_populated(page);
             return Ok(());
         }
-        let done = match self.fill(ri, run.clone()) {
-            Some(done) => Some(done),
-            // The run failed: the requested page alone gets its own try.
-            None if run.len() > 1 => self.fill(ri, page..page + 1),
-            None => None,
-        };
+        let mut done = self.fill(ri, run.clone()).filter(|d| d.contains(&page));
+        if done.is_none() && run.len() > 1 {
+            // The run failed or stopped short: the requested page alone gets its own try.
+            done = self.fill(ri, page..page + 1);
+        }
         let Some(done) = done.filter(|d| d.contains(&page)) else {
             VmMetrics::bump(&vm.metrics.source_errors);
             return Err(Refused::Source);
@@ -375,14 +377,23 @@ impl ChFaultServer {
         }
         let vm = &*self.vm;
         let region = &vm.memory.regions()[ri];
-        let fill = if run.len() == 1 && region.state.is_discarded(run.start) {
-            let ps = region.page_size();
-            let mut dst = region.page_dst(run.start as u64 * ps, ps as usize)?;
-            dst.fill_zero(0);
-            Fill::Zero
+        let ps = region.page_size();
+        let need = (run.len() as u64 * ps) as usize;
+        if self.bounce.len() < need {
+            self.bounce.resize(need, 0);
+        }
+        let (fill, done) = if run.len() == 1 && region.state.is_discarded(run.start) {
+            let off = run.start as u64 * ps;
+            match region.install_zeros(off, ps, &mut self.bounce) {
+                Ok(n) => (Fill::Zero, run.start..run.start + (n / ps) as usize),
+                Err(e) => {
+                    tracing::trace!(error = %e, "cannot install a zero page for a channel request");
+                    return None;
+                }
+            }
         } else {
-            match vm.fill_owned(ri, run.clone()) {
-                Ok(f) => f,
+            match vm.fill_owned(ri, run.clone(), &mut self.bounce) {
+                Ok(r) => r,
                 Err(e) => {
                     tracing::trace!(error = %e, "page source failed on a channel request");
                     return None;
@@ -393,11 +404,17 @@ impl ChFaultServer {
             Fill::Data => &vm.metrics.pages_from_source,
             Fill::Zero => &vm.metrics.pages_zero,
         };
-        VmMetrics::add(counter, run.len() as u64);
-        for q in run.clone() {
+        VmMetrics::add(counter, done.len() as u64);
+        for q in done.clone() {
             region.state.mark_populated(q);
         }
-        Some(run)
+        // A page that raced in (someone else wrote it) stopped the run: it is there, which is
+        // all a request needs.
+        if done.end < run.end && region.is_resident(done.end as u64 * ps) {
+            region.state.mark_populated(done.end);
+            return Some(run.start..done.end + 1);
+        }
+        (!done.is_empty()).then_some(done)
     }
 
     /// Pushes the next chunk of the replay queue into the memfds.

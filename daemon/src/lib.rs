@@ -9,7 +9,8 @@
 //! * [`ch_faults`]: serving cloud-hypervisor's postcopy fault connection.
 //! * [`ahead`]: what to install with a requested page and ahead of it.
 //! * [`uffd`]: the uffd ioctls the daemon drives.
-//! * [`memory`]: memfds, the daemon's mappings, page state.
+//! * [`memory`]: memfds, the daemon's mappings, atomic installs.
+//! * [`page_state`]: the two-bit page-state table, in a file that outlives the daemon.
 //! * [`source`]: page sources (`zero`, `file`).
 //! * [`working_set`]: recording and replaying the order of first touches.
 //! * [`metrics`]: counters and latency histograms.
@@ -28,6 +29,7 @@ pub mod guest_memfd;
 pub mod listener;
 pub mod memory;
 pub mod metrics;
+pub mod page_state;
 pub mod policy;
 pub mod readahead;
 pub mod session;

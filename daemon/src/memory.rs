@@ -1,12 +1,20 @@
 //! Guest memory the daemon serves: the sealed memfds it owns (one per region, or one shared by a
 //! memfd group), the daemon's own shared mapping of each region, and the per-region page-state
-//! table. For `VM_MEMORY_IN_VMM` VMs (Firecracker) the memory is the VMM's own private
-//! mapping: only the page state is kept here.
+//! table (in the VM's state file, `page_state`). For `VM_MEMORY_IN_VMM` VMs (Firecracker) the
+//! memory is the VMM's own private mapping: only the page state is kept here.
+//!
+//! The daemon never writes guest memory through its mappings: it installs whole pages with
+//! `UFFDIO_COPY` through a userfaultfd of its own registered on them ([`Region::install`]), so
+//! a page is in the memfd whole or not at all. Nobody — the VMM mapping it without a fault, a
+//! VMM that maps what the daemon put there, a daemon restarted after a crash — ever sees a
+//! half-written page.
 
+pub use crate::page_state::PageState;
+use crate::page_state::{StateError, StateFile};
+use crate::uffd::{Uffd, UffdError};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use vmpager_protocol::mapping::SharedMapping;
 use vmpager_protocol::{RegionSpec, PAGE_SIZE};
@@ -32,6 +40,18 @@ pub enum MemoryError {
         #[source]
         source: io::Error,
     },
+    /// The daemon's own userfaultfd (for atomic installs) could not be set up.
+    #[error("cannot register the daemon's mapping of region {region} for atomic installs")]
+    Installer {
+        /// Region index.
+        region: usize,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The page-state file could not be created.
+    #[error("cannot create the page-state table")]
+    State(#[from] StateError),
 }
 
 impl MemoryError {
@@ -60,8 +80,11 @@ pub struct Region {
 struct Backing {
     /// The memfd; regions of one memfd group share it.
     memfd: Arc<File>,
-    /// The daemon's own shared mapping of `[file_offset, file_offset + size)`.
+    /// The daemon's own shared mapping of `[file_offset, file_offset + size)`, registered for
+    /// missing faults on `installer`.
     mapping: SharedMapping,
+    /// The VM's own userfaultfd: installs pages into `mapping` atomically.
+    installer: Arc<Uffd>,
 }
 
 impl Region {
@@ -167,28 +190,61 @@ impl Region {
         rc == 0 && vec & 1 != 0
     }
 
-    /// A writable view of `len` bytes at `offset` of the daemon's mapping, for a page source to
-    /// fill. `None` if the range is outside the region or the memory is the VMM's own.
-    pub fn page_dst(&self, offset: u64, len: usize) -> Option<PageDst<'_>> {
-        let b = self.backing.as_ref()?;
-        let end = offset.checked_add(len as u64)?;
-        if end > b.mapping.len() as u64 {
-            return None;
+    /// Puts `src` (whole pages of the region's page size) into the memfd at `offset` of the
+    /// region, each page appearing whole or not at all, and never over a page that is there
+    /// already. Returns the bytes installed from the start: fewer than `src.len()` when it
+    /// stopped at a page already present. Errors for the VMM's own memory and out-of-range
+    /// offsets.
+    pub fn install(&self, offset: u64, src: &[u8]) -> Result<u64, UffdError> {
+        let b = self.installable(offset, src.len() as u64)?;
+        let dst = b.mapping.as_ptr().as_ptr() as u64 + offset;
+        match b.installer.copy_ahead(dst, src) {
+            Ok(()) => Ok(src.len() as u64),
+            Err(UffdError::Exists) => Ok(0),
+            Err(UffdError::Partial { bytes }) => Ok(bytes),
+            Err(e) => Err(e),
         }
-        // SAFETY: `offset + len <= mapping.len` was checked above, so the pointer stays inside the
-        // live mapping, which `PageDst`'s lifetime ties to `self`.
-        let ptr = unsafe { b.mapping.as_ptr().as_ptr().add(offset as usize) };
-        Some(PageDst {
-            ptr,
-            len,
-            _lifetime: std::marker::PhantomData,
-        })
+    }
+
+    /// As [`Region::install`], with zero pages; `scratch` (at least `len` bytes) is used for
+    /// huge pages, which have no shared zero page.
+    pub fn install_zeros(
+        &self,
+        offset: u64,
+        len: u64,
+        scratch: &mut [u8],
+    ) -> Result<u64, UffdError> {
+        if self.page_size() != PAGE_SIZE {
+            let zeros = scratch
+                .get_mut(..len as usize)
+                .ok_or(UffdError::Failed(rustix::io::Errno::NOBUFS))?;
+            zeros.fill(0);
+            return self.install(offset, zeros);
+        }
+        let b = self.installable(offset, len)?;
+        let dst = b.mapping.as_ptr().as_ptr() as u64 + offset;
+        match b.installer.zeropage(dst, len) {
+            Ok(()) => Ok(len),
+            Err(UffdError::Exists) => Ok(0),
+            Err(UffdError::Partial { bytes }) => Ok(bytes),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn installable(&self, offset: u64, len: u64) -> Result<&Backing, UffdError> {
+        let inval = UffdError::Failed(rustix::io::Errno::INVAL);
+        let b = self.backing.as_ref().ok_or(inval)?;
+        let end = offset.checked_add(len).ok_or(inval)?;
+        let ps = self.page_size();
+        if end > b.mapping.len() as u64 || !offset.is_multiple_of(ps) || !len.is_multiple_of(ps) {
+            return Err(inval);
+        }
+        Ok(b)
     }
 }
 
-/// A destination for page data: either a daemon buffer or a window of the daemon's mapping of
-/// guest memory. Only the kernel (`pread`) and `fill_zero` write through it: guest memory is
-/// shared with another process, so no Rust reference to it is ever formed.
+/// A destination for page data: a daemon buffer that a page source fills (then installed with
+/// an ioctl). Only the kernel (`pread`) and `fill_zero` write through it.
 pub struct PageDst<'a> {
     ptr: *mut u8,
     len: usize,
@@ -196,7 +252,7 @@ pub struct PageDst<'a> {
 }
 
 impl<'a> PageDst<'a> {
-    /// A destination backed by an ordinary buffer.
+    /// A destination backed by an ordinary buffer (the only kind there is).
     pub fn from_buf(buf: &'a mut [u8]) -> PageDst<'a> {
         PageDst {
             ptr: buf.as_mut_ptr(),
@@ -223,7 +279,7 @@ impl<'a> PageDst<'a> {
         };
         loop {
             // SAFETY: `[ptr + at, ptr + len)` is valid for writes for the lifetime `'a` (a
-            // borrowed buffer, or a checked window of a live mapping), and `at <= len`.
+            // borrowed buffer), and `at <= len`.
             let n = unsafe {
                 libc::pread(
                     fd_raw(fd),
@@ -280,6 +336,7 @@ fn create_memfd(name: &str, len: u64, huge: bool) -> io::Result<File> {
 #[derive(Debug)]
 pub struct GuestMemory {
     regions: Vec<Region>,
+    state: StateFile,
 }
 
 impl GuestMemory {
@@ -294,7 +351,6 @@ impl GuestMemory {
         gmems: Vec<Option<File>>,
         in_vmm: bool,
     ) -> Result<GuestMemory, MemoryError> {
-        let mut gmems = gmems.into_iter();
         // Memfd of each region: its own, or the first of its group's.
         let mut files: Vec<Option<Arc<File>>> = vec![None; regions.len()];
         if !in_vmm {
@@ -327,11 +383,34 @@ impl GuestMemory {
                 }
             }
         }
+        let state = StateFile::create(vm_id, &page_counts(regions))?;
+        Self::assemble(regions, files, gmems, state)
+    }
+
+    /// Maps each region's window of its memfd (`files[i]`, `None` for the VMM's own memory),
+    /// registers the mappings for atomic installs, and gives each region its table of `state`.
+    pub(crate) fn assemble(
+        regions: &[RegionSpec],
+        files: Vec<Option<Arc<File>>>,
+        gmems: Vec<Option<File>>,
+        state: StateFile,
+    ) -> Result<GuestMemory, MemoryError> {
+        let mut gmems = gmems.into_iter();
+        let installer = match files.iter().any(Option::is_some) {
+            false => None,
+            true => Some(Arc::new(
+                Uffd::create_own(regions.iter().any(RegionSpec::is_huge)).map_err(|e| {
+                    MemoryError::Installer {
+                        region: 0,
+                        source: e.into(),
+                    }
+                })?,
+            )),
+        };
         let mut out = Vec::with_capacity(regions.len());
         for (i, (spec, file)) in regions.iter().zip(files).enumerate() {
-            let backing = match file {
-                None => None,
-                Some(memfd) => {
+            let backing = match (file, &installer) {
+                (Some(memfd), Some(installer)) => {
                     // The size fits in usize: validate_regions checked it.
                     let mapping = SharedMapping::new_at(
                         memfd.as_fd(),
@@ -339,17 +418,36 @@ impl GuestMemory {
                         spec.size() as usize,
                     )
                     .map_err(|source| MemoryError::Map { region: i, source })?;
-                    Some(Backing { memfd, mapping })
+                    installer
+                        .register_missing(mapping.as_ptr().as_ptr() as u64, spec.size())
+                        .map_err(|e| MemoryError::Installer {
+                            region: i,
+                            source: io::Error::other(e),
+                        })?;
+                    Some(Backing {
+                        memfd,
+                        mapping,
+                        installer: installer.clone(),
+                    })
                 }
+                _ => None,
             };
+            let table = state
+                .table(i)
+                .ok_or(MemoryError::State(StateError::Mismatch(format!(
+                    "no table for region {i}"
+                ))))?;
             out.push(Region {
                 spec: *spec,
-                state: PageState::new((spec.size() / spec.page_size()) as usize),
+                state: table,
                 backing,
                 gmem: gmems.next().flatten(),
             });
         }
-        Ok(GuestMemory { regions: out })
+        Ok(GuestMemory {
+            regions: out,
+            state,
+        })
     }
 
     /// The regions, in `CreateVm` order.
@@ -361,147 +459,24 @@ impl GuestMemory {
     pub fn total_size(&self) -> u64 {
         self.regions.iter().map(Region::size).sum()
     }
+
+    /// The page-state file (the VMM keeps a copy, and hands it back to a restarted daemon).
+    pub fn state_file(&self) -> BorrowedFd<'_> {
+        self.state.fd()
+    }
 }
 
-/// Per-region page state: atomic bitmaps shared by the thread serving the VM's uffd and the
-/// one serving its exits (conversions). One bit per 4 KiB page in each map.
-#[derive(Debug)]
-pub struct PageState {
-    populated: Vec<AtomicU64>,
-    discarded: Vec<AtomicU64>,
-    private: Vec<AtomicU64>,
-    poisoned: Vec<AtomicU64>,
-}
-
-impl PageState {
-    /// All pages unpopulated, none discarded, all shared.
-    pub fn new(pages: usize) -> PageState {
-        let words = pages.div_ceil(64);
-        let zeros = || (0..words).map(|_| AtomicU64::new(0)).collect();
-        PageState {
-            populated: zeros(),
-            discarded: zeros(),
-            private: zeros(),
-            poisoned: zeros(),
-        }
-    }
-
-    fn get(bits: &[AtomicU64], page: usize) -> bool {
-        bits.get(page / 64)
-            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (page % 64)) != 0)
-    }
-
-    fn set(bits: &[AtomicU64], page: usize, on: bool) {
-        if let Some(w) = bits.get(page / 64) {
-            if on {
-                w.fetch_or(1 << (page % 64), Ordering::AcqRel);
-            } else {
-                w.fetch_and(!(1 << (page % 64)), Ordering::AcqRel);
-            }
-        }
-    }
-
-    /// The page has been installed since it was last discarded.
-    pub fn is_populated(&self, page: usize) -> bool {
-        Self::get(&self.populated, page)
-    }
-
-    /// The page's source content was discarded (its next fill is zeros).
-    pub fn is_discarded(&self, page: usize) -> bool {
-        Self::get(&self.discarded, page)
-    }
-
-    /// The page is private (KVM's notion: its memory is in the guest_memfd).
-    pub fn is_private(&self, page: usize) -> bool {
-        Self::get(&self.private, page)
-    }
-
-    /// Neither installed, nor removed, nor private: its content is still the source's, and
-    /// readahead may install it.
-    pub fn is_untouched(&self, page: usize) -> bool {
-        !self.is_populated(page) && !self.is_discarded(page) && !self.is_private(page)
-    }
-
-    /// Records that `page` was installed.
-    pub fn mark_populated(&self, page: usize) {
-        Self::set(&self.populated, page, true);
-    }
-
-    /// Records that pages `[first, end)` were removed: not populated any more, and never to be
-    /// filled from the source again.
-    pub fn discard(&self, first: usize, end: usize) {
-        for p in first..end {
-            Self::set(&self.populated, p, false);
-            Self::set(&self.discarded, p, true);
-        }
-    }
-
-    /// Marks pages `[first, end)` private or shared.
-    pub fn set_private(&self, first: usize, end: usize, private: bool) {
-        for p in first..end {
-            Self::set(&self.private, p, private);
-        }
-    }
-
-    /// Records that the VMM's mapping of `page` got a poison marker (a shared-side touch of a
-    /// private page).
-    pub fn mark_poisoned(&self, page: usize) {
-        Self::set(&self.poisoned, page, true);
-    }
-
-    /// Whether any page of `[first, end)` got a poison marker since the last call for it;
-    /// clears them.
-    pub fn take_poisoned(&self, first: usize, end: usize) -> bool {
-        let mut any = false;
-        for p in first..end {
-            if Self::get(&self.poisoned, p) {
-                Self::set(&self.poisoned, p, false);
-                any = true;
-            }
-        }
-        any
-    }
-
-    /// Number of populated pages.
-    pub fn populated_count(&self) -> usize {
-        Self::count(&self.populated)
-    }
-
-    /// Number of private pages.
-    pub fn private_count(&self) -> usize {
-        Self::count(&self.private)
-    }
-
-    fn count(bits: &[AtomicU64]) -> usize {
-        bits.iter()
-            .map(|w| w.load(Ordering::Relaxed).count_ones() as usize)
-            .sum()
-    }
+/// Pages (of each region's page size) of each region.
+pub fn page_counts(regions: &[RegionSpec]) -> Vec<usize> {
+    regions
+        .iter()
+        .map(|r| (r.size() / r.page_size()) as usize)
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn page_state_tracks_populate_and_discard() {
-        let s = PageState::new(130);
-        assert!(!s.is_populated(129));
-        s.mark_populated(129);
-        s.mark_populated(3);
-        assert!(s.is_populated(129) && s.is_populated(3));
-        assert_eq!(s.populated_count(), 2);
-        s.discard(2, 5);
-        assert!(!s.is_populated(3) && s.is_discarded(3) && s.is_discarded(4));
-        assert!(!s.is_discarded(5));
-        assert_eq!(s.populated_count(), 1);
-        // Out of range is ignored, never a panic.
-        s.mark_populated(10_000);
-        assert!(!s.is_populated(10_000));
-        s.set_private(0, 3, true);
-        assert!(s.is_private(2) && !s.is_private(3));
-        assert_eq!(s.private_count(), 3);
-    }
 
     #[test]
     fn memory_is_sealed_sized_and_mapped() {
@@ -516,19 +491,35 @@ mod tests {
         assert_eq!(rustix::fs::fstat(fd).unwrap().st_size, 8192);
         let seals = rustix::fs::fcntl_get_seals(fd).unwrap();
         assert!(seals.contains(rustix::fs::SealFlags::GROW | rustix::fs::SealFlags::SHRINK));
-        assert!(r.page_dst(8192, 1).is_none());
-        let mut dst = r.page_dst(4096, 4096).unwrap();
-        dst.fill_zero(0);
+        assert!(r.install(8192, &[0; 4096]).is_err(), "outside the region");
+        assert!(r.install(100, &[0; 4096]).is_err(), "not page aligned");
+        let mut page = vec![0u8; 4096];
         let (rd, wr) = rustix::pipe::pipe().unwrap();
         rustix::io::write(&wr, b"hello").unwrap();
         drop(wr);
         // A pipe cannot pread; a file can.
+        let mut dst = PageDst::from_buf(&mut page);
         assert!(dst.pread_at(0, rd.as_fd(), 0).is_err());
         let f = tempfile_with(b"snapshot");
         assert_eq!(dst.pread_at(0, f.as_fd(), 0).unwrap(), 8);
+        assert_eq!(r.install(4096, &page).unwrap(), 4096);
         let mut back = [0u8; 8];
         rustix::io::pread(fd, &mut back, 4096).unwrap();
         assert_eq!(&back, b"snapshot");
+        // Never over a page that is there: the second install stops at once, and so does a
+        // run that starts before it.
+        assert_eq!(r.install(4096, &[7; 4096]).unwrap(), 0);
+        assert_eq!(r.install(0, &[7; 8192]).unwrap(), 4096);
+        rustix::io::pread(fd, &mut back, 4096).unwrap();
+        assert_eq!(&back, b"snapshot");
+        let mut scratch = [];
+        assert_eq!(
+            mem.regions()[0]
+                .install_zeros(0, 8192, &mut scratch)
+                .unwrap(),
+            8192
+        );
+        assert!(mem.regions()[0].is_resident(4096));
     }
 
     #[test]
@@ -552,11 +543,9 @@ mod tests {
             "sized to the furthest region of the group"
         );
         // Region b's page 1 is file offset 3 MiB + 4 KiB.
-        let f = tempfile_with(b"window");
-        b.page_dst(4096, 4096)
-            .unwrap()
-            .pread_at(0, f.as_fd(), 0)
-            .unwrap();
+        let mut full = b"window".to_vec();
+        full.resize(4096, 0);
+        assert_eq!(b.install(4096, &full).unwrap(), 4096);
         let mut back = [0u8; 6];
         rustix::io::pread(a.memfd().unwrap(), &mut back, 3 * m + 4096).unwrap();
         assert_eq!(&back, b"window");
@@ -570,7 +559,7 @@ mod tests {
         let r = &mem.regions()[0];
         assert!(r.memfd().is_none() && !r.is_owned());
         assert_eq!((r.page_size(), r.pages()), (2 << 20, 1));
-        assert!(r.page_dst(0, 4096).is_none());
+        assert!(r.install(0, &[0; 4096]).is_err());
         let mut out = Vec::new();
         r.residency(0..4, &mut out);
         assert_eq!(out, vec![1; 4]);

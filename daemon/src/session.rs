@@ -5,7 +5,9 @@ use crate::metrics::VmMetrics;
 use crate::policy::{Policy, RateLimit};
 use crate::readahead::Readahead;
 use crate::source::{Fill, PageSource, SourceError};
+use crate::uffd::UffdError;
 use crate::working_set::{Recorder, ReplayQueue};
+use rustix::io::Errno;
 use std::ops::Range;
 use std::sync::Mutex;
 use vmpager_protocol::{ConversionEvent, PopulateMethod, VmType};
@@ -121,27 +123,51 @@ impl Vm {
         Err(last.unwrap_or_else(|| SourceError::Unusable("no attempt made".into())))
     }
 
-    /// Writes pages `pages` (of the region's page size) of owned region `ri` straight into
-    /// its memfd from the source (zeros where the source has none, so every page ends up in
-    /// the page cache). The caller has checked that none of them is there already.
-    pub fn fill_owned(&self, ri: usize, pages: Range<usize>) -> Result<Fill, SourceError> {
+    /// Installs pages `pages` (of the region's page size) of owned region `ri` into its memfd
+    /// from the source (zeros where the source has none), each page whole or not at all and
+    /// never over a page that is there (`Region::install`), through `bounce`: at most as many
+    /// pages as fit in it. Returns how they were filled and the pages installed, a prefix of
+    /// `pages` (empty if the first one was there already).
+    pub fn fill_owned(
+        &self,
+        ri: usize,
+        pages: Range<usize>,
+        bounce: &mut [u8],
+    ) -> Result<(Fill, Range<usize>), FillError> {
         let region = self
             .memory
             .regions()
             .get(ri)
-            .ok_or_else(|| SourceError::Unusable("no such region".into()))?;
+            .ok_or(FillError::Install(UffdError::Failed(Errno::INVAL)))?;
         let ps = region.page_size();
+        let fit = (bounce.len() as u64 / ps) as usize;
+        let pages = pages.start..pages.end.min(pages.start + fit);
         let off = pages.start as u64 * ps;
         let len = (pages.len() as u64 * ps) as usize;
-        let mut dst = region
-            .page_dst(off, len)
-            .ok_or_else(|| SourceError::Unusable("pages outside the daemon's memory".into()))?;
-        let fill = self.fill(region.spec.source_offset() + off, &mut dst)?;
-        if fill == Fill::Zero {
-            dst.fill_zero(0);
-        }
-        Ok(fill)
+        let buf = bounce
+            .get_mut(..len)
+            .ok_or(FillError::Install(UffdError::Failed(Errno::NOBUFS)))?;
+        let fill = self.fill(
+            region.spec.source_offset() + off,
+            &mut PageDst::from_buf(buf),
+        )?;
+        let installed = match fill {
+            Fill::Data => region.install(off, buf)?,
+            Fill::Zero => region.install_zeros(off, len as u64, buf)?,
+        };
+        Ok((fill, pages.start..pages.start + (installed / ps) as usize))
     }
+}
+
+/// Errors putting pages into the daemon's memory.
+#[derive(Debug, thiserror::Error)]
+pub enum FillError {
+    /// The page source failed.
+    #[error("the page source failed")]
+    Source(#[from] SourceError),
+    /// The install ioctl failed.
+    #[error("cannot install the pages")]
+    Install(#[from] UffdError),
 }
 
 impl std::fmt::Debug for Vm {

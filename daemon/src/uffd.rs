@@ -7,9 +7,9 @@
 //! compile time.
 
 use linux_raw_sys::general::{
-    uffdio_api, uffdio_continue, uffdio_copy, uffdio_poison, uffdio_range, uffdio_zeropage,
-    UFFD_API, UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMAP, UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP,
-    UFFD_PAGEFAULT_FLAG_MINOR, UFFD_PAGEFAULT_FLAG_WRITE,
+    uffdio_api, uffdio_continue, uffdio_copy, uffdio_poison, uffdio_range, uffdio_register,
+    uffdio_zeropage, UFFD_API, UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMAP, UFFD_EVENT_REMOVE,
+    UFFD_EVENT_UNMAP, UFFD_PAGEFAULT_FLAG_MINOR, UFFD_PAGEFAULT_FLAG_WRITE,
 };
 use rustix::io::Errno;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -61,6 +61,7 @@ const fn ior(nr: u32, size: usize) -> u32 {
     (2 << 30) | ((size as u32) << 16) | (0xAA << 8) | nr
 }
 const UFFDIO_API: u32 = iowr(0x3F, core::mem::size_of::<uffdio_api>());
+const UFFDIO_REGISTER: u32 = iowr(0x00, core::mem::size_of::<uffdio_register>());
 const UFFDIO_WAKE: u32 = ior(0x02, core::mem::size_of::<uffdio_range>());
 const UFFDIO_COPY: u32 = iowr(0x03, core::mem::size_of::<uffdio_copy>());
 const UFFDIO_ZEROPAGE: u32 = iowr(0x04, core::mem::size_of::<uffdio_zeropage>());
@@ -69,6 +70,7 @@ const UFFDIO_POISON: u32 = iowr(0x08, core::mem::size_of::<uffdio_poison>());
 const _: () = {
     use linux_raw_sys::ioctl as k;
     assert!(UFFDIO_API == k::UFFDIO_API);
+    assert!(UFFDIO_REGISTER == k::UFFDIO_REGISTER);
     assert!(UFFDIO_WAKE == k::UFFDIO_WAKE);
     assert!(UFFDIO_COPY == k::UFFDIO_COPY);
     assert!(UFFDIO_ZEROPAGE == k::UFFDIO_ZEROPAGE);
@@ -208,7 +210,8 @@ impl Event {
 }
 
 /// A userfaultfd the daemon serves. The registered ranges live in another process's address
-/// space: every address here is an address in that process, never dereferenced by the daemon.
+/// space (or, for [`Uffd::create_own`], in the daemon's own mappings of guest memory): every
+/// address here is only handed to the kernel, never dereferenced by the daemon.
 #[derive(Debug)]
 pub struct Uffd {
     fd: OwnedFd,
@@ -242,19 +245,24 @@ impl Uffd {
 
     /// Asks the kernel which features and ioctls a fresh userfaultfd offers.
     pub fn probe() -> Result<Probe, Errno> {
+        let (_, probe) = Self::create(0)?;
+        Ok(probe)
+    }
+
+    /// A new userfaultfd of this process (close-on-exec, non-blocking) with `features`
+    /// enabled at `UFFDIO_API`.
+    fn create(features: u64) -> Result<(Uffd, Probe), Errno> {
         // SAFETY: userfaultfd(2) takes only flags; it returns a new fd or -1 and touches no memory.
         let raw =
             unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
         if raw < 0 {
-            return Err(Errno::from_raw_os_error(
-                std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
-            ));
+            return Err(last_errno());
         }
         // SAFETY: `raw` is a fresh fd returned by the kernel above, owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
         let mut api = uffdio_api {
             api: u64::from(UFFD_API),
-            features: 0,
+            features,
             ioctls: 0,
         };
         // SAFETY: UFFDIO_API reads and writes exactly one `uffdio_api`, which `api` is, and the fd
@@ -264,10 +272,37 @@ impl Uffd {
         if rc < 0 {
             return Err(last_errno());
         }
-        Ok(Probe {
-            features: api.features,
-            ioctls: api.ioctls,
-        })
+        Ok((
+            Uffd { fd },
+            Probe {
+                features: api.features,
+                ioctls: api.ioctls,
+            },
+        ))
+    }
+
+    /// A userfaultfd of the daemon's own, for installing pages into its own mappings of guest
+    /// memory atomically (`UFFDIO_COPY` puts a page in the page cache whole or not at all).
+    /// SIGBUS mode: nobody reads it, so a touch of a missing page through a registered mapping
+    /// raises SIGBUS instead of blocking the daemon forever (the daemon never touches guest
+    /// memory through its mappings; this makes a slip loud).
+    pub fn create_own(huge: bool) -> Result<Uffd, Errno> {
+        use linux_raw_sys::general as g;
+        let mut features = g::UFFD_FEATURE_SIGBUS | g::UFFD_FEATURE_MISSING_SHMEM;
+        if huge {
+            features |= g::UFFD_FEATURE_MISSING_HUGETLBFS;
+        }
+        Self::create(u64::from(features)).map(|(u, _)| u)
+    }
+
+    /// Registers `[start, start + len)` of this process for missing faults.
+    pub fn register_missing(&self, start: u64, len: u64) -> Result<(), UffdError> {
+        let mut arg = uffdio_register {
+            range: uffdio_range { start, len },
+            mode: u64::from(linux_raw_sys::general::UFFDIO_REGISTER_MODE_MISSING),
+            ioctls: 0,
+        };
+        self.ioctl(UFFDIO_REGISTER, &mut arg)
     }
 
     /// Reads as many events as fit in `buf` (non-blocking). Returns the number of whole messages
@@ -287,9 +322,9 @@ impl Uffd {
     fn ioctl<T>(&self, request: u32, arg: &mut T) -> Result<(), UffdError> {
         // SAFETY: every caller passes the `uffdio_*` struct that `request` is defined with (the
         // pairing is fixed in this module and the sizes are checked at compile time); the kernel
-        // reads and writes only that struct. Addresses inside it refer to the other process's
-        // registered range, or, for a COPY source, to a live buffer of ours of at least `len`
-        // bytes (see `copy`).
+        // reads and writes only that struct. Addresses inside it refer to a registered range
+        // (the other process's, or a live mapping of our own that no Rust reference covers),
+        // or, for a COPY source, to a live buffer of ours of at least `len` bytes (see `copy`).
         let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), request as _, arg as *mut T) };
         if rc < 0 {
             return Err(UffdError::from_errno(last_errno()));

@@ -121,20 +121,30 @@ impl FaultServer {
             }
             pieces.push(start..q);
         }
+        let fit = (self.bounce.len() as u64 / ps).max(1) as usize;
         for piece in pieces {
-            match vm.fill_owned(ri, piece.clone()) {
-                Ok(fill) => {
-                    let counter = match fill {
-                        Fill::Data => &vm.metrics.pages_from_source,
-                        Fill::Zero => &vm.metrics.pages_zero,
-                    };
-                    VmMetrics::add(counter, piece.len() as u64);
-                    for q in piece.clone() {
-                        region.state.mark_populated(q);
+            let mut at = piece.start;
+            while at < piece.end {
+                let want = at..piece.end.min(at + fit);
+                match vm.fill_owned(ri, want.clone(), &mut self.bounce) {
+                    Ok((fill, done)) => {
+                        let counter = match fill {
+                            Fill::Data => &vm.metrics.pages_from_source,
+                            Fill::Zero => &vm.metrics.pages_zero,
+                        };
+                        VmMetrics::add(counter, done.len() as u64);
+                        VmMetrics::add(&vm.metrics.pages_replayed, done.len() as u64);
+                        for q in done.clone() {
+                            region.state.mark_populated(q);
+                        }
+                        // A page that raced in stops the run: step over it.
+                        at = done.end + usize::from(done.end < want.end);
                     }
-                    VmMetrics::add(&vm.metrics.pages_replayed, piece.len() as u64);
+                    Err(e) => {
+                        tracing::trace!(error = %e, "a replayed run could not be installed");
+                        break;
+                    }
                 }
-                Err(e) => tracing::trace!(error = %e, "page source failed for a replayed run"),
             }
         }
     }
@@ -169,9 +179,6 @@ impl FaultServer {
         let ps = region.page_size();
         let off = run.start as u64 * ps;
         let len = (run.len() as u64 * ps) as usize;
-        if len > self.bounce.len() && vm.populate == Populate::Copy {
-            return Err(UffdError::Failed(rustix::io::Errno::NOBUFS));
-        }
         let dst = self.host[ri].start + off;
         let installed = |r: Result<(), UffdError>| match r {
             Ok(()) => Ok(run.clone()),
@@ -184,23 +191,18 @@ impl FaultServer {
             VmMetrics::add(&vm.metrics.pages_zero, done.len() as u64);
             return Ok(done);
         }
+        if len > self.bounce.len() {
+            return Err(UffdError::Failed(rustix::io::Errno::NOBUFS));
+        }
         let source_off = region.spec.source_offset() + off;
-        let fill = match vm.populate {
-            Populate::Copy => vm.fill(source_off, &mut PageDst::from_buf(&mut self.bounce[..len])),
-            Populate::Continue => match region.page_dst(off, len) {
-                Some(mut d) => vm.fill(source_off, &mut d),
-                None => Err(crate::source::SourceError::Unusable(
-                    "page outside region".into(),
-                )),
-            },
-        };
+        let fill = vm.fill(source_off, &mut PageDst::from_buf(&mut self.bounce[..len]));
         let (r, counter) = match fill {
             Ok(Fill::Zero) => (self.zeros(ri, dst, off, len), &vm.metrics.pages_zero),
             Ok(Fill::Data) => (
                 match vm.populate {
                     Populate::Copy if speculative => self.uffd.copy_ahead(dst, &self.bounce[..len]),
                     Populate::Copy => self.uffd.copy(dst, &self.bounce[..len]),
-                    Populate::Continue => self.uffd.r#continue(dst, len as u64),
+                    Populate::Continue => self.install_and_map(ri, off, dst, len),
                 },
                 &vm.metrics.pages_from_source,
             ),
@@ -246,12 +248,38 @@ impl FaultServer {
                 zeros.fill(0);
                 self.uffd.copy(dst, zeros)
             }
-            Populate::Continue => match region.page_dst(off, len) {
-                Some(mut d) => {
-                    d.fill_zero(0);
-                    self.uffd.r#continue(dst, len as u64)
-                }
-                None => Err(UffdError::Failed(rustix::io::Errno::INVAL)),
+            Populate::Continue => {
+                let installed = region.install_zeros(off, len as u64, &mut self.bounce)?;
+                self.map_installed(dst, len, installed)
+            }
+        }
+    }
+
+    /// `continue`: puts the bounce buffer's first `len` bytes into the memfd at `off` of
+    /// region `ri` (whole pages, never over one that is there), then maps what went in at
+    /// `dst` in the VMM and wakes its waiters.
+    fn install_and_map(
+        &mut self,
+        ri: usize,
+        off: u64,
+        dst: u64,
+        len: usize,
+    ) -> Result<(), UffdError> {
+        let region = &self.vm.memory.regions()[ri];
+        let installed = region.install(off, &self.bounce[..len])?;
+        self.map_installed(dst, len, installed)
+    }
+
+    /// Maps the first `installed` of `len` bytes at `dst` with `UFFDIO_CONTINUE`; a short
+    /// install (a page raced in) reports what was mapped, as a short ioctl does.
+    fn map_installed(&self, dst: u64, len: usize, installed: u64) -> Result<(), UffdError> {
+        match installed {
+            0 => Err(UffdError::Exists),
+            n if n == len as u64 => self.uffd.r#continue(dst, n),
+            n => match self.uffd.r#continue(dst, n) {
+                Ok(()) => Err(UffdError::Partial { bytes: n }),
+                Err(UffdError::Partial { bytes }) => Err(UffdError::Partial { bytes }),
+                Err(e) => Err(e),
             },
         }
     }
