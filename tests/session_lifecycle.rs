@@ -1,4 +1,6 @@
-//! A VMM that disconnects leaves nothing behind in the daemon and disturbs no other session.
+//! With no grace period (`--vm-grace 0`), a VMM that disconnects leaves nothing behind in the
+//! daemon and disturbs no other session. (With one, its VMs are kept for a reattach:
+//! tests/sessions.rs.)
 //!
 //! Alone in its own test binary: it counts this process's open fds, which tests running in
 //! parallel threads of the same process would disturb.
@@ -32,6 +34,7 @@ fn a_vmm_that_disconnects_leaves_nothing_behind_and_disturbs_no_other() {
     let d = vmpagerd::spawn(
         Config {
             workers: 2,
+            vm_grace: Duration::ZERO,
             ..Config::default()
         },
         &dir.join("d.sock"),

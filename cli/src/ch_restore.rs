@@ -139,7 +139,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     // page (or when the VM stops). This copy is only watched, never read: vmpagerd reads it.
     let daemon_gone = wait_for_hangup(fault.as_fd(), &client)?;
     if daemon_gone {
-        bail!("vmpagerd went away before cloud-hypervisor had every page");
+        bail!("vmpagerd is gone and did not come back before cloud-hypervisor had every page");
     }
     let stats = client.stats(vm_id)?;
     let recorded = working_sets.finish(&client, vm_id)?;

@@ -179,7 +179,7 @@ fn serve(shared: &Shared, conn: &OwnedFd, pid: i32) -> anyhow::Result<()> {
     // the VM's end. The daemon's connection hanging up is the daemon's.
     let daemon_gone = wait_for_hangup(conn.as_fd(), &client)?;
     if daemon_gone {
-        bail!("vmpagerd went away: VM {vm_id} is no longer served");
+        bail!("vmpagerd is gone and did not come back: VM {vm_id} is no longer served");
     }
     let stats = client.stats(vm_id)?;
     let recorded = shared.working_sets.finish(&client, vm_id)?;

@@ -7,7 +7,7 @@ use anyhow::Context;
 use rustix::event::{PollFd, PollFlags};
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 use vmpager_client::working_set::{SnapshotId, WorkingSet};
 use vmpager_client::{Client, Stats};
@@ -174,16 +174,14 @@ pub fn stats_json(s: &Stats) -> serde_json::Value {
         .into()
 }
 
-/// Waits until `peer` (a VMM's socket that is never read here) or the daemon's connection
-/// hangs up; true if the daemon's did.
+/// Waits until `peer` (a VMM's socket that is never read here) hangs up, or the daemon is
+/// gone for good (it went away and none took the VM back within the client's deadline; a
+/// restarted daemon is ridden through); true if the daemon is gone.
 pub fn wait_for_hangup(peer: BorrowedFd<'_>, client: &Client) -> anyhow::Result<bool> {
     let hup = PollFlags::RDHUP | PollFlags::HUP;
-    let daemon = client.as_fd();
+    let lost = client.lost_fd();
     loop {
-        let mut fds = [
-            PollFd::new(&peer, hup),
-            PollFd::new(&daemon, PollFlags::IN | hup),
-        ];
+        let mut fds = [PollFd::new(&peer, hup), PollFd::new(&lost, PollFlags::IN)];
         match rustix::event::poll(&mut fds, None) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(e).context("poll failed"),

@@ -1,11 +1,14 @@
 //! The control connection to `vmpagerd`.
 
+use crate::link::{KeptVm, Link, LinkState, DEFAULT_RESTART_DEADLINE};
 use crate::memory::{MemoryError, VmMemory};
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use vmpager_protocol::mailbox::{Mailbox, VcpuChannel, WaitPolicy};
+use std::time::Duration;
+use vmpager_protocol::mailbox::{Liveness, Mailbox, VcpuChannel, WaitPolicy};
 use vmpager_protocol::message::MAX_REPLAY_PAGES;
 use vmpager_protocol::socket::Received;
 use vmpager_protocol::{
@@ -39,18 +42,31 @@ pub enum ClientError {
     /// Opening or reading a local file failed.
     #[error("I/O error")]
     Io(#[source] std::io::Error),
+    /// The daemon went away and no daemon took the VMs back in time: the VMs cannot be served
+    /// (pause or fail them).
+    #[error("vmpagerd is gone: {0}")]
+    DaemonLost(String),
+    /// The daemon went away while the request was in flight; a restarted daemon took the VMs
+    /// back, but whether it acted on this request is unknown.
+    #[error("vmpagerd restarted while the request was in flight")]
+    Interrupted,
 }
 
 impl ClientError {
-    /// The daemon went away; reconnecting may help.
+    /// The daemon went away (for good: [`ClientError::DaemonLost`]).
     pub fn peer_gone(&self) -> bool {
-        matches!(self, ClientError::Socket(e) if e.is_peer_gone())
+        match self {
+            ClientError::Socket(e) => e.is_peer_gone(),
+            ClientError::DaemonLost(_) => true,
+            _ => false,
+        }
     }
 
     /// The same request may succeed later.
     pub fn is_retryable(&self) -> bool {
         match self {
             ClientError::Socket(e) => e.is_retryable(),
+            ClientError::Interrupted => true,
             ClientError::Refused { code, .. } => {
                 matches!(code, ErrorCode::Internal | ErrorCode::LimitExceeded)
             }
@@ -132,22 +148,62 @@ pub struct CreatedVm {
     pub uffd_features: u64,
 }
 
+/// How a [`Client`] behaves when the daemon goes away.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientOptions {
+    /// How long to wait for a restarted daemon to take the VMs back before giving up on them
+    /// ([`ClientError::DaemonLost`]).
+    pub restart_deadline: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> ClientOptions {
+        ClientOptions {
+            restart_deadline: DEFAULT_RESTART_DEADLINE,
+        }
+    }
+}
+
 /// A connection to `vmpagerd`. Requests are synchronous; use one `Client` per thread that
 /// issues them (each VM belongs to the connection that created it).
+///
+/// The client keeps what each of its VMs needs to survive the daemon: if the daemon goes away,
+/// a supervisor thread keeps the VMM unblocked and hands the VMs to the next daemon on the
+/// same socket (docs/survival.md); requests wait meanwhile.
 #[derive(Debug)]
 pub struct Client {
-    conn: Connection,
+    link: Arc<Link>,
     welcome: Welcome,
+    stop: OwnedFd,
+    supervisor: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Client {
     /// Connects and negotiates every feature this crate knows.
     pub fn connect(path: &Path) -> Result<Client, ClientError> {
-        Self::from_connection(Connection::connect(path)?)
+        Self::connect_with(path, ClientOptions::default())
     }
 
-    /// Negotiates over an already connected socket.
+    /// As [`Client::connect`], with `options`.
+    pub fn connect_with(path: &Path, options: ClientOptions) -> Result<Client, ClientError> {
+        Self::start(
+            Connection::connect(path)?,
+            Some(path.to_owned()),
+            options.restart_deadline,
+        )
+    }
+
+    /// Negotiates over an already connected socket. Such a client cannot reconnect: its VMs
+    /// are lost if the connection breaks.
     pub fn from_connection(conn: Connection) -> Result<Client, ClientError> {
+        Self::start(conn, None, Duration::ZERO)
+    }
+
+    fn start(
+        conn: Connection,
+        path: Option<std::path::PathBuf>,
+        deadline: Duration,
+    ) -> Result<Client, ClientError> {
         let hello = Message::Hello(Hello {
             version: PROTOCOL_VERSION,
             features: features::ALL,
@@ -161,7 +217,71 @@ impl Client {
                 )))
             }
         };
-        Ok(Client { conn, welcome })
+        let link = Arc::new(Link::new(conn, path, deadline).map_err(ClientError::Io)?);
+        let stop = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)
+            .map_err(|e| ClientError::Io(e.into()))?;
+        let stop_reader = stop.try_clone().map_err(ClientError::Io)?;
+        let watch = link
+            .conn()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(ClientError::Io)?;
+        let l = link.clone();
+        let supervisor = std::thread::Builder::new()
+            .name("vmpager-link".into())
+            .spawn(move || crate::link::supervise(l, watch, stop_reader))
+            .map_err(ClientError::Io)?;
+        Ok(Client {
+            link,
+            welcome,
+            stop,
+            supervisor: Some(supervisor),
+        })
+    }
+
+    pub(crate) fn link(&self) -> &Link {
+        &self.link
+    }
+
+    /// The link's state: up, away (waiting for a restarted daemon), or lost.
+    pub fn link_state(&self) -> LinkState {
+        self.link.state().clone()
+    }
+
+    /// How many times the daemon went away and a daemon took the VMs back.
+    pub fn restarts(&self) -> u64 {
+        self.link.restarts.load(Ordering::Relaxed)
+    }
+
+    /// An fd that becomes readable once the link is lost (no daemon took the VMs back in
+    /// time): poll it to fail or pause the VMs.
+    pub fn lost_fd(&self) -> BorrowedFd<'_> {
+        self.link.lost_fd()
+    }
+
+    /// Sends `msg` and waits for the answer, waiting first while the daemon is away. A
+    /// request the daemon's departure interrupted is sent again to the next daemon if
+    /// `idempotent`, otherwise it fails with [`ClientError::Interrupted`].
+    pub(crate) fn call(
+        &self,
+        msg: &Message,
+        fds: &[BorrowedFd<'_>],
+        idempotent: bool,
+    ) -> Result<Received, ClientError> {
+        loop {
+            self.link.wait_up()?;
+            let r = request(&self.link.conn(), msg, fds);
+            match r {
+                Err(e) if e.peer_gone() => {
+                    self.link.note_broken();
+                    self.link.wait_up()?;
+                    if !idempotent {
+                        return Err(ClientError::Interrupted);
+                    }
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Features both sides support.
@@ -182,14 +302,15 @@ impl Client {
         if spec.record_working_set {
             flags |= VM_RECORD_WORKING_SET;
         }
-        let msg = Message::CreateVm(CreateVm {
+        let create = CreateVm {
             vm_type: spec.vm_type,
             policy: spec.policy.clone(),
             source,
             populate: spec.populate,
             flags,
             regions: spec.regions.clone(),
-        });
+        };
+        let msg = Message::CreateVm(create.clone());
         // One guest_memfd per private region, created here: only the VM's creator may.
         let mut gmems: Vec<Option<OwnedFd>> = Vec::with_capacity(spec.regions.len());
         for r in &spec.regions {
@@ -208,33 +329,62 @@ impl Client {
         }
         let mut fds: Vec<BorrowedFd<'_>> = file.iter().map(|f| f.as_fd()).collect();
         fds.extend(gmems.iter().flatten().map(|g| g.as_fd()));
-        let reply = request(&self.conn, &msg, &fds)?;
-        match reply.message {
-            Message::VmCreated(v)
-                if v.region_count as usize
-                    == if spec.memory_in_vmm {
-                        0
-                    } else {
-                        spec.regions.len()
-                    } =>
-            {
-                Ok(CreatedVm {
-                    vm_id: v.vm_id,
-                    regions: spec.regions,
-                    memfds: reply.fds,
-                    guest_memfds: gmems,
-                    vm_fd: spec.vm_fd,
-                    vmm_sets_attributes: v.flags & VMCREATED_VMM_SETS_ATTRIBUTES != 0,
-                    token: v.token,
-                    uffd_modes: v.uffd_modes,
-                    uffd_features: v.uffd_features,
-                })
+        let reply = self.call(&msg, &fds, false)?;
+        let memfds_expected = if spec.memory_in_vmm {
+            0
+        } else {
+            spec.regions.len()
+        };
+        let v = match reply.message {
+            Message::VmCreated(v) if v.region_count as usize == memfds_expected => v,
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "{:?} instead of VmCreated",
+                    other.kind()
+                )))
             }
-            other => Err(ClientError::Protocol(format!(
-                "{:?} instead of VmCreated",
-                other.kind()
-            ))),
-        }
+        };
+        let mut memfds = reply.fds;
+        let state = memfds
+            .pop()
+            .ok_or_else(|| ClientError::Protocol("VmCreated without its state file".into()))?;
+        let mut create = create;
+        create.populate = populate_of(v.uffd_modes);
+        let dup = |f: BorrowedFd<'_>| f.try_clone_to_owned().map_err(ClientError::Io);
+        let kept = KeptVm {
+            vm_id: v.vm_id,
+            token: v.token,
+            uffd_modes: v.uffd_modes,
+            uffd_features: v.uffd_features,
+            created_flags: v.flags,
+            create,
+            source: file.as_ref().map(|f| dup(f.as_fd())).transpose()?,
+            memfds: memfds
+                .iter()
+                .map(|m| dup(m.as_fd()))
+                .collect::<Result<_, _>>()?,
+            state,
+            guest_memfds: gmems
+                .iter()
+                .flatten()
+                .map(|g| dup(g.as_fd()))
+                .collect::<Result<_, _>>()?,
+            uffd: None,
+            mailbox: None,
+            channel: None,
+        };
+        self.link.kept().insert(v.vm_id, kept);
+        Ok(CreatedVm {
+            vm_id: v.vm_id,
+            regions: spec.regions,
+            memfds,
+            guest_memfds: gmems,
+            vm_fd: spec.vm_fd,
+            vmm_sets_attributes: v.flags & VMCREATED_VMM_SETS_ATTRIBUTES != 0,
+            token: v.token,
+            uffd_modes: v.uffd_modes,
+            uffd_features: v.uffd_features,
+        })
     }
 
     /// Hands the VMM's userfaultfd to the daemon: `host_addrs[i]` is where region `i` is mapped
@@ -249,8 +399,14 @@ impl Client {
             vm_id,
             host_addrs: host_addrs.to_vec(),
         });
-        match request(&self.conn, &msg, &[uffd])?.message {
-            Message::Attached { vm_id: id } if id == vm_id => Ok(()),
+        match self.call(&msg, &[uffd], false)?.message {
+            Message::Attached { vm_id: id } if id == vm_id => {
+                let copy = uffd.try_clone_to_owned().map_err(ClientError::Io)?;
+                if let Some(k) = self.link.kept().get_mut(&vm_id) {
+                    k.uffd = Some((copy, host_addrs.to_vec()));
+                }
+                Ok(())
+            }
             other => Err(ClientError::Protocol(format!(
                 "{:?} instead of Attached",
                 other.kind()
@@ -268,8 +424,14 @@ impl Client {
         protocol: ChannelProtocol,
     ) -> Result<(), ClientError> {
         let msg = Message::AttachChannel(AttachChannel { vm_id, protocol });
-        match request(&self.conn, &msg, &[socket])?.message {
-            Message::Attached { vm_id: id } if id == vm_id => Ok(()),
+        match self.call(&msg, &[socket], false)?.message {
+            Message::Attached { vm_id: id } if id == vm_id => {
+                let copy = socket.try_clone_to_owned().map_err(ClientError::Io)?;
+                if let Some(k) = self.link.kept().get_mut(&vm_id) {
+                    k.channel = Some((protocol, copy));
+                }
+                Ok(())
+            }
             other => Err(ClientError::Protocol(format!(
                 "{:?} instead of Attached",
                 other.kind()
@@ -286,7 +448,7 @@ impl Client {
                 vm_id,
                 pages: chunk.to_vec(),
             });
-            queued = match request(&self.conn, &msg, &[])?.message {
+            queued = match self.call(&msg, &[], true)?.message {
                 Message::ReplayQueued { vm_id: id, queued } if id == vm_id => queued,
                 other => {
                     return Err(ClientError::Protocol(format!(
@@ -306,7 +468,7 @@ impl Client {
         loop {
             let from = out.len() as u64;
             let msg = Message::GetWorkingSet { vm_id, from };
-            match request(&self.conn, &msg, &[])?.message {
+            match self.call(&msg, &[], true)?.message {
                 Message::WorkingSet(w) if w.vm_id == vm_id && w.from == from => {
                     let done = w.entries.is_empty() || from + w.entries.len() as u64 >= w.total;
                     out.extend(w.entries);
@@ -336,7 +498,7 @@ impl Client {
     /// Creates the VM's per-vCPU mailbox. Build one [`VcpuChannel`] per vCPU thread with
     /// [`VmExits::channel`].
     pub fn open_mailbox(&self, vm_id: u64, vcpus: u32) -> Result<VmExits, ClientError> {
-        let reply = request(&self.conn, &Message::OpenMailbox { vm_id, vcpus }, &[])?;
+        let reply = self.call(&Message::OpenMailbox { vm_id, vcpus }, &[], false)?;
         match reply.message {
             Message::MailboxOpened {
                 vm_id: id,
@@ -348,18 +510,14 @@ impl Client {
                         "MailboxOpened without its fds".into(),
                     ));
                 };
-                let mailbox = Mailbox::map(mailbox.as_fd())
-                    .map_err(|e| ClientError::Protocol(format!("bad mailbox: {e}")))?;
-                let liveness = self
-                    .conn
-                    .as_fd()
-                    .try_clone_to_owned()
-                    .map_err(ClientError::Io)?;
-                Ok(VmExits {
-                    mailbox: Arc::new(mailbox),
-                    doorbell: Arc::new(doorbell),
-                    liveness: Arc::new(liveness),
-                })
+                if let Some(k) = self.link.kept().get_mut(&vm_id) {
+                    k.mailbox = Some((
+                        mailbox.try_clone().map_err(ClientError::Io)?,
+                        doorbell.try_clone().map_err(ClientError::Io)?,
+                        vcpus,
+                    ));
+                }
+                self.exits(mailbox, doorbell)
             }
             other => Err(ClientError::Protocol(format!(
                 "{:?} instead of MailboxOpened",
@@ -368,13 +526,33 @@ impl Client {
         }
     }
 
+    /// The mailbox `mailbox` (its doorbell `doorbell`) as vCPUs use it: waits go on while the
+    /// daemon is away, and fail once the link is lost.
+    pub(crate) fn exits(
+        &self,
+        mailbox: OwnedFd,
+        doorbell: OwnedFd,
+    ) -> Result<VmExits, ClientError> {
+        let mailbox = Mailbox::map(mailbox.as_fd())
+            .map_err(|e| ClientError::Protocol(format!("bad mailbox: {e}")))?;
+        Ok(VmExits {
+            mailbox: Arc::new(mailbox),
+            doorbell: Arc::new(doorbell),
+            liveness: self.link.clone(),
+        })
+    }
+
     /// Turns this connection into a listener of `vm_id`'s conversion events (what a VFIO or
-    /// vhost-user backend needs). `token` comes from the VMM (`CreatedVm::token`).
+    /// vhost-user backend needs). `token` comes from the VMM (`CreatedVm::token`). A
+    /// subscription ends with an error when the daemon goes away (subscribe again).
     pub fn subscribe(self, vm_id: u64, token: u64) -> Result<Subscription, ClientError> {
-        match request(&self.conn, &Message::Subscribe { vm_id, token }, &[])?.message {
-            Message::Subscribed { vm_id: id } if id == vm_id => {
-                Ok(Subscription { conn: self.conn })
-            }
+        match self
+            .call(&Message::Subscribe { vm_id, token }, &[], false)?
+            .message
+        {
+            Message::Subscribed { vm_id: id } if id == vm_id => Ok(Subscription {
+                link: self.link.clone(),
+            }),
             other => Err(ClientError::Protocol(format!(
                 "{:?} instead of Subscribed",
                 other.kind()
@@ -384,7 +562,7 @@ impl Client {
 
     /// The VM's counters and fault latency percentiles.
     pub fn stats(&self, vm_id: u64) -> Result<Stats, ClientError> {
-        match request(&self.conn, &Message::GetStats { vm_id }, &[])?.message {
+        match self.call(&Message::GetStats { vm_id }, &[], true)?.message {
             Message::Stats(s) => Ok(s),
             other => Err(ClientError::Protocol(format!(
                 "{:?} instead of Stats",
@@ -395,8 +573,11 @@ impl Client {
 
     /// Stops serving and frees the VM in the daemon (the VMM unmaps its own mappings).
     pub fn detach(&self, vm_id: u64) -> Result<(), ClientError> {
-        match request(&self.conn, &Message::Detach { vm_id }, &[])?.message {
-            Message::Detached { vm_id: id } if id == vm_id => Ok(()),
+        match self.call(&Message::Detach { vm_id }, &[], false)?.message {
+            Message::Detached { vm_id: id } if id == vm_id => {
+                self.link.kept().remove(&vm_id);
+                Ok(())
+            }
             other => Err(ClientError::Protocol(format!(
                 "{:?} instead of Detached",
                 other.kind()
@@ -405,14 +586,25 @@ impl Client {
     }
 }
 
-impl AsFd for Client {
-    /// The control connection (poll it to notice the daemon going away).
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.conn.as_fd()
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = rustix::io::write(&self.stop, &1u64.to_ne_bytes());
+        if let Some(t) = self.supervisor.take() {
+            let _ = t.join();
+        }
     }
 }
 
-fn request(
+/// The populate method a VM's uffd registration modes imply.
+pub(crate) fn populate_of(uffd_modes: u64) -> PopulateMethod {
+    match uffd_modes & vmpager_protocol::uffd_modes::MINOR {
+        0 => PopulateMethod::Copy,
+        _ => PopulateMethod::Continue,
+    }
+}
+
+/// One request and its answer on `conn`; an `Error` answer becomes [`ClientError::Refused`].
+pub(crate) fn request(
     conn: &Connection,
     msg: &Message,
     fds: &[BorrowedFd<'_>],
@@ -432,7 +624,7 @@ fn request(
 pub struct VmExits {
     mailbox: Arc<Mailbox>,
     doorbell: Arc<OwnedFd>,
-    liveness: Arc<OwnedFd>,
+    liveness: Arc<dyn Liveness>,
 }
 
 impl VmExits {
@@ -452,13 +644,13 @@ impl VmExits {
 /// A connection that receives a VM's conversion events.
 #[derive(Debug)]
 pub struct Subscription {
-    conn: Connection,
+    link: Arc<Link>,
 }
 
 impl Subscription {
     /// Waits for the next conversion event.
     pub fn next_event(&self) -> Result<ConversionEvent, ClientError> {
-        match self.conn.recv()?.message {
+        match self.link.conn().recv()?.message {
             Message::ConversionEvent(e) => Ok(e),
             other => Err(ClientError::Protocol(format!(
                 "{:?} instead of ConversionEvent",

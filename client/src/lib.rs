@@ -22,6 +22,8 @@
 //! ```
 //!
 //! * [`client`]: the control connection (handshake, create, attach, stats, detach).
+//! * [`link`]: keeping the VMs served across daemon restarts.
+//! * [`update`]: VMM live update (release a VM, reattach it from a new process).
 //! * [`memory`]: mapping the daemon's memfds and registering them on the VMM's userfaultfd.
 //! * [`working_set`]: the working-set file (record and replay of first touches).
 //! * [`refvmm`] (feature `refvmm`): a small reference VMM that runs real guest code.
@@ -36,15 +38,21 @@ pub mod coco;
 #[cfg(feature = "refvmm")]
 pub mod demo;
 pub mod kvm_private;
+pub mod link;
 pub mod memory;
 #[cfg(feature = "refvmm")]
 pub mod peers;
 #[cfg(feature = "refvmm")]
 pub mod refvmm;
+pub mod update;
 pub mod working_set;
 
-pub use client::{Client, ClientError, CreatedVm, PageSource, Subscription, VmExits, VmSpec};
+pub use client::{
+    Client, ClientError, ClientOptions, CreatedVm, PageSource, Subscription, VmExits, VmSpec,
+};
+pub use link::LinkState;
 pub use memory::{MappedRegion, VmMemory};
+pub use update::ReattachedVm;
 pub use vmpager_protocol::mailbox::{
     Request, RequestKind, Response, Status, VcpuChannel, WaitPolicy,
 };

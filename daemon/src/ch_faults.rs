@@ -173,11 +173,16 @@ impl ChFaultServer {
     /// every page), on `Abandon`, and on a protocol violation.
     pub fn drain(&mut self) -> Drained {
         loop {
-            let need = match self.have {
-                n if n < REQUEST_LEN => REQUEST_LEN,
-                _ => REQUEST_LEN + MEMORY_RANGE_LEN,
-            };
-            match rustix::io::read(&self.socket, &mut self.buf[self.have..need]) {
+            // Peek, and consume a request only once it is answered: a request the daemon
+            // read but did not answer when it was killed stays in the socket for the next
+            // daemon (the client keeps a copy of the socket, `ReclaimVm`).
+            let peeked = rustix::net::recv(
+                &self.socket,
+                &mut self.buf,
+                rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT,
+            )
+            .map(|(n, _)| n);
+            match peeked {
                 Ok(0) => {
                     self.flush_latencies();
                     tracing::debug!(
@@ -187,20 +192,30 @@ impl ChFaultServer {
                     return Drained::Closed;
                 }
                 Ok(n) => {
-                    self.have += n;
-                    if self.have == REQUEST_LEN && !self.header_wants_range() {
+                    self.have = n;
+                    if n < REQUEST_LEN {
+                        break; // Half a request: the rest comes with the next readiness.
+                    }
+                    if !self.header_wants_range() {
+                        self.consume(REQUEST_LEN);
                         let d = self.end_of_session();
                         return self.finish(d);
                     }
-                    if self.have == REQUEST_LEN + MEMORY_RANGE_LEN {
-                        self.have = 0;
-                        if !self.serve() {
-                            return self.finish(Drained::Closed);
-                        }
+                    if n < REQUEST_LEN + MEMORY_RANGE_LEN {
+                        break;
+                    }
+                    let ok = self.serve();
+                    self.consume(REQUEST_LEN + MEMORY_RANGE_LEN);
+                    self.have = 0;
+                    if !ok {
+                        return self.finish(Drained::Closed);
                     }
                 }
                 Err(Errno::INTR) => {}
-                Err(Errno::AGAIN) => break,
+                Err(Errno::AGAIN) => {
+                    self.have = 0;
+                    break;
+                }
                 Err(_) => return self.finish(Drained::Closed),
             }
         }
@@ -226,9 +241,28 @@ impl ChFaultServer {
         Drained::Idle
     }
 
+    /// Ends the session on the daemon's side: the socket is shut down, so cloud-hypervisor
+    /// sees EOF although the VMM's front end keeps a copy of it.
     fn finish(&mut self, d: Drained) -> Drained {
         self.flush_latencies();
+        if d == Drained::Closed {
+            let _ = rustix::net::shutdown(&self.socket, rustix::net::Shutdown::Both);
+        }
         d
+    }
+
+    /// Removes `n` bytes (an answered request) from the socket.
+    fn consume(&mut self, n: usize) {
+        let mut sink = [0u8; REQUEST_LEN + MEMORY_RANGE_LEN];
+        let mut left = n.min(sink.len());
+        while left > 0 {
+            match rustix::io::read(&self.socket, &mut sink[..left]) {
+                Ok(0) => return,
+                Ok(k) => left -= k,
+                Err(Errno::INTR) => {}
+                Err(_) => return,
+            }
+        }
     }
 
     fn flush_latencies(&mut self) {

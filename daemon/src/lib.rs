@@ -76,6 +76,9 @@ pub struct Config {
     pub worker_cpus: Vec<usize>,
     /// Pages installed along with a faulting one.
     pub readahead: readahead::Readahead,
+    /// How long a VM whose VMM released it or went away is kept for a reattach (zero: freed
+    /// at once).
+    pub vm_grace: Duration,
 }
 
 impl Default for Config {
@@ -91,6 +94,7 @@ impl Default for Config {
             wait: wait::WaitMode::default(),
             worker_cpus: Vec::new(),
             readahead: readahead::Readahead::default(),
+            vm_grace: Duration::from_secs(60),
             allowed_uids: {
                 let own = rustix::process::getuid().as_raw();
                 if own == 0 {
@@ -166,6 +170,7 @@ pub fn serve(
     shutdown: OwnedFd,
     config: Config,
     live: Arc<LiveVms>,
+    sessions: Arc<control::SessionCounters>,
 ) -> Result<(), DaemonError> {
     let uffd = uffd::Uffd::probe().map(|p| p.features).unwrap_or(0);
     // Fail at start, not at the first fault.
@@ -181,6 +186,7 @@ pub fn serve(
             memory_attributes: caps::memory_attributes(),
         },
         live,
+        sessions,
     )?;
     Ok(reactor.run()?)
 }
@@ -192,6 +198,7 @@ pub struct DaemonHandle {
     stop: Option<OwnedFd>,
     thread: Option<JoinHandle<Result<(), DaemonError>>>,
     live: Arc<LiveVms>,
+    sessions: Arc<control::SessionCounters>,
     _lock: listener::Bound,
 }
 
@@ -201,9 +208,14 @@ impl DaemonHandle {
         &self.socket_path
     }
 
-    /// Live VM count.
+    /// Live VM count (VMs kept for a reattach included).
     pub fn live_vms(&self) -> &LiveVms {
         &self.live
+    }
+
+    /// What happened to sessions (reclaims, reattaches, grace periods).
+    pub fn sessions(&self) -> &control::SessionCounters {
+        &self.sessions
     }
 
     /// Stops the daemon and waits for it.
@@ -243,15 +255,18 @@ pub fn spawn(config: Config, socket_path: &Path) -> Result<DaemonHandle, DaemonE
     let stop_reader = stop.try_clone().map_err(DaemonError::Start)?;
     let live = Arc::new(LiveVms::default());
     let live2 = live.clone();
+    let sessions = Arc::new(control::SessionCounters::default());
+    let sessions2 = sessions.clone();
     let thread = std::thread::Builder::new()
         .name("vmpager-control".into())
-        .spawn(move || serve(listener, stop_reader, config, live2))
+        .spawn(move || serve(listener, stop_reader, config, live2, sessions2))
         .map_err(DaemonError::Start)?;
     Ok(DaemonHandle {
         socket_path: socket_path.to_owned(),
         stop: Some(stop),
         thread: Some(thread),
         live,
+        sessions,
         _lock: bound,
     })
 }

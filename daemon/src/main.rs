@@ -87,6 +87,10 @@ struct Args {
     /// prefetch off).
     #[arg(long, value_name = "PAGES", default_value_t = Readahead::default().prefetch_max)]
     prefetch_max: usize,
+    /// Seconds a VM whose VMM released it (for an update) or went away is kept for a reattach
+    /// (0: freed at once). Its memory stays allocated meanwhile.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    vm_grace: u64,
 }
 
 impl Args {
@@ -135,6 +139,7 @@ impl Args {
             c.policy = vmpagerd::policy::Policy::parse(&text)
                 .with_context(|| format!("in {}", path.display()))?;
         }
+        c.vm_grace = Duration::from_secs(self.vm_grace);
         if !self.allow_uid.is_empty() {
             c.allowed_uids = self.allow_uid.clone();
         }
@@ -200,6 +205,12 @@ fn run() -> anyhow::Result<()> {
         prefetch_max = config.readahead.prefetch_max,
         "vmpagerd serving"
     );
-    vmpagerd::serve(listener_fd, shutdown, config, Arc::new(LiveVms::default()))?;
+    vmpagerd::serve(
+        listener_fd,
+        shutdown,
+        config,
+        Arc::new(LiveVms::default()),
+        Arc::default(),
+    )?;
     Ok(())
 }

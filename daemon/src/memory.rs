@@ -49,15 +49,32 @@ pub enum MemoryError {
         #[source]
         source: io::Error,
     },
-    /// The page-state file could not be created.
-    #[error("cannot create the page-state table")]
+    /// The page-state file could not be created or adopted.
+    #[error("cannot set up the page-state table")]
     State(#[from] StateError),
+    /// A memfd handed back after a restart is not what the region needs.
+    #[error("region {region}: {why}")]
+    Adopt {
+        /// Region index.
+        region: usize,
+        /// What is wrong.
+        why: String,
+    },
 }
 
 impl MemoryError {
     /// Out of a resource (memory, fds, address space): the request may succeed later.
     pub fn is_retryable(&self) -> bool {
-        true
+        !self.is_bad_input()
+    }
+
+    /// The peer handed over memory that cannot be this VM's.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            MemoryError::Adopt { .. } => true,
+            MemoryError::State(e) => e.is_bad_input(),
+            _ => false,
+        }
     }
 }
 
@@ -384,16 +401,62 @@ impl GuestMemory {
             }
         }
         let state = StateFile::create(vm_id, &page_counts(regions))?;
-        Self::assemble(regions, files, gmems, state)
+        Self::assemble(regions, files, gmems, state, false)
+    }
+
+    /// Takes back the memory of VM `vm_id` that a VMM kept while no daemon served it (after a
+    /// daemon restart): `memfds[i]` is region `i`'s memfd as `VmCreated` gave it (none for the
+    /// VMM's own memory), `state` the page-state file. Each memfd must be a memfd sealed
+    /// against resizing (the daemon maps it), large enough, of the region's page size, and the
+    /// regions of one memfd group must share one file.
+    pub fn adopt(
+        vm_id: u64,
+        regions: &[RegionSpec],
+        memfds: Vec<File>,
+        gmems: Vec<Option<File>>,
+        state: File,
+        in_vmm: bool,
+    ) -> Result<GuestMemory, MemoryError> {
+        let bad = |region: usize, why: String| MemoryError::Adopt { region, why };
+        let mut files: Vec<Option<Arc<File>>> = vec![None; regions.len()];
+        if !in_vmm {
+            if memfds.len() != regions.len() {
+                return Err(bad(
+                    0,
+                    format!("{} memfds for {} regions", memfds.len(), regions.len()),
+                ));
+            }
+            let mut groups: Vec<(u32, (u64, u64), Arc<File>)> = Vec::new();
+            for (i, (spec, file)) in regions.iter().zip(memfds).enumerate() {
+                check_adopted_memfd(&file, spec).map_err(|why| bad(i, why))?;
+                let st = rustix::fs::fstat(&file).map_err(|e| bad(i, e.to_string()))?;
+                let id = (st.st_dev, st.st_ino);
+                let g = spec.memfd_group();
+                let shared = groups.iter().find(|(gg, _, _)| g != 0 && *gg == g);
+                files[i] = Some(match shared {
+                    Some((_, gid, f)) if *gid == id => f.clone(),
+                    Some(_) => return Err(bad(i, format!("not the memfd of group {g}"))),
+                    None => {
+                        let f = Arc::new(file);
+                        groups.push((g, id, f.clone()));
+                        f
+                    }
+                });
+            }
+        }
+        let state = StateFile::adopt(state, vm_id, &page_counts(regions))?;
+        Self::assemble(regions, files, gmems, state, true)
     }
 
     /// Maps each region's window of its memfd (`files[i]`, `None` for the VMM's own memory),
-    /// registers the mappings for atomic installs, and gives each region its table of `state`.
+    /// registers the mappings for atomic installs, and gives each region its table of `state`
+    /// (`adopted`: kept by a previous daemon).
     pub(crate) fn assemble(
         regions: &[RegionSpec],
         files: Vec<Option<Arc<File>>>,
         gmems: Vec<Option<File>>,
         state: StateFile,
+        adopted: bool,
     ) -> Result<GuestMemory, MemoryError> {
         let mut gmems = gmems.into_iter();
         let installer = match files.iter().any(Option::is_some) {
@@ -439,7 +502,7 @@ impl GuestMemory {
                 ))))?;
             out.push(Region {
                 spec: *spec,
-                state: table,
+                state: PageState::new(table, adopted),
                 backing,
                 gmem: gmems.next().flatten(),
             });
@@ -464,6 +527,39 @@ impl GuestMemory {
     pub fn state_file(&self) -> BorrowedFd<'_> {
         self.state.fd()
     }
+}
+
+/// Checks a memfd a VMM handed back for `spec`: a memfd, sealed against resizing (the daemon
+/// maps it: a shrink would fault the daemon), large enough, and hugetlb exactly for 2 MiB
+/// regions.
+fn check_adopted_memfd(file: &File, spec: &RegionSpec) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let link = rustix::fs::readlinkat(
+        rustix::fs::CWD,
+        format!("/proc/self/fd/{}", file.as_raw_fd()),
+        Vec::new(),
+    )
+    .map_err(|e| e.to_string())?;
+    if !link.to_string_lossy().starts_with("/memfd:") {
+        return Err("not a memfd".into());
+    }
+    let seals = rustix::fs::fcntl_get_seals(file).map_err(|e| e.to_string())?;
+    if !seals.contains(rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW) {
+        return Err("the memfd is not sealed against resizing".into());
+    }
+    let len = file.metadata().map_err(|e| e.to_string())?.len();
+    let need = spec.file_offset().saturating_add(spec.size());
+    if len < need {
+        return Err(format!(
+            "the memfd has {len} bytes, the region needs {need}"
+        ));
+    }
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    let fs = rustix::fs::fstatfs(file).map_err(|e| e.to_string())?;
+    if (fs.f_type as i64 == HUGETLBFS_MAGIC) != spec.is_huge() {
+        return Err("the memfd's page size is not the region's".into());
+    }
+    Ok(())
 }
 
 /// Pages (of each region's page size) of each region.

@@ -52,6 +52,14 @@ pub enum Command {
         /// Signalled when done.
         done: Sender<()>,
     },
+    /// Stop serving a VM's uffd or fault channel (its mailbox stays served); `done` is
+    /// signalled once the server is dropped.
+    StopFaults {
+        /// VM id.
+        vm_id: u64,
+        /// Signalled when done.
+        done: Sender<()>,
+    },
     /// Stop serving a VM; `done` is signalled once the server (and its uffd) is dropped.
     Stop {
         /// VM id.
@@ -162,6 +170,13 @@ impl Worker {
     pub fn sync(&self) -> Result<(), WorkerError> {
         let (done, wait) = crossbeam::channel::bounded(1);
         self.send(Command::Sync { done })?;
+        wait.recv().map_err(|_| WorkerError::Gone(self.index))
+    }
+
+    /// Stops serving `vm_id`'s uffd or fault channel and waits until it is dropped.
+    pub fn stop_faults(&self, vm_id: u64) -> Result<(), WorkerError> {
+        let (done, wait) = crossbeam::channel::bounded(1);
+        self.send(Command::StopFaults { vm_id, done })?;
         wait.recv().map_err(|_| WorkerError::Gone(self.index))
     }
 
@@ -304,7 +319,16 @@ fn run(mut poll: Poll, commands: Receiver<Command>, wait: WaitMode) {
                     let _ = done.send(());
                     continue;
                 }
+                Ok(Command::StopFaults { vm_id, done }) => {
+                    if let Some(s) = sources.remove(&key(vm_id, false)) {
+                        let _ = poll.registry().deregister(&mut SourceFd(&s.fd()));
+                    }
+                    more.retain(|&k| k != key(vm_id, false));
+                    let _ = done.send(());
+                    continue;
+                }
                 Ok(Command::Stop { vm_id, done }) => {
+                    more.retain(|&k| k != key(vm_id, false));
                     for k in [key(vm_id, false), key(vm_id, true)] {
                         if let Some(s) = sources.remove(&k) {
                             let _ = poll.registry().deregister(&mut SourceFd(&s.fd()));

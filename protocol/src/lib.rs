@@ -7,12 +7,16 @@
 //! * [`region`]: guest memory region descriptions and their validation.
 //! * [`message`]: every message, its payload layout, encoding and bounded decoding.
 //! * [`socket`]: `SOCK_SEQPACKET` transport with `SCM_RIGHTS` fd passing.
+//! * [`mailbox`]: the per-vCPU exit channel in shared memory.
+//! * [`page_state`]: the page-state file (two bits per page) the VMM keeps for a restarted
+//!   daemon.
 #![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
 pub mod header;
 pub mod mailbox;
 pub mod mapping;
 pub mod message;
+pub mod page_state;
 pub mod region;
 pub mod socket;
 
@@ -20,8 +24,8 @@ pub use header::{Header, HEADER_LEN, MAGIC};
 pub use message::{
     AttachChannel, AttachUffd, ChannelProtocol, ConversionEvent, CreateVm, DecodeError, ErrorCode,
     ErrorReply, Hello, Message, PageSourceKind, PopulateMethod, ReplayWorkingSet, Stats, VmCreated,
-    VmType, Welcome, WorkingSet, WorkingSetEntry, VMCREATED_VMM_SETS_ATTRIBUTES, VM_MEMORY_IN_VMM,
-    VM_RECORD_WORKING_SET,
+    VmSession, VmType, Welcome, WorkingSet, WorkingSetEntry, VMCREATED_VMM_SETS_ATTRIBUTES,
+    VM_MEMORY_IN_VMM, VM_RECORD_WORKING_SET,
 };
 pub use region::{RegionError, RegionSpec, HUGE_PAGE_SIZE, REGION_HUGE_2M, REGION_PRIVATE};
 pub use socket::{Connection, SocketError};
@@ -29,12 +33,13 @@ pub use socket::{Connection, SocketError};
 /// The protocol version this crate speaks and puts in every header. A record whose header
 /// carries another version is malformed; `Hello.version` is the highest version the client
 /// speaks, and the daemon answers with the version it will use (at most its own).
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Largest payload a peer may send (bytes after the header). Bigger messages are refused.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
-/// Largest number of fds one message may carry.
-pub const MAX_FDS: usize = 64;
+/// Largest number of fds one message may carry (a `ReclaimVm` of a VM with `MAX_REGIONS`
+/// private regions carries 2 × 64 + 6; the kernel's own limit is 253).
+pub const MAX_FDS: usize = 192;
 /// Largest number of regions in one VM.
 pub const MAX_REGIONS: usize = 64;
 /// Guest page size that regions are aligned to.
@@ -68,6 +73,8 @@ pub mod features {
     pub const WORKING_SET: u64 = 1 << 8;
     /// Regions flagged `REGION_HUGE_2M`.
     pub const HUGE_PAGES: u64 = 1 << 9;
+    /// Sessions that outlive connections: `ReleaseVm`, `ReattachVm`, `ReclaimVm`.
+    pub const SESSIONS: u64 = 1 << 10;
     /// Every feature this version of the crate knows.
     pub const ALL: u64 = FILE_SOURCE
         | STATS
@@ -78,7 +85,8 @@ pub mod features {
         | VMM_MEMORY
         | FAULT_CHANNEL
         | WORKING_SET
-        | HUGE_PAGES;
+        | HUGE_PAGES
+        | SESSIONS;
 }
 
 /// Registration modes the daemon asks the VMM to use on its uffd (`VmCreated.uffd_modes`); the

@@ -186,7 +186,8 @@ pub enum MailboxError {
     /// Slot index out of range.
     #[error("no slot {0}")]
     NoSlot(u32),
-    /// The peer went away (control connection closed) while we waited.
+    /// The daemon went away (and, for a client that waits for a restart, did not come back
+    /// in time) while we waited.
     #[error("the daemon went away during the exchange")]
     PeerGone,
     /// The daemon answered with values outside the protocol.
@@ -387,6 +388,49 @@ impl Default for WaitPolicy {
     }
 }
 
+/// Whether the daemon serving a mailbox is there, as a waiting vCPU asks it between sleeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// Serving: keep waiting.
+    Alive,
+    /// Away, expected back (a daemon restart within the client's deadline): keep waiting;
+    /// the next daemon finds the request in the slot and answers it.
+    Away,
+    /// Gone for good: stop waiting.
+    Gone,
+}
+
+/// Tells a waiting vCPU whether its daemon is there.
+pub trait Liveness: Send + Sync + std::fmt::Debug {
+    /// The daemon's state now (must not block).
+    fn peer(&self) -> Peer;
+}
+
+/// An fd that reports `POLLHUP` when the daemon is gone (the control connection): alive until
+/// then, gone after.
+impl Liveness for OwnedFd {
+    fn peer(&self) -> Peer {
+        let mut fds = [rustix::event::PollFd::new(
+            self,
+            rustix::event::PollFlags::empty(),
+        )];
+        let zero = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        match rustix::event::poll(&mut fds, Some(&zero)) {
+            Ok(_)
+                if !fds[0]
+                    .revents()
+                    .intersects(rustix::event::PollFlags::HUP | rustix::event::PollFlags::ERR) =>
+            {
+                Peer::Alive
+            }
+            _ => Peer::Gone,
+        }
+    }
+}
+
 /// The VMM end of one vCPU's slot. Owned by that vCPU's thread.
 #[derive(Debug)]
 pub struct VcpuChannel {
@@ -394,18 +438,19 @@ pub struct VcpuChannel {
     index: u32,
     seq: u32,
     doorbell: std::sync::Arc<OwnedFd>,
-    liveness: std::sync::Arc<OwnedFd>,
+    liveness: std::sync::Arc<dyn Liveness>,
     policy: WaitPolicy,
 }
 
 impl VcpuChannel {
-    /// The channel of slot `index`. `doorbell` is the daemon's eventfd; `liveness` is an fd that
-    /// reports `POLLHUP` when the daemon is gone (the control connection).
+    /// The channel of slot `index`. `doorbell` is the daemon's eventfd; `liveness` says whether
+    /// the daemon is there (the control connection's fd says so with `POLLHUP`; a client that
+    /// waits for a restarted daemon says `Away` meanwhile).
     pub fn new(
         mailbox: std::sync::Arc<Mailbox>,
         index: u32,
         doorbell: std::sync::Arc<OwnedFd>,
-        liveness: std::sync::Arc<OwnedFd>,
+        liveness: std::sync::Arc<dyn Liveness>,
         policy: WaitPolicy,
     ) -> Result<VcpuChannel, MailboxError> {
         let slot = mailbox.slot(index).ok_or(MailboxError::NoSlot(index))?;
@@ -500,31 +545,15 @@ impl VcpuChannel {
                 Err(rustix::io::Errno::TIMEDOUT) => {}
                 Err(e) => break Err(MailboxError::Io(e.into())),
             }
-            if started.elapsed() >= self.policy.liveness_check && !self.peer_alive() {
+            if started.elapsed() >= self.policy.liveness_check
+                && self.liveness.peer() == Peer::Gone
+                && slot.resp_seq.load(Ordering::Acquire) != seq
+            {
                 break Err(MailboxError::PeerGone);
             }
         };
         slot.vmm_waiting.store(0, Ordering::Relaxed);
         result
-    }
-
-    fn peer_alive(&self) -> bool {
-        let mut fds = [rustix::event::PollFd::new(
-            &*self.liveness,
-            rustix::event::PollFlags::empty(),
-        )];
-        match rustix::event::poll(
-            &mut fds,
-            Some(&rustix::event::Timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            }),
-        ) {
-            Ok(_) => !fds[0]
-                .revents()
-                .intersects(rustix::event::PollFlags::HUP | rustix::event::PollFlags::ERR),
-            Err(_) => false,
-        }
     }
 }
 

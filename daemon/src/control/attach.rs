@@ -1,5 +1,6 @@
 //! Attaching a VM's fault sources: the VMM's uffd, its mailbox, a fault channel.
 
+use super::registry::MailboxFds;
 use super::*;
 use crate::ch_faults::ChFaultServer;
 use vmpager_protocol::{AttachChannel, ChannelProtocol};
@@ -11,12 +12,8 @@ impl Reactor {
         vm_id: u64,
         vcpus: u32,
     ) -> Result<(Message, Vec<OwnedFd>), Refusal> {
-        let workers = self.workers.len();
-        let Some(conn) = self.conns.get_mut(&token) else {
-            return Err(refuse(ErrorCode::Internal, "connection vanished"));
-        };
-        let entry = conn.vms.get_mut(&vm_id).ok_or_else(|| unknown_vm(vm_id))?;
-        if entry.exits {
+        let entry = self.owned(token, vm_id)?;
+        if entry.mailbox.is_some() {
             return Err(refuse(
                 ErrorCode::BadState,
                 format!("VM {vm_id} already has a mailbox"),
@@ -29,19 +26,43 @@ impl Reactor {
             rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
         )
         .map_err(|e| internal(&std::io::Error::from(e)))?;
-        let doorbell_copy = doorbell.try_clone().map_err(|e| internal(&e))?;
+        let fds = MailboxFds {
+            memfd: mailbox_fd,
+            doorbell,
+            vcpus,
+        };
+        let reply = vec![
+            fds.memfd.try_clone().map_err(|e| internal(&e))?,
+            fds.doorbell.try_clone().map_err(|e| internal(&e))?,
+        ];
+        self.serve_mailbox(vm_id, mailbox, fds)?;
+        Ok((Message::MailboxOpened { vm_id, vcpus }, reply))
+    }
+
+    /// Serves VM `vm_id`'s mailbox (mapped as `mailbox`, its fds in `fds`) on the VM's worker.
+    pub(super) fn serve_mailbox(
+        &mut self,
+        vm_id: u64,
+        mailbox: Mailbox,
+        fds: MailboxFds,
+    ) -> Result<(), Refusal> {
+        let w = self.worker_of(vm_id);
+        let internal = |e: &dyn std::error::Error| refuse(ErrorCode::Internal, error_chain(e));
+        let entry = self.vms.get_mut(&vm_id).ok_or_else(|| unknown_vm(vm_id))?;
+        let doorbell = fds.doorbell.try_clone().map_err(|e| internal(&e))?;
         let server = ExitServer::new(entry.vm.clone(), Arc::new(mailbox), doorbell);
-        // The same worker as the VM's uffd: one VM's work stays on one thread.
-        let w = (vm_id as usize) % workers;
         self.workers[w]
             .serve_exits(server)
             .map_err(|e| internal(&e))?;
-        entry.exits = true;
+        entry.mailbox = Some(fds);
         entry.worker = Some(w);
-        Ok((
-            Message::MailboxOpened { vm_id, vcpus },
-            vec![mailbox_fd, doorbell_copy],
-        ))
+        Ok(())
+    }
+
+    /// The worker of VM `vm_id`: the same for its uffd and its mailbox, so one VM's work
+    /// stays on one thread.
+    pub(super) fn worker_of(&self, vm_id: u64) -> usize {
+        (vm_id % self.workers.len() as u64) as usize
     }
 
     pub(super) fn attach(
@@ -51,20 +72,40 @@ impl Reactor {
         mut fds: Vec<OwnedFd>,
     ) -> Result<(Message, Vec<OwnedFd>), Refusal> {
         let vm_id = attach.vm_id;
-        let entry = unattached(&mut self.conns, token, vm_id)?;
-        let regions = entry.vm.memory.regions();
-        if attach.host_addrs.len() != regions.len() {
+        let entry = unattached(self.owned(token, vm_id)?)?;
+        let fd = fds
+            .pop()
+            .ok_or_else(|| refuse(ErrorCode::BadMessage, "AttachUffd without a uffd"))?;
+        let vm = entry.vm.clone();
+        self.serve_uffd(&vm, fd, &attach.host_addrs, false)?;
+        Ok((Message::Attached { vm_id }, vec![]))
+    }
+
+    /// Serves `vm`'s uffd `fd`, whose regions the VMM mapped at `host_addrs`, on the VM's
+    /// worker. `wake_all`: first wake every thread waiting on the VM's memory (faults read by
+    /// a daemon that died, or by the VMM while none served them): each retries its access and
+    /// faults again if its page is still missing.
+    pub(super) fn serve_uffd(
+        &mut self,
+        vm: &Arc<Vm>,
+        fd: OwnedFd,
+        host_addrs: &[u64],
+        wake_all: bool,
+    ) -> Result<(), Refusal> {
+        let vm_id = vm.id;
+        let regions = vm.memory.regions();
+        if host_addrs.len() != regions.len() {
             return Err(refuse(
                 ErrorCode::BadMessage,
                 format!(
                     "{} host addresses for {} regions",
-                    attach.host_addrs.len(),
+                    host_addrs.len(),
                     regions.len()
                 ),
             ));
         }
         let mut spans: Vec<(u64, u64)> = Vec::with_capacity(regions.len());
-        for (r, &addr) in regions.iter().zip(&attach.host_addrs) {
+        for (r, &addr) in regions.iter().zip(host_addrs) {
             let end = addr
                 .checked_add(r.size())
                 .filter(|_| addr % r.page_size() == 0 && addr != 0);
@@ -80,23 +121,25 @@ impl Reactor {
         if spans.windows(2).any(|w| w[0].1 > w[1].0) {
             return Err(refuse(ErrorCode::BadMessage, "host mappings overlap"));
         }
-        let fd = fds
-            .pop()
-            .ok_or_else(|| refuse(ErrorCode::BadMessage, "AttachUffd without a uffd"))?;
         let uffd = Uffd::from_received(fd).map_err(|e| {
             refuse(
                 ErrorCode::BadMessage,
                 format!("the fd is not a usable userfaultfd: {e}"),
             )
         })?;
-        let server = FaultServer::new(entry.vm.clone(), uffd, &attach.host_addrs);
-        let w = (vm_id as usize) % self.workers.len();
+        let server = FaultServer::new(vm.clone(), uffd, host_addrs);
+        if wake_all {
+            server.wake_all();
+        }
+        let w = self.worker_of(vm_id);
         self.workers[w]
             .serve(server)
             .map_err(|e| refuse(ErrorCode::Internal, error_chain(&e)))?;
-        entry.worker = Some(w);
-        entry.attached = true;
-        Ok((Message::Attached { vm_id }, vec![]))
+        if let Some(entry) = self.vms.get_mut(&vm_id) {
+            entry.worker = Some(w);
+            entry.attached = true;
+        }
+        Ok(())
     }
 
     /// Serves a VMM's fault channel (a connected stream socket on which it asks for pages by
@@ -108,7 +151,7 @@ impl Reactor {
         mut fds: Vec<OwnedFd>,
     ) -> Result<(Message, Vec<OwnedFd>), Refusal> {
         let vm_id = attach.vm_id;
-        let entry = unattached(&mut self.conns, token, vm_id)?;
+        let entry = unattached(self.owned(token, vm_id)?)?;
         if entry.vm.memory_in_vmm() {
             return Err(refuse(
                 ErrorCode::BadState,
@@ -118,35 +161,41 @@ impl Reactor {
         let fd = fds
             .pop()
             .ok_or_else(|| refuse(ErrorCode::BadMessage, "AttachChannel without its socket"))?;
-        let server = match attach.protocol {
-            ChannelProtocol::CloudHypervisor => ChFaultServer::new(entry.vm.clone(), fd)
+        let vm = entry.vm.clone();
+        self.serve_channel(&vm, fd, attach.protocol)?;
+        Ok((Message::Attached { vm_id }, vec![]))
+    }
+
+    /// Serves `vm`'s fault channel `fd` (speaking `protocol`) on the VM's worker.
+    pub(super) fn serve_channel(
+        &mut self,
+        vm: &Arc<Vm>,
+        fd: OwnedFd,
+        protocol: ChannelProtocol,
+    ) -> Result<(), Refusal> {
+        let server = match protocol {
+            ChannelProtocol::CloudHypervisor => ChFaultServer::new(vm.clone(), fd)
                 .map_err(|e| refuse(ErrorCode::BadMessage, error_chain(&e)))?,
         };
-        let w = (vm_id as usize) % self.workers.len();
+        let w = self.worker_of(vm.id);
         self.workers[w]
             .serve_channel(server)
             .map_err(|e| refuse(ErrorCode::Internal, error_chain(&e)))?;
-        entry.worker = Some(w);
-        entry.attached = true;
-        Ok((Message::Attached { vm_id }, vec![]))
+        if let Some(entry) = self.vms.get_mut(&vm.id) {
+            entry.worker = Some(w);
+            entry.attached = true;
+            entry.channel = Some(protocol);
+        }
+        Ok(())
     }
 }
 
-/// VM `vm_id` of connection `token`, which has no uffd or fault channel yet (a VM has one fault
-/// source).
-fn unattached(
-    conns: &mut HashMap<usize, Conn>,
-    token: usize,
-    vm_id: u64,
-) -> Result<&mut VmEntry, Refusal> {
-    let conn = conns
-        .get_mut(&token)
-        .ok_or_else(|| refuse(ErrorCode::Internal, "connection vanished"))?;
-    let entry = conn.vms.get_mut(&vm_id).ok_or_else(|| unknown_vm(vm_id))?;
+/// `entry`, if it has no uffd or fault channel yet (a VM has one fault source).
+fn unattached(entry: &VmEntry) -> Result<&VmEntry, Refusal> {
     if entry.attached {
         return Err(refuse(
             ErrorCode::BadState,
-            format!("VM {vm_id} already has a uffd or a fault channel"),
+            format!("VM {} already has a uffd or a fault channel", entry.vm.id),
         ));
     }
     Ok(entry)

@@ -22,6 +22,42 @@ fn check_guest_memfd(fd: OwnedFd, size: u64) -> Result<File, String> {
     Ok(File::from(fd))
 }
 
+/// What a VM is made of, besides its memory.
+pub(super) struct VmParts {
+    populate: Populate,
+    policy: crate::policy::Policy,
+    source: Box<dyn PageSource>,
+    private: Option<PrivateMemory>,
+}
+
+/// One guest_memfd per private region, created by the VMM (only the process that created a
+/// KVM VM may issue its ioctls), taken from `fds` and checked.
+pub(super) fn guest_memfds(
+    create: &CreateVm,
+    fds: &mut impl Iterator<Item = OwnedFd>,
+) -> Result<Vec<Option<File>>, Refusal> {
+    let mut gmems = Vec::with_capacity(create.regions.len());
+    for (i, r) in create.regions.iter().enumerate() {
+        gmems.push(match r.is_private() {
+            false => None,
+            true => {
+                let fd = fds.next().ok_or_else(|| {
+                    refuse(
+                        ErrorCode::BadMessage,
+                        "private region without its guest_memfd",
+                    )
+                })?;
+                Some(
+                    check_guest_memfd(fd, r.size()).map_err(|why| {
+                        refuse(ErrorCode::BadMessage, format!("region {i}: {why}"))
+                    })?,
+                )
+            }
+        });
+    }
+    Ok(gmems)
+}
+
 /// A random 64-bit secret (0 never).
 fn random_token() -> u64 {
     let mut b = [0u8; 8];
@@ -157,13 +193,76 @@ impl Reactor {
         create: CreateVm,
         fds: Vec<OwnedFd>,
     ) -> Result<(Message, Vec<OwnedFd>), Refusal> {
-        let conn_vms = self.conns.get(&token).map_or(0, |c| c.vms.len());
-        if conn_vms >= self.config.max_vms_per_connection {
+        if self.held_by(token).len() >= self.config.max_vms_per_connection {
             return Err(refuse(
                 ErrorCode::LimitExceeded,
                 "too many VMs on this connection",
             ));
         }
+        // The decoder checked the fd count: [snapshot if file source][one guest_memfd per
+        // private region].
+        let mut fds = fds.into_iter();
+        let parts = self.vm_parts(features, &create, &mut fds)?;
+        let gmems = guest_memfds(&create, &mut fds)?;
+        let id = self.next_vm.fetch_add(1, Ordering::Relaxed);
+        let memory =
+            GuestMemory::new(id, &create.regions, gmems, create.memory_in_vmm()).map_err(|e| {
+                let hint = if create.regions.iter().any(|r| r.is_huge()) {
+                    " (2 MiB regions need free huge pages: /proc/sys/vm/nr_hugepages)"
+                } else {
+                    ""
+                };
+                refuse(ErrorCode::Internal, format!("{}{hint}", error_chain(&e)))
+            })?;
+        let mut out_fds = memory
+            .regions()
+            .iter()
+            .filter_map(|r| r.memfd())
+            .map(|fd| fd.try_clone_to_owned())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| {
+                refuse(
+                    ErrorCode::Internal,
+                    format!("cannot duplicate a memfd: {e}"),
+                )
+            })?;
+        let region_count = out_fds.len() as u32;
+        out_fds.push(memory.state_file().try_clone_to_owned().map_err(|e| {
+            refuse(
+                ErrorCode::Internal,
+                format!("cannot duplicate the state file: {e}"),
+            )
+        })?);
+        let entry = self.assemble_vm(id, random_token(), create, parts, memory, token)?;
+        let reply = VmCreated {
+            vm_id: id,
+            uffd_modes: entry.uffd_modes,
+            uffd_features: entry.uffd_features,
+            region_count,
+            flags: entry.created_flags,
+            token: entry.vm.token,
+        };
+        tracing::debug!(
+            vm = id,
+            bytes = entry.vm.memory.total_size(),
+            populate = ?entry.vm.populate,
+            source = entry.vm.source.name(),
+            vm_type = entry.vm.vm_type.name(),
+            "VM created"
+        );
+        self.vms.insert(id, entry);
+        self.live.add(1);
+        Ok((Message::VmCreated(reply), out_fds))
+    }
+
+    /// Checks a VM's description (limits, features, host) and builds its populate method,
+    /// policy and page source (taking the snapshot's fd from `fds` for a file source).
+    pub(super) fn vm_parts(
+        &self,
+        features: u64,
+        create: &CreateVm,
+        fds: &mut impl Iterator<Item = OwnedFd>,
+    ) -> Result<VmParts, Refusal> {
         let total: u64 = create.regions.iter().map(|r| r.size()).sum();
         // A memfd is as long as the furthest region in it: regions at large file offsets make
         // files larger than the memory they hold.
@@ -189,7 +288,7 @@ impl Reactor {
                 ),
             ));
         }
-        let populate = self.check_create(&create, features)?;
+        let populate = self.check_create(create, features)?;
         let policy = match &create.policy {
             Some(text) => self
                 .config
@@ -198,8 +297,6 @@ impl Reactor {
                 .map_err(|e| refuse(ErrorCode::BadMessage, error_chain(&e)))?,
             None => self.config.policy.clone(),
         };
-        // The decoder checked the fd count: [snapshot if file source][one guest_memfd per private region].
-        let mut fds = fds.into_iter();
         let source: Box<dyn PageSource> = match create.source {
             PageSourceKind::Zero => Box::new(ZeroSource),
             PageSourceKind::File => {
@@ -218,52 +315,35 @@ impl Reactor {
                 )
             }
         };
-        // One guest_memfd per private region, created by the VMM (only the process that
-        // created a KVM VM may issue its ioctls) and checked here.
-        let mut gmems = Vec::with_capacity(create.regions.len());
-        for (i, r) in create.regions.iter().enumerate() {
-            gmems.push(match r.is_private() {
-                false => None,
-                true => {
-                    let fd = fds.next().ok_or_else(|| {
-                        refuse(
-                            ErrorCode::BadMessage,
-                            "private region without its guest_memfd",
-                        )
-                    })?;
-                    Some(check_guest_memfd(fd, r.size()).map_err(|why| {
-                        refuse(ErrorCode::BadMessage, format!("region {i}: {why}"))
-                    })?)
-                }
-            });
-        }
         let private = match create.vm_type.has_private_memory() {
             false => None,
             true => Some(self.private_memory(create.vm_type)?),
         };
-        let id = self.next_vm.fetch_add(1, Ordering::Relaxed);
-        let memory =
-            GuestMemory::new(id, &create.regions, gmems, create.memory_in_vmm()).map_err(|e| {
-                let hint = if create.regions.iter().any(|r| r.is_huge()) {
-                    " (2 MiB regions need free huge pages: /proc/sys/vm/nr_hugepages)"
-                } else {
-                    ""
-                };
-                refuse(ErrorCode::Internal, format!("{}{hint}", error_chain(&e)))
-            })?;
-        let out_fds = memory
-            .regions()
-            .iter()
-            .filter_map(|r| r.memfd())
-            .map(|fd| fd.try_clone_to_owned())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| {
-                refuse(
-                    ErrorCode::Internal,
-                    format!("cannot duplicate a memfd: {e}"),
-                )
-            })?;
-        let flags = match &private {
+        Ok(VmParts {
+            populate,
+            policy,
+            source,
+            private,
+        })
+    }
+
+    /// The VM `id` with secret `secret` over `memory`, held by connection `owner`.
+    pub(super) fn assemble_vm(
+        &self,
+        id: u64,
+        secret: u64,
+        mut create: CreateVm,
+        parts: VmParts,
+        memory: GuestMemory,
+        owner: usize,
+    ) -> Result<VmEntry, Refusal> {
+        let VmParts {
+            populate,
+            policy,
+            source,
+            private,
+        } = parts;
+        let created_flags = match &private {
             Some(p) if p.attributes == AttributeKeeper::Kvm => VMCREATED_VMM_SETS_ATTRIBUTES,
             _ => 0,
         };
@@ -275,7 +355,6 @@ impl Reactor {
         {
             metrics.attributes_emulated.store(1, Ordering::Relaxed);
         }
-        let secret = random_token();
         let recording = create.flags & VM_RECORD_WORKING_SET != 0;
         let events = self.events.clone();
         let recorder = recording.then(|| Recorder::new(&memory));
@@ -299,35 +378,25 @@ impl Reactor {
             recorder,
             replay: ReplayQueue::default(),
         });
-        let reply = VmCreated {
-            vm_id: id,
+        create.populate = populate.wire();
+        let uid = self
+            .conns
+            .get(&owner)
+            .and_then(|c| c.peer)
+            .map_or(u32::MAX, |p| p.uid.as_raw());
+        Ok(VmEntry {
+            vm,
+            worker: None,
+            attached: false,
+            channel: None,
+            mailbox: None,
+            owner: Owner::Conn(owner),
+            uid,
+            description: create,
             uffd_modes: populate.register_modes(),
             uffd_features,
-            region_count: out_fds.len() as u32,
-            flags,
-            token: secret,
-        };
-        tracing::debug!(
-            vm = id,
-            bytes = total,
-            ?populate,
-            source = vm.source.name(),
-            vm_type = vm.vm_type.name(),
-            "VM created"
-        );
-        if let Some(conn) = self.conns.get_mut(&token) {
-            conn.vms.insert(
-                id,
-                VmEntry {
-                    vm,
-                    worker: None,
-                    attached: false,
-                    exits: false,
-                },
-            );
-            self.live.add(1);
-        }
-        Ok((Message::VmCreated(reply), out_fds))
+            created_flags,
+        })
     }
 
     /// Private memory of a new VM: who keeps the attributes.

@@ -1,12 +1,24 @@
 //! The control reactor: accepts VMM connections on the `SOCK_SEQPACKET` socket, runs each
 //! connection's protocol state machine, creates VMs and hands their uffds to workers.
 //!
-//! One thread, one mio poller. A connection owns its VMs: when it closes (or its process dies)
-//! every VM it created is stopped and freed, and no other connection can name them.
+//! One thread, one mio poller. A connection holds its VMs, and no other connection can name
+//! them. When it closes (or its process dies) its VMs are no longer served but kept for the
+//! grace period (`Config::vm_grace`): a VMM that comes back with the VM's token (`ReattachVm`,
+//! `ReclaimVm`) carries on with every byte; after the grace period they are freed.
+//!
+//! * [`registry`]: the VMs, who holds each, the grace period;
+//! * [`dispatch`]: which request is served in which state;
+//! * [`create`], [`attach`], [`session`], [`working_set`]: the requests.
 
 mod attach;
 mod create;
+mod dispatch;
+mod registry;
+mod session;
 mod working_set;
+
+pub use registry::SessionCounters;
+use registry::{Owner, VmEntry};
 
 use crate::exits::ExitServer;
 use crate::fault::FaultServer;
@@ -95,18 +107,9 @@ enum State {
     Ready { features: u64 },
 }
 
-struct VmEntry {
-    vm: Arc<Vm>,
-    /// The worker serving its uffd and/or its mailbox.
-    worker: Option<usize>,
-    attached: bool,
-    exits: bool,
-}
-
 struct Conn {
     socket: Connection,
     state: State,
-    vms: HashMap<u64, VmEntry>,
     peer: Option<rustix::net::UCred>,
     bad_in_a_row: u32,
     /// VMs whose conversion events this connection receives.
@@ -132,14 +135,17 @@ impl HostFeatures {
 pub struct Reactor {
     poll: Poll,
     listener: OwnedFd,
-    shutdown: OwnedFd,
+    /// Registered with the poller (kept open while it is).
+    _shutdown: OwnedFd,
     config: Config,
     host: HostFeatures,
     workers: Vec<Worker>,
     conns: HashMap<usize, Conn>,
+    vms: HashMap<u64, VmEntry>,
     next_token: usize,
     next_vm: AtomicU64,
     live: Arc<LiveVms>,
+    counters: Arc<SessionCounters>,
     refused: RateLimitedWarning,
     events: EventQueue,
     event_rx: crossbeam::channel::Receiver<ConversionEvent>,
@@ -177,6 +183,7 @@ impl Reactor {
         config: Config,
         host: HostFeatures,
         live: Arc<LiveVms>,
+        counters: Arc<SessionCounters>,
     ) -> Result<Reactor, ControlError> {
         let poll = Poll::new().map_err(ControlError::Poll)?;
         rustix::fs::fcntl_setfl(&listener, rustix::fs::OFlags::NONBLOCK)
@@ -208,14 +215,16 @@ impl Reactor {
         Ok(Reactor {
             poll,
             listener,
-            shutdown,
+            _shutdown: shutdown,
             config,
             host,
             workers,
             conns: HashMap::new(),
+            vms: HashMap::new(),
             next_token: FIRST_CONN,
-            next_vm: AtomicU64::new(1),
+            next_vm: AtomicU64::new(first_vm_id()),
             live,
+            counters,
             refused: RateLimitedWarning {
                 last: None,
                 suppressed: 0,
@@ -229,7 +238,8 @@ impl Reactor {
     pub fn run(mut self) -> Result<(), ControlError> {
         let mut events = Events::with_capacity(128);
         loop {
-            if let Err(e) = self.poll.poll(&mut events, None) {
+            let timeout = self.expire_orphans();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -238,12 +248,7 @@ impl Reactor {
             for event in events.iter() {
                 match event.token() {
                     SHUTDOWN => {
-                        tracing::info!("shutting down");
-                        let tokens: Vec<_> = self.conns.keys().copied().collect();
-                        for t in tokens {
-                            self.close(t);
-                        }
-                        let _ = self.shutdown.as_fd();
+                        self.say_goodbye();
                         return Ok(());
                     }
                     LISTENER => self.accept(),
@@ -294,7 +299,6 @@ impl Reactor {
                         Conn {
                             socket: Connection::from_fd(fd),
                             state: State::Greeting,
-                            vms: HashMap::new(),
                             peer,
                             bad_in_a_row: 0,
                             subscriptions: Vec::new(),
@@ -402,9 +406,9 @@ impl Reactor {
         }
     }
 
-    /// Stops and frees every VM of a connection, then closes it.
+    /// Closes a connection; its VMs are kept for the grace period (`orphan`).
     fn close(&mut self, token: usize) {
-        let Some(mut conn) = self.conns.remove(&token) else {
+        let Some(conn) = self.conns.remove(&token) else {
             return;
         };
         let _ = self
@@ -412,165 +416,53 @@ impl Reactor {
             .registry()
             .deregister(&mut SourceFd(&conn.socket.as_fd().as_raw_fd()));
         let pid = conn.peer.map(|p| p.pid.as_raw_nonzero().get());
-        // The socket first, the VMs after: once the VM count drops, nothing of the connection
-        // is left open.
-        let vms = std::mem::take(&mut conn.vms);
+        // The socket first, the VMs after: once a VM is freed, nothing of the connection is
+        // left open.
         drop(conn);
-        for (id, entry) in vms {
-            self.free_vm(id, entry);
+        for id in self.held_by(token) {
+            self.orphan(id);
         }
         tracing::debug!(token, pid, "client gone");
     }
 
+    /// Stops serving a VM and frees what the daemon holds of it.
     fn free_vm(&self, id: u64, entry: VmEntry) {
         if let Some(w) = entry.worker {
             if let Err(e) = self.workers[w].stop_vm(id) {
                 tracing::error!(vm = id, error = %e, "cannot stop a VM's fault server");
             }
         }
-        drop(entry.vm);
+        drop(entry);
         self.live.add(-1);
     }
 
-    fn dispatch(
-        &mut self,
-        token: usize,
-        received: Received,
-    ) -> Result<(Message, Vec<OwnedFd>), Refusal> {
-        let Received { message, fds, .. } = received;
-        let supported = self.supported_features();
-        let Some(conn) = self.conns.get_mut(&token) else {
-            return Err(refuse(ErrorCode::Internal, "connection vanished"));
-        };
-        match (&conn.state, message) {
-            (State::Greeting, Message::Hello(hello)) => {
-                if hello.version < PROTOCOL_VERSION {
-                    return Err(refuse(
-                        ErrorCode::UnsupportedVersion,
-                        format!(
-                            "client speaks version {}, the daemon needs {PROTOCOL_VERSION}",
-                            hello.version
-                        ),
-                    ));
+    /// SIGTERM: the daemon exits at once and says what becomes of its VMs. Their VMMs keep
+    /// every fd the VMs need and hand them to the next vmpagerd on this socket (a supervisor
+    /// restarts it); VMs nobody holds (released for an update, or whose VMM died) are lost.
+    fn say_goodbye(&mut self) {
+        let held = self
+            .vms
+            .values()
+            .filter(|e| matches!(e.owner, Owner::Conn(_)))
+            .count();
+        let orphans = self.vms.len() - held;
+        if self.vms.is_empty() {
+            tracing::info!("shutting down: no VMs");
+        } else {
+            tracing::warn!(
+                vms = held,
+                released = orphans,
+                "shutting down: {held} VMs stop being served; their VMMs keep their memory and \
+                 hand them to the next vmpagerd on this socket (faults wait until then){}",
+                if orphans > 0 {
+                    format!("; {orphans} VMs waiting for a reattach are freed")
+                } else {
+                    String::new()
                 }
-                let features = hello.features & supported;
-                conn.state = State::Ready { features };
-                Ok((
-                    Message::Welcome(Welcome {
-                        version: PROTOCOL_VERSION,
-                        features,
-                        max_regions: MAX_REGIONS as u32,
-                        max_payload: MAX_PAYLOAD as u32,
-                    }),
-                    vec![],
-                ))
-            }
-            (State::Greeting, m) => Err(refuse(
-                ErrorCode::BadState,
-                format!("{:?} before Hello", m.kind()),
-            )),
-            (State::Ready { features }, Message::CreateVm(create)) => {
-                let features = *features;
-                self.create_vm(token, features, create, fds)
-            }
-            (State::Ready { .. }, Message::AttachUffd(attach)) => self.attach(token, attach, fds),
-            (State::Ready { features }, Message::AttachChannel(_))
-                if features & features::FAULT_CHANNEL == 0 =>
-            {
-                Err(refuse(
-                    ErrorCode::Unsupported,
-                    "fault channels were not negotiated",
-                ))
-            }
-            (State::Ready { .. }, Message::AttachChannel(attach)) => {
-                self.attach_channel(token, attach, fds)
-            }
-            (
-                State::Ready { features },
-                Message::ReplayWorkingSet(_) | Message::GetWorkingSet { .. },
-            ) if features & features::WORKING_SET == 0 => Err(refuse(
-                ErrorCode::Unsupported,
-                "working sets were not negotiated",
-            )),
-            (State::Ready { .. }, Message::ReplayWorkingSet(replay)) => {
-                self.replay_working_set(token, replay)
-            }
-            (State::Ready { .. }, Message::GetWorkingSet { vm_id, from }) => {
-                self.get_working_set(token, vm_id, from)
-            }
-            (State::Ready { features }, Message::OpenMailbox { .. })
-                if features & features::MAILBOX == 0 =>
-            {
-                Err(refuse(
-                    ErrorCode::Unsupported,
-                    "the mailbox was not negotiated",
-                ))
-            }
-            (State::Ready { .. }, Message::OpenMailbox { vm_id, vcpus }) => {
-                self.open_mailbox(token, vm_id, vcpus)
-            }
-            (State::Ready { features }, Message::Subscribe { .. })
-                if features & features::CONVERSION_EVENTS == 0 =>
-            {
-                Err(refuse(
-                    ErrorCode::Unsupported,
-                    "conversion events were not negotiated",
-                ))
-            }
-            (
-                State::Ready { .. },
-                Message::Subscribe {
-                    vm_id,
-                    token: secret,
-                },
-            ) => {
-                let known = self
-                    .conns
-                    .values()
-                    .filter_map(|c| c.vms.get(&vm_id))
-                    .any(|e| e.vm.token == secret);
-                if !known {
-                    // The same answer for a wrong token and an unknown VM.
-                    return Err(unknown_vm(vm_id));
-                }
-                if let Some(conn) = self.conns.get_mut(&token) {
-                    if !conn.subscriptions.contains(&vm_id) {
-                        conn.subscriptions.push(vm_id);
-                    }
-                }
-                Ok((Message::Subscribed { vm_id }, vec![]))
-            }
-            (State::Ready { .. }, Message::Detach { vm_id }) => {
-                let entry = conn.vms.remove(&vm_id).ok_or_else(|| unknown_vm(vm_id))?;
-                self.free_vm(vm_id, entry);
-                Ok((Message::Detached { vm_id }, vec![]))
-            }
-            (State::Ready { features }, Message::GetStats { .. })
-                if features & features::STATS == 0 =>
-            {
-                Err(refuse(ErrorCode::Unsupported, "stats were not negotiated"))
-            }
-            (State::Ready { .. }, Message::GetStats { vm_id }) => {
-                let entry = conn.vms.get(&vm_id).ok_or_else(|| unknown_vm(vm_id))?;
-                // Counters are bumped after the populate ioctl woke the faulting thread: let
-                // the VM's worker finish what it read, so the snapshot includes every fault
-                // the VMM has seen answered.
-                if let Some(w) = entry.worker {
-                    self.workers[w]
-                        .sync()
-                        .map_err(|e| refuse(ErrorCode::Internal, format!("worker: {e}")))?;
-                }
-                let method = entry.vm.populate.wire() as u64;
-                Ok((
-                    Message::Stats(entry.vm.metrics.snapshot(vm_id, method)),
-                    vec![],
-                ))
-            }
-            (State::Ready { .. }, m) => Err(refuse(
-                ErrorCode::BadState,
-                format!("{:?} is not a request the daemon serves here", m.kind()),
-            )),
+            );
         }
+        // Connections close with the process: no VM is freed first, so nothing a VMM holds
+        // changes before the next daemon takes it back.
     }
 
     fn supported_features(&self) -> u64 {
@@ -581,7 +473,8 @@ impl Reactor {
             | features::CONVERSION_EVENTS
             | features::VMM_MEMORY
             | features::FAULT_CHANNEL
-            | features::WORKING_SET;
+            | features::WORKING_SET
+            | features::SESSIONS;
         if self.host.has(k::UFFD_FEATURE_MINOR_SHMEM) {
             f |= features::POPULATE_CONTINUE;
         }
@@ -597,6 +490,15 @@ fn unknown_vm(vm_id: u64) -> Refusal {
         ErrorCode::UnknownVm,
         format!("no VM {vm_id} on this connection"),
     )
+}
+
+/// The first VM id of this daemon: random, so the ids of a restarted daemon's new VMs do not
+/// collide with the ones its VMMs bring back (`ReclaimVm`). Below 2^48, so ids stay exact in
+/// JSON.
+fn first_vm_id() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty());
+    ((u64::from_ne_bytes(b) % (1 << 31)) << 16) + 1
 }
 
 /// "error: cause: cause" in one line.

@@ -13,11 +13,7 @@ impl Reactor {
         replay: ReplayWorkingSet,
     ) -> Result<(Message, Vec<OwnedFd>), Refusal> {
         let vm_id = replay.vm_id;
-        let entry = self
-            .conns
-            .get(&token)
-            .and_then(|c| c.vms.get(&vm_id))
-            .ok_or_else(|| unknown_vm(vm_id))?;
+        let entry = self.owned(token, vm_id)?;
         let queued = entry.vm.replay.push(&replay.pages).ok_or_else(|| {
             refuse(
                 ErrorCode::LimitExceeded,
@@ -50,11 +46,7 @@ impl Reactor {
         vm_id: u64,
         from: u64,
     ) -> Result<(Message, Vec<OwnedFd>), Refusal> {
-        let entry = self
-            .conns
-            .get(&token)
-            .and_then(|c| c.vms.get(&vm_id))
-            .ok_or_else(|| unknown_vm(vm_id))?;
+        let entry = self.owned(token, vm_id)?;
         let Some(recorder) = &entry.vm.recorder else {
             return Err(refuse(
                 ErrorCode::BadState,

@@ -117,6 +117,16 @@ impl FaultServer {
         &self.uffd
     }
 
+    /// Wakes every thread waiting on the VM's memory: each retries its access, and faults
+    /// again (a new event) if its page is still missing. For a uffd taken over after a daemon
+    /// restart: faults read by the daemon that died, or by the VMM while none served them,
+    /// are never answered otherwise.
+    pub fn wake_all(&self) {
+        for h in &self.host {
+            let _ = self.uffd.wake(h.start, h.len);
+        }
+    }
+
     /// Reads and serves every pending event (edge-triggered pollers must drain), then installs
     /// up to [`AHEAD_PER_DRAIN`] chunks ahead of sequential streams or from the replay queue,
     /// looking for new faults between chunks.

@@ -61,6 +61,10 @@ impl PageSource for FileSource {
         self.len
     }
 
+    fn file(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(self.file.as_fd())
+    }
+
     fn fill(&self, offset: u64, dst: &mut PageDst<'_>) -> Result<Fill, SourceError> {
         if offset >= self.len {
             return Ok(Fill::Zero);

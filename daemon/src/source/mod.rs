@@ -57,4 +57,10 @@ pub trait PageSource: Send + Sync + std::fmt::Debug {
     fn data_end(&self) -> u64 {
         u64::MAX
     }
+
+    /// The file the source reads, if it has one (a VMM that takes the VM over gets a copy, to
+    /// hand to a restarted daemon).
+    fn file(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
 }

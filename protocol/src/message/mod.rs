@@ -9,11 +9,13 @@
 //! * [`stats`]: the counters of `Stats`.
 //! * [`conversion`]: the `ConversionEvent` sent to subscribers.
 //! * [`working_set`]: `ReplayWorkingSet`, `GetWorkingSet`, `WorkingSet`.
+//! * [`session`]: `ReleaseVm`, `ReattachVm`, `ReclaimVm` and the [`VmSession`] they carry.
 //! * [`error`]: the `Error` reply.
 
 pub mod conversion;
 pub mod error;
 pub mod handshake;
+pub mod session;
 pub mod stats;
 pub mod vm;
 pub mod working_set;
@@ -21,6 +23,7 @@ pub mod working_set;
 pub use conversion::ConversionEvent;
 pub use error::{ErrorCode, ErrorReply};
 pub use handshake::{Hello, Welcome};
+pub use session::VmSession;
 pub use stats::Stats;
 pub use vm::{
     AttachChannel, AttachUffd, ChannelProtocol, CreateVm, PageSourceKind, PopulateMethod,
@@ -84,6 +87,18 @@ pub enum Kind {
     GetWorkingSet = 20,
     /// Daemon → client: a slice of the recorded working set.
     WorkingSet = 21,
+    /// Client → daemon: stop serving the VM's uffd and keep the VM for a reattach.
+    ReleaseVm = 22,
+    /// Daemon → client: released; kept for the grace period.
+    Released = 23,
+    /// Client → daemon: take over a VM (by id and token) from a VMM that released it or died.
+    ReattachVm = 24,
+    /// Daemon → client: the VM and its fds.
+    Reattached = 25,
+    /// Client → daemon: serve this VM again (after a daemon restart or a lost connection).
+    ReclaimVm = 26,
+    /// Daemon → client: the VM is served again.
+    Reclaimed = 27,
 }
 
 impl Kind {
@@ -111,6 +126,12 @@ impl Kind {
             19 => ReplayQueued,
             20 => GetWorkingSet,
             21 => WorkingSet,
+            22 => ReleaseVm,
+            23 => Released,
+            24 => ReattachVm,
+            25 => Reattached,
+            26 => ReclaimVm,
+            27 => Reclaimed,
             _ => return None,
         })
     }
@@ -201,6 +222,35 @@ pub enum Message {
     },
     /// See [`WorkingSet`].
     WorkingSet(WorkingSet),
+    /// Stop serving the VM's uffd and keep the VM (memory, mailbox, state) for a reattach
+    /// within the grace period: a VMM about to be replaced by a new process.
+    ReleaseVm {
+        /// VM id.
+        vm_id: u64,
+    },
+    /// Released: reattach within `grace_ms` or the VM is freed.
+    Released {
+        /// VM id.
+        vm_id: u64,
+        /// Milliseconds the daemon keeps it.
+        grace_ms: u64,
+    },
+    /// Take over VM `vm_id`, presenting its token.
+    ReattachVm {
+        /// VM id.
+        vm_id: u64,
+        /// `VmCreated.token`.
+        token: u64,
+    },
+    /// The VM taken over (see [`VmSession`] for its fds); attach a uffd next.
+    Reattached(VmSession),
+    /// Serve this VM again (see [`VmSession`] for its fds).
+    ReclaimVm(VmSession),
+    /// The VM is served again.
+    Reclaimed {
+        /// VM id.
+        vm_id: u64,
+    },
 }
 
 /// Why a received message was refused.
@@ -305,6 +355,12 @@ impl Message {
             Message::ReplayQueued { .. } => Kind::ReplayQueued,
             Message::GetWorkingSet { .. } => Kind::GetWorkingSet,
             Message::WorkingSet(_) => Kind::WorkingSet,
+            Message::ReleaseVm { .. } => Kind::ReleaseVm,
+            Message::Released { .. } => Kind::Released,
+            Message::ReattachVm { .. } => Kind::ReattachVm,
+            Message::Reattached(_) => Kind::Reattached,
+            Message::ReclaimVm(_) => Kind::ReclaimVm,
+            Message::Reclaimed { .. } => Kind::Reclaimed,
         }
     }
 
@@ -312,7 +368,10 @@ impl Message {
     pub fn fd_count(&self) -> usize {
         match self {
             Message::CreateVm(c) => c.fd_count(),
-            Message::VmCreated(v) => v.region_count as usize,
+            // The memfds, then the page-state file.
+            Message::VmCreated(v) => v.region_count as usize + 1,
+            Message::Reattached(s) => s.reattached_fds(),
+            Message::ReclaimVm(s) => s.reclaim_fds(),
             Message::AttachUffd(_) | Message::AttachChannel(_) => 1,
             Message::MailboxOpened { .. } => 2,
             _ => 0,
@@ -338,7 +397,12 @@ impl Message {
             | Message::Detach { vm_id }
             | Message::Detached { vm_id }
             | Message::GetStats { vm_id }
-            | Message::Subscribed { vm_id } => words(&mut payload, &[*vm_id]),
+            | Message::Subscribed { vm_id }
+            | Message::ReleaseVm { vm_id }
+            | Message::Reclaimed { vm_id } => words(&mut payload, &[*vm_id]),
+            Message::Released { vm_id, grace_ms } => words(&mut payload, &[*vm_id, *grace_ms]),
+            Message::ReattachVm { vm_id, token } => words(&mut payload, &[*vm_id, *token]),
+            Message::Reattached(s) | Message::ReclaimVm(s) => s.encode(&mut payload),
             Message::OpenMailbox { vm_id, vcpus } | Message::MailboxOpened { vm_id, vcpus } => {
                 payload.extend_from_slice(
                     IdCountWire {
@@ -503,5 +567,21 @@ fn decode_payload(kind: Kind, p: &[u8]) -> Result<Message, DecodeError> {
             Message::GetWorkingSet { vm_id, from }
         }
         Kind::WorkingSet => Message::WorkingSet(WorkingSet::decode(p)?),
+        Kind::ReleaseVm => Message::ReleaseVm {
+            vm_id: id_words::<1>(kind, p)?[0],
+        },
+        Kind::Released => {
+            let [vm_id, grace_ms] = id_words(kind, p)?;
+            Message::Released { vm_id, grace_ms }
+        }
+        Kind::ReattachVm => {
+            let [vm_id, token] = id_words(kind, p)?;
+            Message::ReattachVm { vm_id, token }
+        }
+        Kind::Reattached => Message::Reattached(VmSession::decode(kind, p)?),
+        Kind::ReclaimVm => Message::ReclaimVm(VmSession::decode(kind, p)?),
+        Kind::Reclaimed => Message::Reclaimed {
+            vm_id: id_words::<1>(kind, p)?[0],
+        },
     })
 }

@@ -123,9 +123,10 @@ impl CreateVm {
     }
 }
 
-/// `VmCreated`: the VM id, how to register the uffd, and one memfd per region (in order;
-/// none when the memory is the VMM's own). Regions that share a memory file
-/// (`RegionSpec::memfd_group`) each get a copy of the same memfd.
+/// `VmCreated`: the VM id, how to register the uffd, one memfd per region (in order; none when
+/// the memory is the VMM's own), then the VM's page-state file (keep it: a restarted daemon
+/// needs it back, `ReclaimVm`). Regions that share a memory file (`RegionSpec::memfd_group`)
+/// each get a copy of the same memfd.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VmCreated {
     /// Non-zero VM id, unique within the daemon.
@@ -134,7 +135,8 @@ pub struct VmCreated {
     pub uffd_modes: u64,
     /// `UFFD_FEATURE_*` bits the VMM must enable at `UFFDIO_API`.
     pub uffd_features: u64,
-    /// Number of memfds carried (the regions' count, or 0 for [`VM_MEMORY_IN_VMM`]).
+    /// Number of memfds carried (the regions' count, or 0 for [`VM_MEMORY_IN_VMM`]); the
+    /// page-state file follows them.
     pub region_count: u32,
     /// [`VMCREATED_VMM_SETS_ATTRIBUTES`] or 0.
     pub flags: u32,
