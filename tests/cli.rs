@@ -78,6 +78,40 @@ fn vmpagerd_refuses_bad_arguments_early() {
 }
 
 #[test]
+fn vmpagerd_never_replaces_what_is_not_a_socket() {
+    let dir = TestDir::new("not-a-socket");
+    let file = dir.join("notes.txt");
+    std::fs::write(&file, b"my notes").unwrap();
+    let sub = dir.join("a-dir");
+    std::fs::create_dir(&sub).unwrap();
+    let link = dir.join("link.sock");
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+    for (path, what) in [
+        (&file, "is a regular file"),
+        (&sub, "is a directory"),
+        (&link, "is a symbolic link"),
+    ] {
+        let out = Command::new(vmpagerd_binary())
+            .arg("--socket-path")
+            .arg(path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(&format!("{} {what}, not a socket", path.display())),
+            "{stderr}"
+        );
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), b"my notes");
+    assert!(sub.is_dir());
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+}
+
+#[test]
 fn demo_verifies_every_byte() {
     if !have_kvm() {
         return;
