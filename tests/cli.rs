@@ -227,6 +227,174 @@ fn demo_records_a_working_set_and_replays_it() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("another snapshot"));
 }
 
+/// The entries of `dir` (the demo works in a `vmpager-demo-PID` directory inside it).
+fn entries(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Runs `vmpager demo` with `args` in `dir`, expecting it to fail; returns (stdout, stderr).
+fn demo_refused(dir: &std::path::Path, args: &[&str]) -> (String, String) {
+    let out = Command::new(vmpager_binary())
+        .arg("demo")
+        .args(args)
+        .arg("--workdir")
+        .arg(dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {stdout}\n{stderr}");
+    (stdout, stderr)
+}
+
+#[test]
+fn demo_refuses_more_memory_than_the_daemon_allows_before_writing() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = TestDir::new("demo-limit");
+    let work = dir.join("work");
+    // Its own daemon, default limit 1 TiB: 2000 GiB are refused before the image is written.
+    let (stdout, stderr) = demo_refused(&work, &["--memory", "2000G"]);
+    assert!(
+        stderr.contains("--memory 2000 GiB exceeds the daemon's limit of 1024 GiB per VM"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("snapshot:"), "{stdout}");
+    assert!(entries(&work).is_empty(), "{:?}", entries(&work));
+    // A running daemon with a limit of its own, told in its Welcome.
+    let daemon = daemon_process(&dir, &["--max-vm-memory-mib", "64"]);
+    let socket = daemon.socket_path().to_str().unwrap().to_owned();
+    let (stdout, stderr) = demo_refused(&work, &["--memory", "128M", "--socket-path", &socket]);
+    assert!(
+        stderr.contains("--memory 128 MiB exceeds the daemon's limit of 64 MiB per VM"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("snapshot:"), "{stdout}");
+    assert!(entries(&work).is_empty(), "{:?}", entries(&work));
+}
+
+/// A tmpfs of `size` mounted on `dir` until dropped.
+struct Tmpfs(std::ffi::CString);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        use std::os::unix::ffi::OsStrExt;
+        let target = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+        let opts = std::ffi::CString::new(format!("size={size}")).unwrap();
+        // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+        let rc = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                opts.as_ptr().cast(),
+            )
+        };
+        (rc == 0).then_some(Tmpfs(target))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // SAFETY: a NUL-terminated path that outlives the call.
+        unsafe { libc::umount2(self.0.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+#[test]
+fn demo_refuses_an_image_bigger_than_the_free_space_before_writing() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = TestDir::new("demo-space");
+    let small = dir.join("small");
+    std::fs::create_dir(&small).unwrap();
+    let Some(_tmpfs) = Tmpfs::mount(&small, "16m") else {
+        have("a tmpfs mounted by this test (needs root)", false);
+        return;
+    };
+    // Under the daemon's limit, over the free space (16 MiB).
+    let (stdout, stderr) = demo_refused(&small, &["--memory", "64M"]);
+    assert!(
+        stderr.contains("not enough free space for the snapshot image: 64 MiB needed"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("snapshot:"), "{stdout}");
+    assert!(entries(&small).is_empty(), "{:?}", entries(&small));
+}
+
+/// A process held by a pidfd (signals reach that process, never a later one with its pid),
+/// killed on drop if it is still there (a test that failed before it ended).
+struct Held(std::os::fd::OwnedFd);
+
+impl Held {
+    fn new(pid: rustix::process::Pid) -> Held {
+        Held(rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).unwrap())
+    }
+
+    fn signal(&self, sig: rustix::process::Signal) {
+        rustix::process::pidfd_send_signal(&self.0, sig).unwrap();
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = rustix::process::pidfd_send_signal(&self.0, rustix::process::Signal::KILL);
+    }
+}
+
+#[test]
+fn demo_interrupted_leaves_no_work_directory_and_no_daemon() {
+    if !have_kvm() {
+        return;
+    }
+    use rustix::process::{kill_process, Pid, Signal};
+    // SIGTERM while the vCPUs run, SIGINT while the VM is being created. The demo's daemon is
+    // stopped (SIGSTOP) first, so the demo cannot finish before the signal: its vCPUs (or its
+    // request) wait for the daemon.
+    for (signal, at) in [(Signal::TERM, "guest starting"), (Signal::INT, "snapshot:")] {
+        let dir = TestDir::new("demo-signal");
+        let mut demo = Command::new(vmpager_binary())
+            .args(["demo", "--memory", "64M", "--vcpus", "1", "--workdir"])
+            .arg(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
+        let first = lines.next().unwrap().unwrap();
+        let daemon = number_after(&first, "started vmpagerd (pid ");
+        let daemon = Pid::from_raw(daemon as i32).unwrap();
+        assert!(
+            lines.any(|l| l.is_ok_and(|l| l.contains(at))),
+            "the demo never printed {at:?}"
+        );
+        let held = Held::new(daemon);
+        held.signal(Signal::STOP);
+        kill_process(Pid::from_raw(demo.id() as i32).unwrap(), signal).unwrap();
+        let status = demo.wait().unwrap();
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut demo.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(
+            status.code(),
+            Some(128 + signal.as_raw()),
+            "{signal:?} at {at:?}: {stderr}"
+        );
+        assert!(stderr.contains("stopped vmpagerd"), "{stderr}");
+        assert!(entries(dir.path()).is_empty(), "{:?}", entries(dir.path()));
+        // The daemon was stopped and reaped by the demo.
+        assert!(
+            !std::path::Path::new(&format!("/proc/{}", daemon.as_raw_nonzero())).exists(),
+            "vmpagerd {daemon:?} outlived the demo"
+        );
+    }
+}
+
 #[test]
 fn a_vmm_killed_mid_run_disturbs_no_other_session() {
     if !have_kvm() {
