@@ -64,17 +64,201 @@ fn print_capabilities_is_json_describing_this_host() {
     }
 }
 
+/// Runs `binary args`, expecting it to exit at once with `code` and `message` on stderr.
+fn refused(binary: &std::path::Path, args: &[&str], code: i32, message: &str) {
+    let out = Command::new(binary).args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{args:?} not refused: {stderr}"
+    );
+    assert!(stderr.contains(message), "{args:?}: {stderr}");
+}
+
 #[test]
-fn vmpagerd_refuses_bad_arguments_early() {
-    for args in [
-        &[][..],
-        &["--fd", "1"],
-        &["--workers", "0", "--socket-path", "/tmp/x.sock"],
-    ] {
-        let out = Command::new(vmpagerd_binary()).args(args).output().unwrap();
-        assert!(!out.status.success(), "{args:?} accepted");
-        assert!(!out.stderr.is_empty());
+fn options_that_can_never_work_are_refused_at_start() {
+    let dir = TestDir::new("bad-options");
+    // A socket path no daemon can bind (its directory does not exist): were an option not
+    // refused, vmpagerd would fail there with another message instead of serving.
+    let s = "/nonexistent-vmpager-dir/never.sock";
+    // Exit 2: clap's usage errors; exit 1: vmpagerd's own checks, before it binds anything.
+    let vmpagerd: &[(&[&str], i32, &str)] = &[
+        (
+            &[],
+            1,
+            "one of --socket-path PATH, --fd N or --print-capabilities",
+        ),
+        (&["--fd", "1"], 1, "--fd 1 is a standard stream"),
+        (&["--fd=-1"], 1, "--fd -1 is not a file descriptor"),
+        (
+            &["--workers", "0", "--socket-path", s],
+            1,
+            "--workers must be between 1 and 256",
+        ),
+        (
+            &["--max-connections", "0", "--socket-path", s],
+            1,
+            "--max-connections must be at least 1",
+        ),
+        (
+            &["--max-vm-memory-mib", "0", "--socket-path", s],
+            1,
+            "--max-vm-memory-mib must be at least 1",
+        ),
+        (
+            &[
+                "--max-vm-memory-mib",
+                "18446744073709551615",
+                "--socket-path",
+                s,
+            ],
+            1,
+            "--max-vm-memory-mib is too large",
+        ),
+        (
+            &[
+                "--wait-mode",
+                "blocking",
+                "--spin-us",
+                "50",
+                "--socket-path",
+                s,
+            ],
+            1,
+            "--spin-us applies only to --wait-mode adaptive",
+        ),
+        (
+            &["--spin-us", "5000000", "--socket-path", s],
+            1,
+            "--spin-us must be at most 1000000",
+        ),
+        (
+            &["--worker-cpus", "0,,1", "--socket-path", s],
+            2,
+            "--worker-cpus",
+        ),
+        (
+            &["--worker-cpus", "4095", "--socket-path", s],
+            1,
+            "--worker-cpus: vmpagerd may not run on CPU 4095",
+        ),
+        (
+            &["--fault-around", "0", "--socket-path", s],
+            1,
+            "--fault-around 0 --prefetch-max 512: fault-around must be a power of two",
+        ),
+        (
+            &["--fault-around", "3", "--socket-path", s],
+            1,
+            "fault-around must be a power of two",
+        ),
+        (
+            &["--prefetch-max", "0", "--socket-path", s],
+            1,
+            "the prefetch window must be between 1 and 512 pages",
+        ),
+        (
+            &["--prefetch-max", "513", "--socket-path", s],
+            1,
+            "the prefetch window must be between 1 and 512 pages",
+        ),
+        (
+            &["--config", "/nonexistent/vmpagerd.toml", "--socket-path", s],
+            1,
+            "cannot read /nonexistent/vmpagerd.toml",
+        ),
+    ];
+    for &(args, code, message) in vmpagerd {
+        refused(&vmpagerd_binary(), args, code, message);
     }
+
+    let work = dir.join("work");
+    let w = work.to_str().unwrap();
+    let nodir = dir.join("no-such-dir").join("x.ws");
+    let table = dir.path().to_str().unwrap();
+    let mut vmpager: Vec<(Vec<&str>, i32, &str)> = vec![
+        (vec!["demo", "--vcpus", "0"], 2, "must be at least 1"),
+        (
+            vec!["demo", "--memory", "0"],
+            2,
+            "must be a non-zero multiple of 4 KiB",
+        ),
+        (
+            vec!["demo", "--memory", "5000"],
+            2,
+            "must be a non-zero multiple of 4 KiB",
+        ),
+        (vec!["demo", "--memory", "1T"], 2, "bad size suffix"),
+        (vec!["demo", "--touch", "0"], 2, "--touch"),
+        (vec!["demo", "--touch", "101"], 2, "--touch"),
+        (
+            vec!["bench", "--only", "nosuch"],
+            1,
+            "--only: no section \"nosuch\"",
+        ),
+        (vec!["bench", "--json", table], 1, "is a directory"),
+        (
+            vec!["bench", "--markdown", "/proc/self/no/such/t.md"],
+            1,
+            "--markdown: cannot create",
+        ),
+        (
+            vec!["ch-restore", table, "tcp:127.0.0.1:1"],
+            1,
+            "RECEIVER must be unix:PATH",
+        ),
+        (
+            vec!["firecracker-handler", s, "/nonexistent/mem"],
+            1,
+            "cannot open /nonexistent/mem",
+        ),
+    ];
+    // The demo's checks against this host's KVM come before it writes or starts anything.
+    if have_kvm() {
+        vmpager.extend([
+            (
+                vec!["demo", "--vcpus", "100000", "--workdir", w],
+                1,
+                "--vcpus 100000 is not between 1 and",
+            ),
+            (
+                vec![
+                    "demo",
+                    "--memory",
+                    "24K",
+                    "--vcpus",
+                    "2",
+                    "--touch",
+                    "50",
+                    "--workdir",
+                    w,
+                ],
+                1,
+                "needs a power-of-two number of pages per vCPU",
+            ),
+            (
+                vec!["demo", "--working-set", "/nonexistent/x.ws", "--workdir", w],
+                1,
+                "--working-set: cannot open /nonexistent/x.ws",
+            ),
+            (
+                vec![
+                    "demo",
+                    "--record-working-set",
+                    nodir.to_str().unwrap(),
+                    "--workdir",
+                    w,
+                ],
+                1,
+                "no-such-dir is not a directory",
+            ),
+        ]);
+    }
+    for (args, code, message) in &vmpager {
+        refused(&vmpager_binary(), args, *code, message);
+    }
+    assert!(!work.exists(), "the demo created its work directory");
 }
 
 #[test]

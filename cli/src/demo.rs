@@ -76,6 +76,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     };
     let host = HostLimits::probe().context("the demo runs a KVM guest")?;
     demo::check_config(&cfg, &host)?;
+    restore::WorkingSets::check_paths(record.as_deref(), replay.as_deref())?;
 
     let dir = workdir
         .unwrap_or_else(std::env::temp_dir)

@@ -280,6 +280,12 @@ fn bench_cmd(
     markdown: Option<PathBuf>,
     only: Vec<String>,
 ) -> anyhow::Result<()> {
+    // Written at the end of the run: refused before it if they cannot be.
+    for (option, path) in [("--json", &json), ("--markdown", &markdown)] {
+        if let Some(path) = path {
+            check_writable(option, path)?;
+        }
+    }
     let opts = vmpager_bench::Options {
         quick,
         json: json.clone(),
@@ -303,6 +309,22 @@ fn bench_cmd(
     if let Some(path) = json {
         println!("wrote {} and its pictures", path.display());
     }
+    Ok(())
+}
+
+/// A file that can be written at `path` (its directory is created if missing).
+fn check_writable(option: &str, path: &std::path::Path) -> anyhow::Result<()> {
+    if path.is_dir() {
+        bail!("{option} {}: is a directory", path.display());
+    }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("{option}: cannot create {}", dir.display()))?;
+    rustix::fs::access(dir, rustix::fs::Access::WRITE_OK)
+        .with_context(|| format!("{option}: cannot write in {}", dir.display()))?;
     Ok(())
 }
 
