@@ -7,7 +7,7 @@
 //! addresses, and the image against the free space where it goes. SIGTERM and SIGINT stop it
 //! cleanly ([`crate::interrupt`]).
 
-use crate::interrupt::Interrupts;
+use crate::interrupt::{Interrupts, Leftovers};
 use crate::{restore, PopulateArg, RemoveDir};
 use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
@@ -51,34 +51,25 @@ fn check_free_space(dir: &Path, bytes: u64) -> anyhow::Result<()> {
 pub fn run(opts: Options) -> anyhow::Result<()> {
     // First, before any thread starts: every thread inherits the blocked signals.
     let interrupts = Interrupts::install()?;
-    let Options {
-        memory,
-        vcpus,
-        socket_path,
-        populate,
-        workdir,
-        seed,
-        touch,
-        record,
-        replay,
-    } = opts;
     let cfg = ScenarioConfig {
-        memory,
-        vcpus,
-        populate: match populate {
+        memory: opts.memory,
+        vcpus: opts.vcpus,
+        populate: match opts.populate {
             PopulateArg::Default => PopulateMethod::Default,
             PopulateArg::Copy => PopulateMethod::Copy,
             PopulateArg::Continue => PopulateMethod::Continue,
         },
-        write_pattern: touch == 100,
-        touch_percent: touch,
-        record_working_set: record.is_some(),
+        write_pattern: opts.touch == 100,
+        touch_percent: opts.touch,
+        record_working_set: opts.record.is_some(),
     };
     let host = HostLimits::probe().context("the demo runs a KVM guest")?;
     demo::check_config(&cfg, &host)?;
-    restore::WorkingSets::check_paths(record.as_deref(), replay.as_deref())?;
+    restore::WorkingSets::check_paths(opts.record.as_deref(), opts.replay.as_deref())?;
 
-    let dir = workdir
+    let dir = opts
+        .workdir
+        .clone()
         .unwrap_or_else(std::env::temp_dir)
         .join(format!("vmpager-demo-{}", std::process::id()));
     interrupts.register(|left| {
@@ -88,9 +79,48 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
     let _cleanup = RemoveDir(dir.clone());
+    let mut daemon = None;
+    let result = scenario(&interrupts, &mut daemon, &dir, &opts, &cfg, &host);
+    // The demo's own cleanup, under the lock the signal thread takes: if a signal is being
+    // handled, this waits for the process to exit with its status (the scenario may have
+    // failed only because the signal thread stopped the daemon); a signal from here on finds
+    // nothing left to clean up.
+    let stopped = interrupts.register(|left| {
+        *left = Leftovers::default();
+        let status = daemon.take().map(DaemonProcess::terminate).transpose();
+        let _ = std::fs::remove_dir_all(&dir);
+        status
+    });
+    result?;
+    if let Some(status) = stopped? {
+        if !status.success() {
+            bail!("vmpagerd exited with {status}");
+        }
+    }
+    if opts.touch == 100 {
+        println!("verified: guest saw every byte of the snapshot");
+    } else {
+        println!(
+            "verified: guest saw every word it read of the snapshot ({}% of the pages, scattered)",
+            opts.touch
+        );
+    }
+    Ok(())
+}
 
-    let (daemon, socket) = match socket_path {
-        Some(path) => (None, path),
+/// Everything that may wait for the daemon: start it (unless `--socket-path`), check the
+/// memory, write the image, run and verify the guest.
+fn scenario(
+    interrupts: &Interrupts,
+    daemon: &mut Option<DaemonProcess>,
+    dir: &Path,
+    opts: &Options,
+    cfg: &ScenarioConfig,
+    host: &HostLimits,
+) -> anyhow::Result<()> {
+    let memory = cfg.memory;
+    let socket = match &opts.socket_path {
+        Some(path) => path.clone(),
         None => {
             let bin = demo::find_vmpagerd().context(
                 "cannot find the vmpagerd binary (build it with `cargo build --release --workspace --all-features`, or set VMPAGERD)",
@@ -102,7 +132,8 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
                 anyhow::Ok(d)
             })?;
             println!("started vmpagerd (pid {}) from {}", d.pid(), bin.display());
-            (Some(d), path)
+            *daemon = Some(d);
+            path
         }
     };
     let client = Client::connect(&socket)
@@ -114,19 +145,20 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             human_size(client.max_vm_memory())
         );
     }
-    demo::check_guest_fits(memory, &host)?;
-    check_free_space(&dir, memory)?;
+    demo::check_guest_fits(memory, host)?;
+    check_free_space(dir, memory)?;
 
     let image_path = dir.join("snapshot.img");
-    demo::write_image(&image_path, memory, seed)?;
+    demo::write_image(&image_path, memory, opts.seed)?;
     let image = std::fs::File::open(&image_path)?;
     println!(
         "snapshot: {} MiB of pseudo-random content at {}",
         memory >> 20,
         image_path.display()
     );
-    let working_sets = restore::WorkingSets::open(record, replay, &image)?;
-    let vm = demo::create_scenario_vm(&client, Some(&image), &cfg)?;
+    let working_sets =
+        restore::WorkingSets::open(opts.record.clone(), opts.replay.clone(), &image)?;
+    let vm = demo::create_scenario_vm(&client, Some(&image), cfg)?;
     let replayed = working_sets.start(&client, vm.vm_id())?;
     println!(
         "vm {}: {} MiB at GPA {:#x} attached to vmpagerd; guest starting",
@@ -137,7 +169,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     if replayed > 0 {
         println!("working set: {replayed} pages queued to be pushed ahead of the guest");
     }
-    let report = demo::run_guest(&client, &vm, Some(&image), &cfg)?;
+    let report = demo::run_guest(&client, &vm, Some(&image), cfg)?;
     let s = report.stats;
     let method = match s.populate_method {
         1 => "copy (UFFDIO_COPY)",
@@ -145,7 +177,8 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         _ => "unknown",
     };
     println!(
-        "guest: {vcpus} vCPUs (ring-3 long mode) read {} pages in {:.3} s",
+        "guest: {} vCPUs (ring-3 long mode) read {} pages in {:.3} s",
+        cfg.vcpus,
         report.pages,
         report.read_elapsed.as_secs_f64()
     );
@@ -176,20 +209,5 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         println!("working set: {n} pages recorded");
     }
     client.detach(vm.vm_id())?;
-    drop(vm);
-    if let Some(d) = daemon {
-        let status = interrupts.register(|left| {
-            left.daemon = None;
-            d.terminate()
-        })?;
-        if !status.success() {
-            bail!("vmpagerd exited with {status}");
-        }
-    }
-    if touch == 100 {
-        println!("verified: guest saw every byte of the snapshot");
-    } else {
-        println!("verified: guest saw every word it read of the snapshot ({touch}% of the pages, scattered)");
-    }
     Ok(())
 }

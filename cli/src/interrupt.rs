@@ -5,7 +5,9 @@
 //! The signals are blocked in every thread and read from a signalfd by a thread of their own,
 //! which does the cleanup with ordinary code (nothing runs in a signal handler). What there is
 //! to clean up is registered under a lock that the cleanup takes and never gives back: the
-//! demo cannot register a directory or a daemon the cleanup has already missed. The process then
+//! demo cannot register a directory or a daemon the cleanup has already missed, and it does its
+//! own final cleanup under that lock too, so a demo that fails because the signal thread
+//! stopped its daemon waits there for the exit with the signal's status. The process then
 //! exits, which ends every other thread, vCPU threads included (a vCPU thread waiting for a
 //! fault the stopped daemon will not serve is killable).
 
