@@ -6,20 +6,9 @@ mod common;
 
 use common::*;
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use vmpager_client::demo::{run_scenario, ScenarioConfig};
 use vmpager_client::{Client, PopulateMethod};
-
-fn vmpager_binary() -> PathBuf {
-    let bin = vmpagerd_binary().with_file_name("vmpager");
-    assert!(
-        bin.is_file(),
-        "{} missing: run `cargo build --workspace --all-features` first",
-        bin.display()
-    );
-    bin
-}
 
 #[test]
 fn print_capabilities_is_json_describing_this_host() {
@@ -63,20 +52,6 @@ fn print_capabilities_is_json_describing_this_host() {
         assert!(caps["kvm"].get(key).is_some(), "kvm.{key} missing");
     }
 }
-
-#[test]
-fn vmpagerd_refuses_bad_arguments_early() {
-    for args in [
-        &[][..],
-        &["--fd", "1"],
-        &["--workers", "0", "--socket-path", "/tmp/x.sock"],
-    ] {
-        let out = Command::new(vmpagerd_binary()).args(args).output().unwrap();
-        assert!(!out.status.success(), "{args:?} accepted");
-        assert!(!out.stderr.is_empty());
-    }
-}
-
 #[test]
 fn demo_verifies_every_byte() {
     if !have_kvm() {
@@ -126,20 +101,6 @@ fn demo(dir: &TestDir, args: &[&str]) -> String {
     );
     stdout
 }
-
-/// The number after `prefix` on the line that has it.
-fn number_after(text: &str, prefix: &str) -> u64 {
-    let at = text
-        .find(prefix)
-        .unwrap_or_else(|| panic!("no {prefix:?} in {text}"))
-        + prefix.len();
-    text[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no number after {prefix:?} in {text}"))
-}
-
 #[test]
 fn demo_records_a_working_set_and_replays_it() {
     if !have_kvm() {
@@ -192,7 +153,6 @@ fn demo_records_a_working_set_and_replays_it() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("another snapshot"));
 }
-
 #[test]
 fn a_vmm_killed_mid_run_disturbs_no_other_session() {
     if !have_kvm() {

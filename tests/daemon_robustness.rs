@@ -8,6 +8,7 @@ mod common;
 use common::*;
 use std::io::Read;
 use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
 use std::time::Instant;
 use vmpager_client::demo::{DaemonProcess, PatternGen};
 use vmpager_client::{Client, ClientError, PageSource, PopulateMethod, RegionSpec, VmSpec};
@@ -35,12 +36,13 @@ fn expect_error(conn: &Connection, code: ErrorCode) {
 /// (faults served by the daemon), detach.
 fn well_formed_client_works(daemon: &DaemonProcess) {
     // Right after a storm the daemon may still be at its connection limit, reaping closed
-    // connections: it then closes new ones at once. A real client retries; so does this one
+    // connections: it then refuses new ones (LimitExceeded, a retryable refusal) and closes
+    // them at once. A real client retries; so does this one
     // (each attempt is a full round trip, no sleeping).
     let client = (0..10_000)
         .find_map(|_| match Client::connect(daemon.socket_path()) {
             Ok(c) => Some(c),
-            Err(e) if e.peer_gone() => None,
+            Err(e) if e.peer_gone() || e.is_retryable() => None,
             Err(e) => panic!("{e:?}"),
         })
         .expect("the daemon never accepted a well-formed client");
@@ -208,8 +210,8 @@ fn garbage_never_takes_the_daemon_down() {
     drop(conn);
 
     // Connect/close storms, some closing mid-handshake. The daemon may still be reaping closed
-    // connections and be at its limit: it then closes new ones at once, which a client sees as
-    // the peer gone, never as anything else.
+    // connections and be at its limit: it then refuses new ones (an Error) and closes them at
+    // once, which a client that sends sees as the peer gone, never as anything else.
     for i in 0..500 {
         let conn = Connection::connect(&path).unwrap();
         if i % 2 == 0 {
@@ -311,6 +313,102 @@ fn daemon_never_panics_and_exits_cleanly_on_sigterm() {
     assert!(status.success(), "exit status {status}: {log}");
     assert!(!log.contains("panicked"), "{log}");
     assert!(!sock.exists(), "the socket file is removed on exit");
+}
+
+/// Set in the child process of [`refused_peers_are_told_why`]: the socket to connect to.
+const CONNECT_AS_CHILD: &str = "VMPAGER_TEST_CONNECT_AS_CHILD";
+
+#[test]
+fn refused_peers_are_told_why() {
+    if let Some(path) = std::env::var_os(CONNECT_AS_CHILD) {
+        // The child, running as another uid: what does a client see?
+        match Client::connect(std::path::Path::new(&path)) {
+            Err(ClientError::Refused { code, text }) => println!("refused {code:?}: {text}"),
+            other => println!("not refused: {other:?}"),
+        }
+        return;
+    }
+    if !have_uffd() {
+        return;
+    }
+    let dir = TestDir::new("refused");
+    let daemon = daemon_process(&dir, &["--max-connections", "1"]);
+    let path = daemon.socket_path().to_owned();
+
+    // A client whose uid is not allowed (the default allows root and the daemon's uid).
+    if have(
+        "root (to run a client as uid 65534)",
+        rustix::process::getuid().is_root(),
+    ) {
+        // The socket file's mode must let that uid connect, so SO_PEERCRED is what decides.
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "refused_peers_are_told_why", "--nocapture"])
+            .env(CONNECT_AS_CHILD, &path)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{out:?}");
+        assert!(
+            stdout.contains(
+                "refused PermissionDenied: uid 65534 is not allowed to use this vmpagerd; see --allow-uid"
+            ),
+            "{stdout}"
+        );
+    }
+
+    // Over the connection limit: told so, and that it may retry.
+    let first = Client::connect(&path).unwrap();
+    match Client::connect(&path) {
+        Err(
+            e @ ClientError::Refused {
+                code: ErrorCode::LimitExceeded,
+                ..
+            },
+        ) => {
+            assert!(e.is_retryable());
+            assert!(e.to_string().contains("--max-connections"), "{e}");
+        }
+        other => panic!("a second client was not refused: {other:?}"),
+    }
+    // A raw connection that sends nothing still gets the reason, with request id 0.
+    let raw = Connection::connect(&path).unwrap();
+    let reply = raw.recv().unwrap();
+    assert_eq!(reply.header.request_id.get(), 0);
+    match reply.message {
+        Message::Error(e) => assert_eq!(e.code, ErrorCode::LimitExceeded),
+        other => panic!("{other:?}"),
+    }
+    assert!(raw.recv().unwrap_err().is_peer_gone());
+    // A client that sends its Hello only after the daemon has refused and closed (its send
+    // fails with EPIPE) still reports the reason, not the broken pipe.
+    let late = Connection::connect(&path).unwrap();
+    loop {
+        let mut fds = [rustix::event::PollFd::new(
+            &late,
+            rustix::event::PollFlags::RDHUP,
+        )];
+        rustix::event::poll(&mut fds, None).unwrap();
+        if fds[0]
+            .revents()
+            .intersects(rustix::event::PollFlags::RDHUP | rustix::event::PollFlags::HUP)
+        {
+            break;
+        }
+    }
+    match Client::from_connection(late) {
+        Err(ClientError::Refused {
+            code: ErrorCode::LimitExceeded,
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    drop(first);
+    // Once the first client is gone, a new one is served.
+    well_formed_client_works(&daemon);
 }
 
 /// Kills the child if the test fails before it exits.

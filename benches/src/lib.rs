@@ -147,6 +147,13 @@ impl Sizes {
 /// Runs every measurement; `log` gets one line per step.
 pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Report, BenchError> {
     let started = Instant::now();
+    // Before anything is measured or written.
+    if let Some(bad) = opts.only.iter().find(|s| !SECTIONS.contains(&s.as_str())) {
+        return Err(BenchError::Setup(format!(
+            "--only: no section {bad:?} (sections: {})",
+            SECTIONS.join(", ")
+        )));
+    }
     let sizes = Sizes::new(opts.quick);
     let vmpagerd = opts
         .vmpagerd
@@ -175,12 +182,6 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Report, BenchErr
     vmpager_client::demo::write_image(&image_path, (image_pages * PAGE) as u64, 9)?;
     let image = File::open(&image_path).map_err(|e| BenchError::io("open image", e))?;
 
-    if let Some(bad) = opts.only.iter().find(|s| !SECTIONS.contains(&s.as_str())) {
-        return Err(BenchError::Setup(format!(
-            "no section {bad:?} (sections: {})",
-            SECTIONS.join(", ")
-        )));
-    }
     let mut rows = Vec::new();
     if opts.wants("ipc") {
         log("round trips: eventfd, unix socket, mailbox");

@@ -6,14 +6,16 @@
 #![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
 mod ch_restore;
+mod demo;
 mod firecracker;
+mod interrupt;
 mod restore;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
-use vmpager_client::demo::{self, DaemonProcess, ScenarioConfig};
-use vmpager_client::{Client, PopulateMethod};
+use vmpager_client::demo::{find_vmpagerd, DaemonProcess};
+use vmpager_client::Client;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -26,7 +28,7 @@ struct Args {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
-enum PopulateArg {
+pub(crate) enum PopulateArg {
     /// Whatever the daemon defaults to.
     Default,
     /// Bounce buffer + UFFDIO_COPY.
@@ -119,8 +121,8 @@ enum Cmd {
         /// Guest memory size, e.g. 256M, 1G (multiple of 4 KiB).
         #[arg(long, default_value = "256M", value_parser = parse_size)]
         memory: u64,
-        /// Number of vCPUs reading the memory in parallel.
-        #[arg(long, default_value_t = 2)]
+        /// Number of vCPUs reading the memory in parallel (at least 1, at most what KVM allows).
+        #[arg(long, default_value_t = 2, value_parser = at_least_one)]
         vcpus: usize,
         /// Use a running vmpagerd at this socket instead of starting one.
         #[arg(long)]
@@ -128,7 +130,9 @@ enum Cmd {
         /// How the daemon installs pages.
         #[arg(long, value_enum, default_value = "default")]
         populate: PopulateArg,
-        /// Directory for the snapshot image and the socket (default: $TMPDIR or /tmp).
+        /// Where to work (default: $TMPDIR or /tmp): the snapshot image and the daemon's socket
+        /// go in a directory vmpager-demo-PID inside it, removed when the demo ends, also on
+        /// SIGTERM or SIGINT.
         #[arg(long)]
         workdir: Option<PathBuf>,
         /// Seed of the snapshot's pseudo-random content.
@@ -148,6 +152,15 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         working_set: Option<PathBuf>,
     },
+}
+
+/// A count that must be at least 1.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -243,7 +256,7 @@ fn main() {
             touch,
             record_working_set,
             working_set,
-        } => demo_cmd(DemoOptions {
+        } => demo::run(demo::Options {
             memory,
             vcpus,
             socket_path,
@@ -267,6 +280,12 @@ fn bench_cmd(
     markdown: Option<PathBuf>,
     only: Vec<String>,
 ) -> anyhow::Result<()> {
+    // Written at the end of the run: refused before it if they cannot be.
+    for (option, path) in [("--json", &json), ("--markdown", &markdown)] {
+        if let Some(path) = path {
+            check_writable(option, path)?;
+        }
+    }
     let opts = vmpager_bench::Options {
         quick,
         json: json.clone(),
@@ -293,138 +312,19 @@ fn bench_cmd(
     Ok(())
 }
 
-struct DemoOptions {
-    memory: u64,
-    vcpus: usize,
-    socket_path: Option<PathBuf>,
-    populate: PopulateArg,
-    workdir: Option<PathBuf>,
-    seed: u64,
-    touch: u32,
-    record: Option<PathBuf>,
-    replay: Option<PathBuf>,
-}
-
-fn demo_cmd(opts: DemoOptions) -> anyhow::Result<()> {
-    let DemoOptions {
-        memory,
-        vcpus,
-        socket_path,
-        populate,
-        workdir,
-        seed,
-        touch,
-        record,
-        replay,
-    } = opts;
-    if vcpus == 0 {
-        bail!("--vcpus must be at least 1");
+/// A file that can be written at `path` (its directory is created if missing).
+fn check_writable(option: &str, path: &std::path::Path) -> anyhow::Result<()> {
+    if path.is_dir() {
+        bail!("{option} {}: is a directory", path.display());
     }
-    let dir = workdir
-        .unwrap_or_else(std::env::temp_dir)
-        .join(format!("vmpager-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let _cleanup = RemoveDir(dir.clone());
-
-    let (daemon, socket) = match socket_path {
-        Some(path) => (None, path),
-        None => {
-            let bin = demo::find_vmpagerd().context(
-                "cannot find the vmpagerd binary (build it with `cargo build --release --workspace --all-features`, or set VMPAGERD)",
-            )?;
-            let path = dir.join("vmpagerd.sock");
-            let d = DaemonProcess::spawn(&bin, &path, &[])?;
-            println!("started vmpagerd (pid {}) from {}", d.pid(), bin.display());
-            (Some(d), path)
-        }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
     };
-
-    let image_path = dir.join("snapshot.img");
-    demo::write_image(&image_path, memory, seed)?;
-    let image = std::fs::File::open(&image_path)?;
-    println!(
-        "snapshot: {} MiB of pseudo-random content at {}",
-        memory >> 20,
-        image_path.display()
-    );
-
-    let client = Client::connect(&socket)
-        .with_context(|| format!("cannot reach vmpagerd at {}", socket.display()))?;
-    let cfg = ScenarioConfig {
-        memory,
-        vcpus,
-        populate: match populate {
-            PopulateArg::Default => PopulateMethod::Default,
-            PopulateArg::Copy => PopulateMethod::Copy,
-            PopulateArg::Continue => PopulateMethod::Continue,
-        },
-        write_pattern: touch == 100,
-        touch_percent: touch,
-        record_working_set: record.is_some(),
-    };
-    let working_sets = restore::WorkingSets::open(record, replay, &image)?;
-    let vm = demo::create_scenario_vm(&client, Some(&image), &cfg)?;
-    let replayed = working_sets.start(&client, vm.vm_id())?;
-    println!(
-        "vm {}: {} MiB at GPA {:#x} attached to vmpagerd; guest starting",
-        vm.vm_id(),
-        memory >> 20,
-        demo::DEMO_GPA
-    );
-    if replayed > 0 {
-        println!("working set: {replayed} pages queued to be pushed ahead of the guest");
-    }
-    let report = demo::run_guest(&client, &vm, Some(&image), &cfg)?;
-    let s = report.stats;
-    let method = match s.populate_method {
-        1 => "copy (UFFDIO_COPY)",
-        2 => "continue (write memfd + UFFDIO_CONTINUE)",
-        _ => "unknown",
-    };
-    println!(
-        "guest: {vcpus} vCPUs (ring-3 long mode) read {} pages in {:.3} s",
-        report.pages,
-        report.read_elapsed.as_secs_f64()
-    );
-    println!("populate method: {method}");
-    println!(
-        "faults served: {} ({} coalesced, {} EEXIST)",
-        s.faults, s.coalesced, s.eexist
-    );
-    println!(
-        "pages installed: {} from the snapshot, {} zero; {} of them ahead of a fault (fault-around, prefetch), {} from the working set",
-        s.pages_from_source, s.pages_zero, s.pages_prefetched, s.pages_replayed
-    );
-    println!(
-        "fault latency (fault read -> wake): p50 {:.1} us, p99 {:.1} us, max {:.1} us",
-        s.latency_p50_ns as f64 / 1e3,
-        s.latency_p99_ns as f64 / 1e3,
-        s.latency_max_ns as f64 / 1e3
-    );
-    println!("throughput: {:.0} pages/s", report.pages_per_sec);
-    if s.pages_from_source + s.pages_zero < report.pages {
-        bail!(
-            "the daemon installed {} pages but the guest has {}",
-            s.pages_from_source + s.pages_zero,
-            report.pages
-        );
-    }
-    if let Some(n) = working_sets.finish(&client, vm.vm_id())? {
-        println!("working set: {n} pages recorded");
-    }
-    client.detach(vm.vm_id())?;
-    drop(vm);
-    if let Some(d) = daemon {
-        let status = d.terminate()?;
-        if !status.success() {
-            bail!("vmpagerd exited with {status}");
-        }
-    }
-    if touch == 100 {
-        println!("verified: guest saw every byte of the snapshot");
-    } else {
-        println!("verified: guest saw every word it read of the snapshot ({touch}% of the pages, scattered)");
-    }
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("{option}: cannot create {}", dir.display()))?;
+    rustix::fs::access(dir, rustix::fs::Access::WRITE_OK)
+        .with_context(|| format!("{option}: cannot write in {}", dir.display()))?;
     Ok(())
 }
 
@@ -435,7 +335,7 @@ fn coco_cmd(socket_path: Option<PathBuf>) -> anyhow::Result<()> {
     let (daemon, socket) = match socket_path {
         Some(p) => (None, p),
         None => {
-            let bin = demo::find_vmpagerd().context("cannot find vmpagerd")?;
+            let bin = find_vmpagerd().context("cannot find vmpagerd")?;
             let path = dir.join("vmpagerd.sock");
             (Some(DaemonProcess::spawn(&bin, &path, &[])?), path)
         }
@@ -472,7 +372,7 @@ fn coco_cmd(socket_path: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct RemoveDir(PathBuf);
+pub(crate) struct RemoveDir(pub(crate) PathBuf);
 
 impl Drop for RemoveDir {
     fn drop(&mut self) {

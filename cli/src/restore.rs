@@ -90,6 +90,29 @@ pub struct WorkingSets {
 }
 
 impl WorkingSets {
+    /// Refuses paths that can never work, before anything else is done: a working set to
+    /// replay that cannot be opened, one to record in a directory that does not exist.
+    pub fn check_paths(record: Option<&Path>, replay: Option<&Path>) -> anyhow::Result<()> {
+        if let Some(path) = replay {
+            File::open(path)
+                .with_context(|| format!("--working-set: cannot open {}", path.display()))?;
+        }
+        if let Some(path) = record {
+            let parent = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            if !parent.is_dir() {
+                anyhow::bail!(
+                    "--record-working-set {}: {} is not a directory",
+                    path.display(),
+                    parent.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Names the snapshot (if a working set is involved) and loads the one to replay, refusing
     /// one recorded from another snapshot.
     pub fn open(
@@ -97,6 +120,7 @@ impl WorkingSets {
         replay: Option<PathBuf>,
         snapshot: &File,
     ) -> anyhow::Result<WorkingSets> {
+        Self::check_paths(record.as_deref(), replay.as_deref())?;
         if record.is_none() && replay.is_none() {
             return Ok(WorkingSets {
                 snapshot: None,

@@ -179,7 +179,9 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects and negotiates every feature this crate knows.
+    /// Connects and negotiates every feature this crate knows. A daemon that will not serve
+    /// this process (its uid is not allowed, the daemon is at its connection limit) answers
+    /// [`ClientError::Refused`] with its reason (`PermissionDenied`, `LimitExceeded`).
     pub fn connect(path: &Path) -> Result<Client, ClientError> {
         Self::connect_with(path, ClientOptions::default())
     }
@@ -287,6 +289,13 @@ impl Client {
     /// Features both sides support.
     pub fn features(&self) -> u64 {
         self.welcome.features
+    }
+
+    /// The most guest memory the daemon gives one VM, in bytes (`vmpagerd
+    /// --max-vm-memory-mib`): a bigger VM is refused (`LimitExceeded`), so check before
+    /// preparing one.
+    pub fn max_vm_memory(&self) -> u64 {
+        self.welcome.max_vm_memory
     }
 
     /// Asks the daemon to create a VM and its memory; returns the memfds.

@@ -32,6 +32,9 @@ pub enum DemoError {
     /// The guest saw something else than the snapshot.
     #[error("verification failed: {0}")]
     Mismatch(String),
+    /// The scenario can never run as configured.
+    #[error("{0}")]
+    Config(String),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DemoError {
@@ -146,8 +149,8 @@ fn read_plans(
                 .map(|mut t| {
                     let pages = (t.gpa_end - t.gpa_start) / PAGE_SIZE;
                     if !pages.is_power_of_two() {
-                        return Err(DemoError::Mismatch(format!(
-                            "touching {}% needs a power-of-two number of pages per vCPU, not {pages}",
+                        return Err(DemoError::Config(format!(
+                            "touching {}% of the pages (--touch) needs a power-of-two number of pages per vCPU (memory / vCPUs / 4 KiB), not {pages}",
                             cfg.touch_percent
                         )));
                     }
@@ -158,6 +161,69 @@ fn read_plans(
                 .collect()
         })
         .collect()
+}
+
+/// Checks that `cfg` can run on the reference VMM with `host`'s limits before anything is
+/// prepared for it (an image written, a VM created): vCPUs, memory size, the scattered reads'
+/// plan. Whether the memory fits the guest's addresses is [`check_guest_fits`].
+pub fn check_config(
+    cfg: &ScenarioConfig,
+    host: &crate::refvmm::HostLimits,
+) -> Result<(), DemoError> {
+    let bad = |text: String| Err(DemoError::Config(text));
+    if cfg.vcpus == 0 || cfg.vcpus > host.max_vcpus {
+        return bad(format!(
+            "--vcpus {} is not between 1 and {}, the most this host's KVM allows",
+            cfg.vcpus, host.max_vcpus
+        ));
+    }
+    if cfg.memory == 0 || !cfg.memory.is_multiple_of(PAGE_SIZE) {
+        return bad(format!(
+            "the guest memory ({} bytes) must be a non-zero multiple of 4 KiB",
+            cfg.memory
+        ));
+    }
+    if cfg.memory / PAGE_SIZE < cfg.vcpus as u64 {
+        return bad(format!(
+            "{} vCPUs need at least {} KiB of guest memory (a page each)",
+            cfg.vcpus,
+            cfg.vcpus * 4
+        ));
+    }
+    // The plan of each vCPU, over a region that is only described (never touched).
+    let region = GuestRegion {
+        gpa: DEMO_GPA,
+        host_addr: std::ptr::NonNull::dangling(),
+        size: cfg.memory,
+    };
+    read_plans(&[region], cfg).map(drop)
+}
+
+/// Checks that `memory` bytes from [`DEMO_GPA`] fit the reference VMM's guest addresses on
+/// this host.
+pub fn check_guest_fits(memory: u64, host: &crate::refvmm::HostLimits) -> Result<(), DemoError> {
+    let most = host.guest_addr_limit.saturating_sub(DEMO_GPA);
+    if memory > most {
+        return Err(DemoError::Config(format!(
+            "{} of guest memory does not fit the reference VMM's guest: its RAM starts at GPA {DEMO_GPA:#x} and this host's guest addresses end at {:#x}, so at most {}",
+            human_size(memory),
+            host.guest_addr_limit,
+            human_size(most)
+        )));
+    }
+    Ok(())
+}
+
+/// `N GiB` when whole, else `N.N GiB` from 1 GiB, else whole MiB.
+pub fn human_size(bytes: u64) -> String {
+    const GIB: u64 = 1 << 30;
+    if bytes >= GIB && bytes.is_multiple_of(GIB) {
+        format!("{} GiB", bytes / GIB)
+    } else if bytes >= GIB {
+        format!("{:.1} GiB", bytes as f64 / GIB as f64)
+    } else {
+        format!("{} MiB", bytes >> 20)
+    }
 }
 
 /// A `vmpagerd` child process serving a listening socket that this process created, so the
@@ -212,13 +278,24 @@ impl DaemonProcess {
         if std::env::var_os("VMPAGER_LOG").is_none() {
             cmd.env("VMPAGER_LOG", "warn");
         }
+        // The daemon starts with no signal blocked, whatever this thread blocks (`vmpager demo`
+        // blocks SIGTERM and SIGINT to handle them on a thread of its own): a blocked mask
+        // survives exec.
+        // SAFETY: sigset_t is plain data; sigemptyset initialises it before any use.
+        let mut unblocked: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `unblocked` is a valid, exclusively borrowed sigset_t; this only writes it.
+        unsafe { libc::sigemptyset(&mut unblocked) };
         // SAFETY: the closure runs in the child between fork and exec and only calls fcntl on an
-        // fd number that is open in the parent (kept alive by `listener` until spawn returns),
-        // which is async-signal-safe.
+        // fd number that is open in the parent (kept alive by `listener` until spawn returns)
+        // and sigprocmask with a set initialised above (copied into the closure), all of which
+        // are async-signal-safe.
         unsafe {
             cmd.pre_exec(move || {
                 let flags = libc::fcntl(raw, libc::F_GETFD);
                 if flags < 0 || libc::fcntl(raw, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::sigprocmask(libc::SIG_SETMASK, &unblocked, std::ptr::null_mut()) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())

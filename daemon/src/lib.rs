@@ -177,6 +177,13 @@ pub fn serve(
     if let Some(name) = uffd::missing_required(uffd) {
         return Err(DaemonError::MissingFeature(name));
     }
+    // `--populate continue` could never take effect: every VM would get Copy.
+    let minor = u64::from(linux_raw_sys::general::UFFD_FEATURE_MINOR_SHMEM);
+    if config.populate == Populate::Continue && uffd & minor == 0 {
+        return Err(DaemonError::MissingFeature(
+            "UFFD_FEATURE_MINOR_SHMEM, which --populate continue needs",
+        ));
+    }
     let reactor = control::Reactor::new(
         listener,
         shutdown,

@@ -26,6 +26,14 @@ pub enum ListenerError {
     /// An inherited fd is not a listening `SOCK_SEQPACKET` socket.
     #[error("fd {0} is not a listening SOCK_SEQPACKET socket")]
     NotSeqpacket(i32),
+    /// Something that is not a socket is at the socket path: it is never removed.
+    #[error("{path} is {what}, not a socket: refusing to replace it (choose another path, or remove it yourself)")]
+    NotASocket {
+        /// The socket path.
+        path: PathBuf,
+        /// What is there ("a regular file", "a directory", "a symbolic link", ...).
+        what: &'static str,
+    },
 }
 
 impl ListenerError {
@@ -46,6 +54,8 @@ pub struct Bound {
 impl Bound {
     /// Takes `PATH.lock` (fails if another daemon holds it), removes a stale socket at `path`,
     /// and binds a new `SOCK_SEQPACKET` one with mode 0600 (umask 077 around the bind).
+    /// Anything at `path` that is not a socket (a regular file, a directory, a symbolic link,
+    /// a fifo, a device) is refused and left untouched.
     pub fn new(path: &Path) -> Result<Bound, ListenerError> {
         Self::new_of(path, SocketType::SEQPACKET)
     }
@@ -58,6 +68,9 @@ impl Bound {
             path: path.to_owned(),
             source: source.into(),
         };
+        // Checked before the lock file is created (refusing leaves nothing behind) and again
+        // under the lock (what is there may have changed meanwhile).
+        refuse_non_socket(path)?;
         let mut lock_path = path.as_os_str().to_owned();
         lock_path.push(".lock");
         let lock = rustix::fs::open(
@@ -73,7 +86,8 @@ impl Bound {
             }
             Err(e) => return Err(io("cannot lock", e)),
         }
-        // We hold the lock: whatever socket file is there is stale.
+        // We hold the lock: a socket file there is stale; anything else is not ours to remove.
+        refuse_non_socket(path)?;
         match rustix::fs::unlink(path) {
             Ok(()) | Err(rustix::io::Errno::NOENT) => {}
             Err(e) => return Err(io("cannot remove the stale socket", e)),
@@ -103,6 +117,42 @@ impl Drop for Bound {
     fn drop(&mut self) {
         let _ = rustix::fs::unlink(&self.path);
     }
+}
+
+/// Refuses anything at `path` that is not a socket, without following a symbolic link.
+fn refuse_non_socket(path: &Path) -> Result<(), ListenerError> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(ListenerError::Io {
+                what: "cannot inspect",
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    let t = meta.file_type();
+    let what = if t.is_socket() {
+        return Ok(());
+    } else if t.is_file() {
+        "a regular file"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_fifo() {
+        "a fifo"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else {
+        "not a socket"
+    };
+    Err(ListenerError::NotASocket {
+        path: path.to_owned(),
+        what,
+    })
 }
 
 /// Checks that an inherited fd (`--fd N`) is a listening `SOCK_SEQPACKET` socket.
@@ -136,6 +186,101 @@ mod tests {
         assert!(!path.exists());
         let again = Bound::new(&path).unwrap();
         drop(again);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn test_dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("vmpager-listener-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn assert_refused(path: &Path, what: &str) {
+        match Bound::new(path) {
+            Err(e @ ListenerError::NotASocket { .. }) => {
+                let text = e.to_string();
+                assert!(text.contains(&path.display().to_string()), "{text}");
+                assert!(text.contains(what), "{text}");
+            }
+            other => panic!("{} ({what}) was not refused: {other:?}", path.display()),
+        }
+    }
+
+    #[test]
+    fn a_regular_file_at_the_socket_path_is_refused_and_kept() {
+        let dir = test_dir("file");
+        let path = dir.join("precious.txt");
+        std::fs::write(&path, b"do not delete").unwrap();
+        assert_refused(&path, "a regular file");
+        assert_eq!(std::fs::read(&path).unwrap(), b"do not delete");
+        // Refused before anything was created next to it.
+        assert!(!dir.join("precious.txt.lock").exists());
+        // The firecracker handler's stream socket is refused the same way.
+        assert!(matches!(
+            Bound::new_of(&path, SocketType::STREAM),
+            Err(ListenerError::NotASocket { .. })
+        ));
+        assert_eq!(std::fs::read(&path).unwrap(), b"do not delete");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn directories_symlinks_and_fifos_are_refused() {
+        let dir = test_dir("kinds");
+        let sub = dir.join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::write(sub.join("f"), b"x").unwrap();
+        assert_refused(&sub, "a directory");
+        assert!(sub.join("f").exists());
+
+        let target = dir.join("target.txt");
+        std::fs::write(&target, b"kept").unwrap();
+        let link = dir.join("link.sock");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert_refused(&link, "a symbolic link");
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read(&target).unwrap(), b"kept");
+
+        // A symbolic link to a socket is not followed either.
+        let real = dir.join("real.sock");
+        let bound = Bound::new(&real).unwrap();
+        let to_socket = dir.join("to-socket.sock");
+        std::os::unix::fs::symlink(&real, &to_socket).unwrap();
+        assert_refused(&to_socket, "a symbolic link");
+        drop(bound);
+
+        let fifo = dir.join("fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        assert_refused(&fifo, "a fifo");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_stale_socket_is_replaced() {
+        let dir = test_dir("stale");
+        let path = dir.join("s.sock");
+        // A socket file nobody listens on any more (a daemon that was killed).
+        let sock = rustix::net::socket(AddressFamily::UNIX, SocketType::SEQPACKET, None).unwrap();
+        rustix::net::bind(&sock, &SocketAddrUnix::new(&path).unwrap()).unwrap();
+        drop(sock);
+        assert!(path.exists());
+        let bound = Bound::new(&path).unwrap();
+        // The new socket accepts connections.
+        let client = rustix::net::socket(AddressFamily::UNIX, SocketType::SEQPACKET, None).unwrap();
+        rustix::net::connect(&client, &SocketAddrUnix::new(&path).unwrap()).unwrap();
+        drop(bound);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

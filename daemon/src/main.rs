@@ -52,7 +52,7 @@ struct Args {
     /// Populate method for VMs that ask for the daemon's default.
     #[arg(long, value_enum, default_value = "copy")]
     populate: PopulateArg,
-    /// Maximum guest memory per VM, in MiB.
+    /// Maximum guest memory per VM, in MiB (at least 1).
     #[arg(long, default_value_t = 1 << 20)]
     max_vm_memory_mib: u64,
     /// Uid allowed to connect, checked with SO_PEERCRED (repeatable; default: root and the
@@ -67,16 +67,18 @@ struct Args {
     /// be tested (every stats reply says so). Never for production guests.
     #[arg(long)]
     emulate_attributes: bool,
-    /// Maximum concurrent client connections.
+    /// Maximum concurrent client connections (at least 1).
     #[arg(long, default_value_t = 256)]
     max_connections: usize,
     /// How workers wait for faults.
     #[arg(long, value_enum, default_value = "adaptive")]
     wait_mode: WaitArg,
-    /// Adaptive mode: microseconds a worker keeps polling after its last fault.
-    #[arg(long, value_name = "US", default_value_t = WaitMode::DEFAULT_SPIN.as_micros() as u64)]
-    spin_us: u64,
-    /// Pin worker i to the i-th CPU of this comma-separated list (default: not pinned).
+    /// Adaptive mode only: microseconds a worker keeps polling after its last fault, at most
+    /// 1000000 [default: 200].
+    #[arg(long, value_name = "US")]
+    spin_us: Option<u64>,
+    /// Pin worker i to the i-th CPU of this comma-separated list, CPUs this process may run on
+    /// (default: not pinned).
     #[arg(long, value_name = "CPUS", value_delimiter = ',')]
     worker_cpus: Vec<usize>,
     /// Pages of the aligned block installed around each missing fault (power of two, 1..512;
@@ -93,7 +95,12 @@ struct Args {
     vm_grace: u64,
 }
 
+/// Longest adaptive spin: a worker that polls for a second after each fault is busy-polling.
+const MAX_SPIN_US: u64 = 1_000_000;
+
 impl Args {
+    /// Every option checked: a value that can never work is refused here, before anything
+    /// starts, with the option's name.
     fn config(&self) -> anyhow::Result<Config> {
         let mut c = Config::default();
         if let Some(w) = self.workers {
@@ -106,33 +113,45 @@ impl Args {
             PopulateArg::Copy => Populate::Copy,
             PopulateArg::Continue => Populate::Continue,
         };
+        if self.max_vm_memory_mib == 0 {
+            bail!("--max-vm-memory-mib must be at least 1 (0 would refuse every VM)");
+        }
         c.max_vm_memory = self
             .max_vm_memory_mib
             .checked_mul(1 << 20)
             .context("--max-vm-memory-mib is too large")?;
-        c.max_connections = self.max_connections.max(1);
+        if self.max_connections == 0 {
+            bail!("--max-connections must be at least 1 (0 would refuse every client)");
+        }
+        c.max_connections = self.max_connections;
         c.emulate_attributes = self.emulate_attributes;
-        c.wait = match self.wait_mode {
-            WaitArg::Blocking => WaitMode::Blocking,
-            WaitArg::BusyPoll => WaitMode::BusyPoll,
-            WaitArg::Adaptive => WaitMode::Adaptive {
-                spin: Duration::from_micros(self.spin_us),
+        c.wait = match (self.wait_mode, self.spin_us) {
+            (WaitArg::Blocking | WaitArg::BusyPoll, Some(_)) => {
+                bail!("--spin-us applies only to --wait-mode adaptive")
+            }
+            (WaitArg::Blocking, None) => WaitMode::Blocking,
+            (WaitArg::BusyPoll, None) => WaitMode::BusyPoll,
+            (WaitArg::Adaptive, Some(us)) if us > MAX_SPIN_US => bail!(
+                "--spin-us must be at most {MAX_SPIN_US} (1 s); a worker that never sleeps is --wait-mode busy-poll"
+            ),
+            (WaitArg::Adaptive, spin) => WaitMode::Adaptive {
+                spin: spin.map_or(WaitMode::DEFAULT_SPIN, Duration::from_micros),
             },
         };
-        if let Some(bad) = self
-            .worker_cpus
-            .iter()
-            .find(|&&c| c >= rustix::thread::CpuSet::MAX_CPU)
-        {
-            bail!("--worker-cpus: no CPU {bad}");
-        }
+        check_worker_cpus(&self.worker_cpus)?;
         c.worker_cpus = self.worker_cpus.clone();
         c.readahead = Readahead {
             fault_around: self.fault_around,
             prefetch_max: self.prefetch_max,
         }
         .validate()
-        .map_err(anyhow::Error::msg)?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "--fault-around {} --prefetch-max {}: {e}",
+                self.fault_around,
+                self.prefetch_max
+            )
+        })?;
         if let Some(path) = &self.config {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
@@ -145,6 +164,27 @@ impl Args {
         }
         Ok(c)
     }
+}
+
+/// Each CPU of `--worker-cpus` must be one this process may run on (a worker pinned elsewhere
+/// would not be pinned at all).
+fn check_worker_cpus(cpus: &[usize]) -> anyhow::Result<()> {
+    if cpus.is_empty() {
+        return Ok(());
+    }
+    let allowed = rustix::thread::sched_getaffinity(None).context("sched_getaffinity failed")?;
+    let usable = |c: usize| c < rustix::thread::CpuSet::MAX_CPU && allowed.is_set(c);
+    if let Some(bad) = cpus.iter().find(|&&c| !usable(c)) {
+        let list: Vec<String> = (0..rustix::thread::CpuSet::MAX_CPU)
+            .filter(|&c| allowed.is_set(c))
+            .map(|c| c.to_string())
+            .collect();
+        bail!(
+            "--worker-cpus: vmpagerd may not run on CPU {bad} (it may run on {})",
+            list.join(",")
+        );
+    }
+    Ok(())
 }
 
 fn main() {
@@ -179,6 +219,9 @@ fn run() -> anyhow::Result<()> {
             (fd, Some(bound))
         }
         (None, Some(n)) => {
+            if n < 0 {
+                bail!("--fd {n} is not a file descriptor");
+            }
             if n < 3 {
                 bail!("--fd {n} is a standard stream, not a socket");
             }

@@ -32,7 +32,8 @@ pub use socket::{Connection, SocketError};
 
 /// The protocol version this crate speaks and puts in every header. A record whose header
 /// carries another version is malformed; `Hello.version` is the highest version the client
-/// speaks, and the daemon answers with the version it will use (at most its own).
+/// speaks, and the daemon answers with the version it will use (at most its own). The history
+/// of versions is in `docs/protocol.md` (*Versioning and extensions*).
 pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Largest payload a peer may send (bytes after the header). Bigger messages are refused.

@@ -192,6 +192,10 @@ impl Connection {
     /// [`SocketError::WouldBlock`]. A malformed record is consumed whole (its fds closed) and
     /// reported as bad input; the connection stays usable.
     pub fn recv(&self) -> Result<Received, SocketError> {
+        self.recv_with(RecvFlags::empty())
+    }
+
+    fn recv_with(&self, flags: RecvFlags) -> Result<Received, SocketError> {
         let mut buf = vec![0u8; HEADER_LEN + MAX_PAYLOAD + 1];
         let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
         let mut control = RecvAncillaryBuffer::new(&mut space);
@@ -200,7 +204,7 @@ impl Connection {
                 &self.fd,
                 &mut [IoSliceMut::new(&mut buf)],
                 &mut control,
-                RecvFlags::CMSG_CLOEXEC,
+                RecvFlags::CMSG_CLOEXEC | flags,
             ) {
                 Ok(m) => break m,
                 Err(Errno::INTR) => continue,
@@ -236,22 +240,50 @@ impl Connection {
     }
 
     /// Sends a request with a fresh request id and waits (blocking) for the reply carrying that id.
-    /// An `Error` reply is returned as a message, not as an `Err`.
+    /// An `Error` reply is returned as a message, not as an `Err`. An `Error` with request id 0
+    /// answers the request too: a daemon that will not serve this connection (its uid, its
+    /// connection limit) sends one before it closes, and that `Error` is returned even when the
+    /// peer was already gone when the request was sent.
     pub fn request(
         &self,
         message: &Message,
         fds: &[BorrowedFd<'_>],
     ) -> Result<Received, SocketError> {
         let id = self.next_request.fetch_add(1, Ordering::Relaxed);
-        self.send(message, id, fds)?;
-        let reply = self.recv()?;
-        if reply.header.request_id.get() != id {
+        let reply = match self.send(message, id, fds).and_then(|()| self.recv()) {
+            Ok(reply) => reply,
+            Err(e) if e.is_peer_gone() => return self.parting_error().ok_or(e),
+            Err(e) => return Err(e),
+        };
+        let got = reply.header.request_id.get();
+        if got != id && !(got == 0 && matches!(reply.message, Message::Error(_))) {
             return Err(SocketError::UnexpectedReply(format!(
-                "reply to request {} while waiting for {id}",
-                reply.header.request_id.get()
+                "reply to request {got} while waiting for {id}"
             )));
         }
         Ok(reply)
+    }
+
+    /// Once the peer is gone: the `Error` with request id 0 it sent before closing, if it is
+    /// still queued here. Never blocks. (A peer that closes with records of ours unread leaves
+    /// `ECONNRESET`, reported once, ahead of the records it sent.)
+    fn parting_error(&self) -> Option<Received> {
+        // Bounded: the peer is gone, so the queue only shrinks; the bound guards against a peer
+        // that is in fact alive and keeps sending.
+        for _ in 0..64 {
+            match self.recv_with(RecvFlags::DONTWAIT) {
+                Ok(r)
+                    if r.header.request_id.get() == 0 && matches!(r.message, Message::Error(_)) =>
+                {
+                    return Some(r)
+                }
+                Ok(_) => continue,
+                Err(e) if e.is_peer_gone() && !matches!(e, SocketError::Closed) => continue,
+                Err(e) if e.is_bad_input() => continue,
+                Err(_) => return None,
+            }
+        }
+        None
     }
 }
 

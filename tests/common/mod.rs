@@ -112,3 +112,27 @@ pub fn have_hugepages(n: u64) -> bool {
         free_hugepages() >= n,
     )
 }
+
+/// The vmpager binary built next to vmpagerd.
+pub fn vmpager_binary() -> PathBuf {
+    let bin = vmpagerd_binary().with_file_name("vmpager");
+    assert!(
+        bin.is_file(),
+        "{} missing: run `cargo build --workspace --all-features` first",
+        bin.display()
+    );
+    bin
+}
+
+/// The number after `prefix` on the line that has it.
+pub fn number_after(text: &str, prefix: &str) -> u64 {
+    let at = text
+        .find(prefix)
+        .unwrap_or_else(|| panic!("no {prefix:?} in {text}"))
+        + prefix.len();
+    text[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number after {prefix:?} in {text}"))
+}

@@ -30,12 +30,14 @@
 
 mod error;
 pub mod guest;
+mod host;
 mod low;
 mod plan;
 mod vcpu;
 
 use error::kvm_err;
 pub use error::RefVmError;
+pub use host::HostLimits;
 use low::LowMem;
 use vcpu::{run_plan, Gate};
 
@@ -205,11 +207,14 @@ impl RefVm {
     ) -> Result<RefVm, RefVmError> {
         Self::check_layout(regions)?;
         let kvm = Kvm::new().map_err(RefVmError::KvmUnavailable)?;
-        let max_vcpus = kvm.get_max_vcpus();
-        if vcpus == 0 || vcpus > max_vcpus {
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let host = HostLimits::of(&kvm, &cpuid);
+        if vcpus == 0 || vcpus > host.max_vcpus {
             return Err(RefVmError::BadVcpuCount {
                 requested: vcpus,
-                max: max_vcpus,
+                max: host.max_vcpus,
             });
         }
         let max_regions = kvm.get_nr_memslots().saturating_sub(1);
@@ -219,10 +224,7 @@ impl RefVm {
                 max: max_regions,
             });
         }
-        let cpuid = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let addr_limit = Self::MAX_GPA.min(1u64 << guest_phys_bits(&cpuid));
+        let addr_limit = host.guest_addr_limit;
         let spans = check_regions(regions, Self::MIN_REGION_GPA, addr_limit)?;
         let highest = spans
             .iter()

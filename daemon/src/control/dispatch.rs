@@ -32,6 +32,7 @@ impl Reactor {
                         features,
                         max_regions: MAX_REGIONS as u32,
                         max_payload: MAX_PAYLOAD as u32,
+                        max_vm_memory: self.config.max_vm_memory,
                     }),
                     vec![],
                 ))

@@ -10,6 +10,7 @@
 //! * [`dispatch`]: which request is served in which state;
 //! * [`create`], [`attach`], [`session`], [`working_set`]: the requests.
 
+mod accept;
 mod attach;
 mod create;
 mod dispatch;
@@ -254,63 +255,6 @@ impl Reactor {
                     LISTENER => self.accept(),
                     EVENTS => self.deliver_events(),
                     Token(t) => self.service(t),
-                }
-            }
-        }
-    }
-
-    fn accept(&mut self) {
-        loop {
-            match rustix::net::accept_with(
-                &self.listener,
-                SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
-            ) {
-                Ok(fd) => {
-                    if self.conns.len() >= self.config.max_connections {
-                        self.refused
-                            .note("connection limit reached, refusing clients");
-                        continue; // dropped: closed
-                    }
-                    let peer = rustix::net::sockopt::socket_peercred(&fd).ok();
-                    let uid = peer.as_ref().map(|p| p.uid.as_raw());
-                    if !uid.is_some_and(|u| self.config.allowed_uids.contains(&u)) {
-                        self.refused
-                            .note("a peer whose uid is not allowed was refused");
-                        continue;
-                    }
-                    let token = self.next_token;
-                    self.next_token += 1;
-                    if let Err(e) = self.poll.registry().register(
-                        &mut SourceFd(&fd.as_raw_fd()),
-                        Token(token),
-                        Interest::READABLE,
-                    ) {
-                        tracing::warn!(error = %e, "cannot poll a connection");
-                        continue;
-                    }
-                    tracing::debug!(
-                        token,
-                        pid = peer.as_ref().map(|p| p.pid.as_raw_nonzero().get()),
-                        uid = peer.as_ref().map(|p| p.uid.as_raw()),
-                        "client connected"
-                    );
-                    self.conns.insert(
-                        token,
-                        Conn {
-                            socket: Connection::from_fd(fd),
-                            state: State::Greeting,
-                            peer,
-                            bad_in_a_row: 0,
-                            subscriptions: Vec::new(),
-                        },
-                    );
-                }
-                Err(rustix::io::Errno::AGAIN) => return,
-                Err(rustix::io::Errno::INTR | rustix::io::Errno::CONNABORTED) => continue,
-                Err(e) => {
-                    // EMFILE and friends: keep serving existing clients.
-                    tracing::warn!(error = %e, "accept failed");
-                    return;
                 }
             }
         }

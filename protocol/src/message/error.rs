@@ -27,6 +27,9 @@ pub enum ErrorCode {
     Unsupported = 8,
     /// The daemon failed (out of memory, kernel error); the request may be retried.
     Internal = 9,
+    /// The peer may not use this daemon (its uid is not allowed); sent once, with request id 0,
+    /// before the daemon closes the connection.
+    PermissionDenied = 10,
 }
 
 impl ErrorCode {
@@ -43,6 +46,7 @@ impl ErrorCode {
             7 => BadSource,
             8 => Unsupported,
             9 => Internal,
+            10 => PermissionDenied,
             _ => return None,
         })
     }

@@ -24,6 +24,9 @@ pub struct Welcome {
     pub max_regions: u32,
     /// Largest payload the daemon accepts.
     pub max_payload: u32,
+    /// Largest guest memory of one VM, in bytes (the sum of its regions' sizes; the daemon's
+    /// `--max-vm-memory-mib`): a front-end can refuse a bigger VM before preparing it.
+    pub max_vm_memory: u64,
 }
 
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -44,6 +47,7 @@ struct WelcomeWire {
     features: U64,
     max_payload: U32,
     reserved1: U32,
+    max_vm_memory: U64,
 }
 
 impl Hello {
@@ -81,6 +85,7 @@ impl Welcome {
                 features: self.features.into(),
                 max_payload: self.max_payload.into(),
                 reserved1: 0.into(),
+                max_vm_memory: self.max_vm_memory.into(),
             }
             .as_bytes(),
         );
@@ -96,6 +101,7 @@ impl Welcome {
             features: w.features.get(),
             max_regions: w.max_regions.get(),
             max_payload: w.max_payload.get(),
+            max_vm_memory: w.max_vm_memory.get(),
         })
     }
 }

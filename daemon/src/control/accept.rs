@@ -1,0 +1,89 @@
+//! Accepting connections: the connection limit and the uid allowlist. A peer that is refused
+//! is told why (one `Error` with request id 0) before its connection is closed.
+
+use super::*;
+
+impl Reactor {
+    pub(super) fn accept(&mut self) {
+        loop {
+            match rustix::net::accept_with(
+                &self.listener,
+                SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+            ) {
+                Ok(fd) => {
+                    if self.conns.len() >= self.config.max_connections {
+                        self.refused
+                            .note("connection limit reached, refusing clients");
+                        let max = self.config.max_connections;
+                        turn_away(
+                            fd,
+                            ErrorCode::LimitExceeded,
+                            format!(
+                                "this vmpagerd already serves its maximum of {max} connections \
+                                 (--max-connections); try again later"
+                            ),
+                        );
+                        continue;
+                    }
+                    let peer = rustix::net::sockopt::socket_peercred(&fd).ok();
+                    let uid = peer.as_ref().map(|p| p.uid.as_raw());
+                    if !uid.is_some_and(|u| self.config.allowed_uids.contains(&u)) {
+                        self.refused
+                            .note("a peer whose uid is not allowed was refused");
+                        let text = match uid {
+                            Some(u) => format!(
+                                "uid {u} is not allowed to use this vmpagerd; see --allow-uid"
+                            ),
+                            None => "the peer's credentials cannot be read (SO_PEERCRED); \
+                                     see --allow-uid"
+                                .to_owned(),
+                        };
+                        turn_away(fd, ErrorCode::PermissionDenied, text);
+                        continue;
+                    }
+                    let token = self.next_token;
+                    self.next_token += 1;
+                    if let Err(e) = self.poll.registry().register(
+                        &mut SourceFd(&fd.as_raw_fd()),
+                        Token(token),
+                        Interest::READABLE,
+                    ) {
+                        tracing::warn!(error = %e, "cannot poll a connection");
+                        continue;
+                    }
+                    tracing::debug!(
+                        token,
+                        pid = peer.as_ref().map(|p| p.pid.as_raw_nonzero().get()),
+                        uid = peer.as_ref().map(|p| p.uid.as_raw()),
+                        "client connected"
+                    );
+                    self.conns.insert(
+                        token,
+                        Conn {
+                            socket: Connection::from_fd(fd),
+                            state: State::Greeting,
+                            peer,
+                            bad_in_a_row: 0,
+                            subscriptions: Vec::new(),
+                        },
+                    );
+                }
+                Err(rustix::io::Errno::AGAIN) => return,
+                Err(rustix::io::Errno::INTR | rustix::io::Errno::CONNABORTED) => continue,
+                Err(e) => {
+                    // EMFILE and friends: keep serving existing clients.
+                    tracing::warn!(error = %e, "accept failed");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Tells a peer the daemon will not serve why, with one `Error` (request id 0: it answers
+/// whatever the peer sent or will send), and closes the connection. The socket is new and
+/// non-blocking: the reply fits, and a peer that is already gone is not waited for.
+fn turn_away(fd: OwnedFd, code: ErrorCode, text: String) {
+    let conn = Connection::from_fd(fd);
+    let _ = conn.send(&Message::Error(ErrorReply { code, text }), 0, &[]);
+}
