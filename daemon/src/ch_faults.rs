@@ -11,7 +11,7 @@
 
 use crate::ahead::{without_resident, Planner, AHEAD_CHUNK};
 use crate::fault::Drained;
-use crate::metrics::VmMetrics;
+use crate::metrics::{Install, VmMetrics};
 use crate::session::Vm;
 use crate::source::Fill;
 use crate::working_set::locate_source_page;
@@ -394,6 +394,7 @@ impl ChFaultServer {
             Fill::Zero => &vm.metrics.pages_zero,
         };
         VmMetrics::add(counter, run.len() as u64);
+        vm.metrics.count_installed(Install::Write, run.len() as u64);
         for q in run.clone() {
             region.state.mark_populated(q);
         }

@@ -25,6 +25,7 @@ pub mod convert;
 pub mod exits;
 pub mod fault;
 pub mod guest_memfd;
+pub mod latency;
 pub mod listener;
 pub mod memory;
 pub mod metrics;
