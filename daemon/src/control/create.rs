@@ -316,6 +316,7 @@ impl Reactor {
             "VM created"
         );
         if let Some(conn) = self.conns.get_mut(&token) {
+            self.live.insert(&vm);
             conn.vms.insert(
                 id,
                 VmEntry {
@@ -325,7 +326,6 @@ impl Reactor {
                     exits: false,
                 },
             );
-            self.live.add(1);
         }
         Ok((Message::VmCreated(reply), out_fds))
     }

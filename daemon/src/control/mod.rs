@@ -300,6 +300,7 @@ impl Reactor {
                             subscriptions: Vec::new(),
                         },
                     );
+                    crate::metrics::VmMetrics::bump(&self.live.metrics().connections_accepted);
                 }
                 Err(rustix::io::Errno::AGAIN) => return,
                 Err(rustix::io::Errno::INTR | rustix::io::Errno::CONNABORTED) => continue,
@@ -411,6 +412,7 @@ impl Reactor {
             .poll
             .registry()
             .deregister(&mut SourceFd(&conn.socket.as_fd().as_raw_fd()));
+        crate::metrics::VmMetrics::bump(&self.live.metrics().connections_closed);
         let pid = conn.peer.map(|p| p.pid.as_raw_nonzero().get());
         // The socket first, the VMs after: once the VM count drops, nothing of the connection
         // is left open.
@@ -429,7 +431,7 @@ impl Reactor {
             }
         }
         drop(entry.vm);
-        self.live.add(-1);
+        self.live.remove(id);
     }
 
     fn dispatch(
