@@ -5,7 +5,8 @@
 //! briefly locks each VM's latency histogram (one pass over it), so it never waits on the
 //! control thread or a worker, nor they on it. Untrusted clients are bounded: a request head
 //! of at most [`MAX_REQUEST`] bytes, read within [`REQUEST_TIMEOUT`], the answer written within
-//! [`WRITE_TIMEOUT`]; anything else gets a 4xx answer and the connection is closed.
+//! [`WRITE_TIMEOUT`]; anything else gets a 4xx answer and the connection is closed. Every wait
+//! also watches the daemon's stop, so a client never delays its exit.
 
 use crate::prometheus::{self, Format};
 use crate::LiveVms;
@@ -108,7 +109,7 @@ fn run(listener: TcpListener, stop: OwnedFd, registry: Registry) {
             return;
         }
         match listener.accept() {
-            Ok((stream, _)) => serve(stream, &registry),
+            Ok((stream, _)) => serve(stream, &stop, &registry),
             Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
             Err(e) => {
                 // EMFILE and friends: wait a little (or for the stop) instead of spinning.
@@ -127,43 +128,80 @@ fn run(listener: TcpListener, stop: OwnedFd, registry: Registry) {
     }
 }
 
-/// Answers one connection. Errors (a client gone, too slow) only end the connection.
-fn serve(mut stream: TcpStream, registry: &Registry) {
-    if stream.set_nonblocking(false).is_err()
-        || stream.set_write_timeout(Some(WRITE_TIMEOUT)).is_err()
-    {
+/// Answers one connection. Errors (a client gone, too slow) only end the connection; the
+/// daemon stopping ends it at once.
+fn serve(mut stream: TcpStream, stop: &OwnedFd, registry: &Registry) {
+    if stream.set_nonblocking(true).is_err() {
         return;
     }
-    let answer = match read_head(&mut stream) {
+    let answer = match read_head(&mut stream, stop) {
         Ok(head) => respond(&head, registry),
         Err(HeadError::TooLarge) => Answer::error(431, "Request Header Fields Too Large"),
         Err(HeadError::Gone) => return,
     };
-    let _ = stream.write_all(&answer.bytes());
-    let _ = stream.flush();
+    let bytes = answer.bytes();
+    let deadline = Instant::now() + WRITE_TIMEOUT;
+    let mut sent = 0;
+    while sent < bytes.len() {
+        match stream.write(&bytes[sent..]) {
+            Ok(0) => return,
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if !wait(&stream, PollFlags::OUT, stop, deadline) {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
     let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+/// Waits until `stream` is ready for `flags`: false at `deadline`, on the daemon's stop, or
+/// when the poll fails.
+fn wait(stream: &TcpStream, flags: PollFlags, stop: &OwnedFd, deadline: Instant) -> bool {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let timeout = rustix::event::Timespec {
+            tv_sec: left.as_secs() as i64,
+            tv_nsec: i64::from(left.subsec_nanos()),
+        };
+        let mut fds = [PollFd::new(stream, flags), PollFd::new(stop, PollFlags::IN)];
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Ok(_) if !fds[1].revents().is_empty() => return false,
+            Ok(_) if !fds[0].revents().is_empty() => return true,
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(_) => return false,
+        }
+    }
 }
 
 enum HeadError {
     TooLarge,
-    /// Closed, reset or too slow.
+    /// Closed, reset, too slow, or the daemon stops.
     Gone,
 }
 
 /// Reads up to the blank line that ends the request head.
-fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>, HeadError> {
+fn read_head(stream: &mut TcpStream, stop: &OwnedFd) -> Result<Vec<u8>, HeadError> {
     let deadline = Instant::now() + REQUEST_TIMEOUT;
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-            return Err(HeadError::Gone);
-        }
         let n = match stream.read(&mut buf) {
             Ok(0) => return Err(HeadError::Gone),
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if !wait(stream, PollFlags::IN, stop, deadline) {
+                    return Err(HeadError::Gone);
+                }
+                continue;
+            }
             Err(_) => return Err(HeadError::Gone),
         };
         let from = head.len().saturating_sub(3);
