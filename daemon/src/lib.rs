@@ -152,7 +152,7 @@ impl LiveVms {
         }
     }
 
-    /// A VM was created (or taken back): counted, and listed for the metrics endpoint.
+    /// A VM was created: counted (`vms_created`), and listed for the metrics endpoint.
     pub fn insert(&self, vm: &Arc<session::Vm>) {
         if let Ok(mut d) = self.directory.lock() {
             d.retain(|(_, w)| w.strong_count() > 0);

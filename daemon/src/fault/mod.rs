@@ -69,17 +69,6 @@ pub struct Scratch {
     replay: Vec<u64>,
 }
 
-impl Scratch {
-    /// Bytes held (capacity), for footprint accounting.
-    pub fn heap_bytes(&self) -> usize {
-        self.bounce.capacity()
-            + self.events.capacity() * MSG_SIZE
-            + self.latencies.capacity() * std::mem::size_of::<Duration>()
-            + self.residency.capacity()
-            + self.replay.capacity() * std::mem::size_of::<u64>()
-    }
-}
-
 /// Serves one VM's uffd.
 #[derive(Debug)]
 pub struct FaultServer {
