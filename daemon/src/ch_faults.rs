@@ -11,7 +11,7 @@
 
 use crate::ahead::{without_resident, Planner, AHEAD_CHUNK};
 use crate::fault::Drained;
-use crate::metrics::VmMetrics;
+use crate::metrics::{Install, VmMetrics};
 use crate::session::Vm;
 use crate::source::Fill;
 use crate::working_set::locate_source_page;
@@ -439,6 +439,8 @@ impl ChFaultServer {
             Fill::Zero => &vm.metrics.pages_zero,
         };
         VmMetrics::add(counter, done.len() as u64);
+        vm.metrics
+            .count_installed(Install::Write, done.len() as u64);
         for q in done.clone() {
             region.state.mark_populated(q);
         }

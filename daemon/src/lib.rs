@@ -13,7 +13,9 @@
 //! * [`page_state`]: the two-bit page-state table, in a file that outlives the daemon.
 //! * [`source`]: page sources (`zero`, `file`).
 //! * [`working_set`]: recording and replaying the order of first touches.
-//! * [`metrics`]: counters and latency histograms.
+//! * [`metrics`]: counters and latency histograms ([`latency`]).
+//! * [`prometheus`], [`exporter`]: the metrics endpoint (`--metrics-listen`).
+//! * [`systemd`]: socket activation and readiness notification.
 //! * [`caps`]: host capability probe.
 //! * [`listener`]: the control socket, its lock file and umask.
 #![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
@@ -24,17 +26,21 @@ pub mod ch_faults;
 pub mod control;
 pub mod convert;
 pub mod exits;
+pub mod exporter;
 pub mod fault;
 pub mod guest_memfd;
+pub mod latency;
 pub mod listener;
 pub mod memory;
 pub mod metrics;
 pub mod page_state;
 pub mod policy;
+pub mod prometheus;
 pub mod readahead;
 pub mod session;
 pub mod signals;
 pub mod source;
+pub mod systemd;
 pub mod uffd;
 pub mod wait;
 pub mod worker;
@@ -42,9 +48,10 @@ pub mod working_set;
 
 pub use session::Populate;
 
+use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -79,6 +86,9 @@ pub struct Config {
     /// How long a VM whose VMM released it or went away is kept for a reattach (zero: freed
     /// at once).
     pub vm_grace: Duration,
+    /// Serve Prometheus metrics over HTTP here (`GET /metrics`); port 0 picks a free port
+    /// (see [`Ready::metrics_addr`]).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -95,6 +105,7 @@ impl Default for Config {
             worker_cpus: Vec::new(),
             readahead: readahead::Readahead::default(),
             vm_grace: Duration::from_secs(60),
+            metrics_listen: None,
             allowed_uids: {
                 let own = rustix::process::getuid().as_raw();
                 if own == 0 {
@@ -122,13 +133,21 @@ pub enum DaemonError {
     /// Creating the shutdown eventfd or the thread failed.
     #[error("cannot start the daemon")]
     Start(#[source] std::io::Error),
+    /// The metrics endpoint could not start.
+    #[error("cannot start the metrics endpoint")]
+    Metrics(#[from] exporter::ExportError),
 }
 
-/// Number of live VMs, observable by in-process tests without sleeping.
+/// The daemon's VMs as its other threads see them: their number (tests wait on it without
+/// sleeping), the VMs themselves (the metrics endpoint reads their counters at each scrape), and
+/// the daemon-wide counters.
 #[derive(Debug, Default)]
 pub struct LiveVms {
     count: Mutex<i64>,
     changed: Condvar,
+    /// Every VM inserted and not yet removed, by id (weak: this list never keeps a VM alive).
+    directory: Mutex<Vec<(u64, Weak<session::Vm>)>>,
+    metrics: metrics::DaemonMetrics,
 }
 
 impl LiveVms {
@@ -136,6 +155,53 @@ impl LiveVms {
         if let Ok(mut c) = self.count.lock() {
             *c += delta;
             self.changed.notify_all();
+        }
+    }
+
+    /// A VM was created: counted (`vms_created`), and listed for the metrics endpoint.
+    pub fn insert(&self, vm: &Arc<session::Vm>) {
+        if let Ok(mut d) = self.directory.lock() {
+            d.retain(|(_, w)| w.strong_count() > 0);
+            d.push((vm.id, Arc::downgrade(vm)));
+        }
+        metrics::VmMetrics::bump(&self.metrics.vms_created);
+        self.add(1);
+    }
+
+    /// VM `id` was freed.
+    pub fn remove(&self, id: u64) {
+        if let Ok(mut d) = self.directory.lock() {
+            d.retain(|(i, w)| *i != id && w.strong_count() > 0);
+        }
+        metrics::VmMetrics::bump(&self.metrics.vms_freed);
+        self.add(-1);
+    }
+
+    /// The VMs alive now, by id. (The caller's references keep them alive until it drops them:
+    /// hold them briefly.)
+    pub fn vms(&self) -> Vec<Arc<session::Vm>> {
+        let mut vms: Vec<_> = self
+            .directory
+            .lock()
+            .map(|d| d.iter().filter_map(|(_, w)| w.upgrade()).collect())
+            .unwrap_or_default();
+        vms.sort_by_key(|vm| vm.id);
+        vms
+    }
+
+    /// The daemon-wide counters.
+    pub fn metrics(&self) -> &metrics::DaemonMetrics {
+        &self.metrics
+    }
+
+    /// Waits until the number of VMs differs from `seen`, at most `timeout`; returns the number.
+    pub fn wait_change(&self, seen: i64, timeout: Duration) -> i64 {
+        let Ok(c) = self.count.lock() else {
+            return seen;
+        };
+        match self.changed.wait_timeout_while(c, timeout, |c| *c == seen) {
+            Ok((c, _)) => *c,
+            Err(_) => seen,
         }
     }
 
@@ -164,13 +230,32 @@ impl LiveVms {
     }
 }
 
+/// What a daemon that is ready to serve reports to [`serve_with`]'s `ready`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ready {
+    /// Where the metrics endpoint listens (`Config::metrics_listen` with its port resolved).
+    pub metrics_addr: Option<SocketAddr>,
+}
+
 /// Probes the host and serves `listener` until `shutdown` becomes readable.
 pub fn serve(
     listener: OwnedFd,
     shutdown: OwnedFd,
     config: Config,
     live: Arc<LiveVms>,
-    sessions: Arc<control::SessionCounters>,
+) -> Result<(), DaemonError> {
+    serve_with(listener, shutdown, config, live, |_| {})
+}
+
+/// As [`serve`], calling `ready` once everything is set up (workers started, the metrics
+/// endpoint listening), right before the first request is read: the moment to tell a service
+/// manager. The metrics endpoint stops when this returns.
+pub fn serve_with(
+    listener: OwnedFd,
+    shutdown: OwnedFd,
+    config: Config,
+    live: Arc<LiveVms>,
+    ready: impl FnOnce(&Ready),
 ) -> Result<(), DaemonError> {
     let uffd = uffd::Uffd::probe().map(|p| p.features).unwrap_or(0);
     // Fail at start, not at the first fault.
@@ -184,6 +269,10 @@ pub fn serve(
             "UFFD_FEATURE_MINOR_SHMEM, which --populate continue needs",
         ));
     }
+    let exporter = config
+        .metrics_listen
+        .map(|addr| exporter::Exporter::start(addr, live.clone()))
+        .transpose()?;
     let reactor = control::Reactor::new(
         listener,
         shutdown,
@@ -193,9 +282,13 @@ pub fn serve(
             memory_attributes: caps::memory_attributes(),
         },
         live,
-        sessions,
     )?;
-    Ok(reactor.run()?)
+    ready(&Ready {
+        metrics_addr: exporter.as_ref().map(exporter::Exporter::local_addr),
+    });
+    let served = reactor.run();
+    drop(exporter);
+    Ok(served?)
 }
 
 /// A daemon running on a thread of this process (for tests and benchmarks).
@@ -205,7 +298,7 @@ pub struct DaemonHandle {
     stop: Option<OwnedFd>,
     thread: Option<JoinHandle<Result<(), DaemonError>>>,
     live: Arc<LiveVms>,
-    sessions: Arc<control::SessionCounters>,
+    ready: Ready,
     _lock: listener::Bound,
 }
 
@@ -220,9 +313,9 @@ impl DaemonHandle {
         &self.live
     }
 
-    /// What happened to sessions (reclaims, reattaches, grace periods).
-    pub fn sessions(&self) -> &control::SessionCounters {
-        &self.sessions
+    /// Where the metrics endpoint listens, if `Config::metrics_listen` was set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.ready.metrics_addr
     }
 
     /// Stops the daemon and waits for it.
@@ -250,7 +343,8 @@ impl Drop for DaemonHandle {
     }
 }
 
-/// Starts a daemon on a thread, listening at `socket_path`.
+/// Starts a daemon on a thread, listening at `socket_path`, and waits until it is ready (or
+/// returns why it could not start).
 pub fn spawn(config: Config, socket_path: &Path) -> Result<DaemonHandle, DaemonError> {
     let bound = listener::Bound::new(socket_path)?;
     let listener = bound
@@ -262,18 +356,34 @@ pub fn spawn(config: Config, socket_path: &Path) -> Result<DaemonHandle, DaemonE
     let stop_reader = stop.try_clone().map_err(DaemonError::Start)?;
     let live = Arc::new(LiveVms::default());
     let live2 = live.clone();
-    let sessions = Arc::new(control::SessionCounters::default());
-    let sessions2 = sessions.clone();
+    let (ready_tx, ready_rx) = crossbeam::channel::bounded(1);
     let thread = std::thread::Builder::new()
         .name("vmpager-control".into())
-        .spawn(move || serve(listener, stop_reader, config, live2, sessions2))
+        .spawn(move || {
+            serve_with(listener, stop_reader, config, live2, |r| {
+                let _ = ready_tx.send(*r);
+            })
+        })
         .map_err(DaemonError::Start)?;
+    let ready = match ready_rx.recv() {
+        Ok(r) => r,
+        // The daemon ended before it was ready: its error says why.
+        Err(_) => {
+            return Err(match thread.join() {
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => DaemonError::Start(std::io::Error::other(
+                    "the daemon stopped before it was ready",
+                )),
+                Err(_) => DaemonError::Start(std::io::Error::other("daemon thread panicked")),
+            })
+        }
+    };
     Ok(DaemonHandle {
         socket_path: socket_path.to_owned(),
         stop: Some(stop),
         thread: Some(thread),
         live,
-        sessions,
+        ready,
         _lock: bound,
     })
 }

@@ -2,16 +2,19 @@
 //!
 //! Conventions of QEMU's vhost-user backends: `--socket-path PATH` or `--fd N`,
 //! `--print-capabilities`, no self-daemonizing, a quick clean exit on SIGTERM, and an early,
-//! non-zero exit on any start-up error.
+//! non-zero exit on any start-up error. Under systemd: socket activation when neither
+//! `--socket-path` nor `--fd` is given, and `Type=notify` readiness (`vmpagerd::systemd`).
 #![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use vmpagerd::readahead::Readahead;
+use vmpagerd::systemd::{self, Notifier};
 use vmpagerd::wait::WaitMode;
 use vmpagerd::{listener, Config, LiveVms, Populate};
 
@@ -40,9 +43,14 @@ struct Args {
     /// Listen on a new Unix SOCK_SEQPACKET socket at PATH (guarded by PATH.lock).
     #[arg(long, value_name = "PATH", conflicts_with = "fd")]
     socket_path: Option<PathBuf>,
-    /// Serve an inherited, already listening SOCK_SEQPACKET socket.
+    /// Serve an inherited, already listening SOCK_SEQPACKET socket. (Without --socket-path
+    /// and --fd, the socket a service manager passes, LISTEN_FDS, is served.)
     #[arg(long, value_name = "N")]
     fd: Option<i32>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (ADDR is HOST:PORT, e.g.
+    /// 127.0.0.1:9464; anyone who can reach it can read them).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
     /// Print this host's capabilities as JSON and exit.
     #[arg(long)]
     print_capabilities: bool,
@@ -162,6 +170,11 @@ impl Args {
         if !self.allow_uid.is_empty() {
             c.allowed_uids = self.allow_uid.clone();
         }
+        c.metrics_listen = self
+            .metrics_listen
+            .as_deref()
+            .map(metrics_addr)
+            .transpose()?;
         Ok(c)
     }
 }
@@ -187,6 +200,14 @@ fn check_worker_cpus(cpus: &[usize]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The address of `--metrics-listen` (a name resolves to its first address).
+fn metrics_addr(text: &str) -> anyhow::Result<SocketAddr> {
+    text.to_socket_addrs()
+        .with_context(|| format!("--metrics-listen {text}: not a HOST:PORT address"))?
+        .next()
+        .with_context(|| format!("--metrics-listen {text}: the name has no address"))
+}
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("vmpagerd: {e:#}");
@@ -210,15 +231,34 @@ fn run() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Before any fd is opened or thread started: the passed fds are 3, 4, …, and these
+    // variables must not reach child processes.
+    let activation = if args.socket_path.is_none() && args.fd.is_none() {
+        systemd::take_listen_fds().context("socket activation")?
+    } else {
+        systemd::forget_listen_env();
+        None
+    };
+    let notifier = Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot notify the service manager");
+        None
+    });
     let config = args.config()?;
     let shutdown = vmpagerd::signals::shutdown_fd()?;
-    let (listener_fd, _bound) = match (&args.socket_path, args.fd) {
-        (Some(path), None) => {
+    let (listener_fd, _bound) = match (&args.socket_path, args.fd, activation) {
+        (None, None, Some(activation)) => {
+            if !activation.others.is_empty() {
+                let names: Vec<&str> = activation.others.iter().map(|(n, _)| n.as_str()).collect();
+                tracing::warn!(?names, "fds passed by the service manager that this daemon does not use: closed");
+            }
+            (activation.control, None)
+        }
+        (Some(path), None, _) => {
             let bound = listener::Bound::new(path)?;
             let fd = bound.listener().try_clone_to_owned()?;
             (fd, Some(bound))
         }
-        (None, Some(n)) => {
+        (None, Some(n), _) => {
             if n < 0 {
                 bail!("--fd {n} is not a file descriptor");
             }
@@ -232,7 +272,9 @@ fn run() -> anyhow::Result<()> {
             listener::check_inherited(std::os::fd::AsFd::as_fd(&fd))?;
             (fd, None)
         }
-        _ => bail!("one of --socket-path PATH, --fd N or --print-capabilities is required"),
+        _ => bail!(
+            "one of --socket-path PATH, --fd N or --print-capabilities is required (or a socket passed by socket activation, LISTEN_FDS)"
+        ),
     };
     if config.emulate_attributes {
         tracing::warn!(
@@ -241,6 +283,7 @@ fn run() -> anyhow::Result<()> {
     }
     tracing::info!(
         socket = ?args.socket_path,
+        metrics = ?config.metrics_listen,
         workers = config.workers,
         populate = ?config.populate,
         wait = config.wait.name(),
@@ -248,12 +291,47 @@ fn run() -> anyhow::Result<()> {
         prefetch_max = config.readahead.prefetch_max,
         "vmpagerd serving"
     );
-    vmpagerd::serve(
-        listener_fd,
-        shutdown,
-        config,
-        Arc::new(LiveVms::default()),
-        Arc::default(),
-    )?;
+    let live = Arc::new(LiveVms::default());
+    let notifier = notifier.map(Arc::new);
+    let served = vmpagerd::serve_with(listener_fd, shutdown, config, live.clone(), |ready| {
+        if let Some(addr) = ready.metrics_addr {
+            tracing::info!("metrics at http://{addr}/metrics");
+        }
+        if let Some(n) = &notifier {
+            if let Err(e) = n.ready(&systemd::serving_status(0)) {
+                tracing::warn!(error = %e, "cannot notify the service manager");
+            }
+            report_status(n.clone(), live.clone());
+        }
+    });
+    if let Some(n) = &notifier {
+        let _ = n.stopping(&format!(
+            "stopping, {}",
+            systemd::serving_status(live.get())
+        ));
+    }
+    served?;
     Ok(())
+}
+
+/// Keeps the service manager's status line (`systemctl status vmpagerd`) up to date with the
+/// number of VMs, from a thread of its own (a notification never delays the control thread).
+/// The thread ends with the process.
+fn report_status(notifier: Arc<Notifier>, live: Arc<LiveVms>) {
+    let spawned = std::thread::Builder::new()
+        .name("vmpager-status".into())
+        .spawn(move || {
+            let mut shown = 0;
+            loop {
+                let now = live.wait_change(shown, Duration::from_secs(3600));
+                if now != shown {
+                    // Best effort: a status lost is replaced by the next one.
+                    let _ = notifier.status(&systemd::serving_status(now));
+                    shown = now;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the status thread");
+    }
 }

@@ -4,7 +4,7 @@
 
 use crate::ch_faults::ChFaultServer;
 use crate::exits::ExitServer;
-use crate::fault::{Drained, FaultServer};
+use crate::fault::{Drained, FaultServer, Scratch};
 use crate::wait::WaitMode;
 use crossbeam::channel::{Receiver, Sender};
 use mio::unix::SourceFd;
@@ -220,10 +220,10 @@ impl Source {
         }
     }
 
-    /// Serves what is pending.
-    fn drain(&mut self) -> Drained {
+    /// Serves what is pending, with the worker's `scratch` buffers.
+    fn drain(&mut self, scratch: &mut Scratch) -> Drained {
         match self {
-            Source::Faults(s) => s.drain(),
+            Source::Faults(s) => s.drain(scratch),
             Source::Channel(s) => s.drain(),
             Source::Exits(s) => {
                 s.drain();
@@ -249,6 +249,8 @@ fn run(mut poll: Poll, commands: Receiver<Command>, wait: WaitMode) {
     // Sources with work left that no event will announce (pages to install ahead).
     let mut more: Vec<usize> = Vec::new();
     let mut due: Vec<usize> = Vec::new();
+    // Buffers every fault server of this worker borrows while it drains.
+    let mut scratch = Scratch::default();
     loop {
         let timeout = if more.is_empty() {
             wait.timeout(last_work.elapsed())
@@ -282,7 +284,7 @@ fn run(mut poll: Poll, commands: Receiver<Command>, wait: WaitMode) {
             }
         }
         for &k in &due {
-            match sources.get_mut(&k).map(Source::drain) {
+            match sources.get_mut(&k).map(|s| s.drain(&mut scratch)) {
                 Some(Drained::Closed) => {
                     if let Some(s) = sources.remove(&k) {
                         let _ = poll.registry().deregister(&mut SourceFd(&s.fd()));
@@ -349,7 +351,7 @@ fn run(mut poll: Poll, commands: Receiver<Command>, wait: WaitMode) {
                 continue;
             }
             // Work may have queued before registration.
-            if source.drain() == Drained::More {
+            if source.drain(&mut scratch) == Drained::More {
                 more.push(k);
             }
             sources.insert(k, source);

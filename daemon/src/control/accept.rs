@@ -67,6 +67,7 @@ impl Reactor {
                             subscriptions: Vec::new(),
                         },
                     );
+                    crate::metrics::VmMetrics::bump(&self.live.metrics().connections_accepted);
                 }
                 Err(rustix::io::Errno::AGAIN) => return,
                 Err(rustix::io::Errno::INTR | rustix::io::Errno::CONNABORTED) => continue,

@@ -250,8 +250,8 @@ impl Reactor {
             vm_type = entry.vm.vm_type.name(),
             "VM created"
         );
+        self.live.insert(&entry.vm);
         self.vms.insert(id, entry);
-        self.live.add(1);
         Ok((Message::VmCreated(reply), out_fds))
     }
 

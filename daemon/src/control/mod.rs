@@ -18,7 +18,6 @@ mod registry;
 mod session;
 mod working_set;
 
-pub use registry::SessionCounters;
 use registry::{Owner, VmEntry};
 
 use crate::exits::ExitServer;
@@ -146,7 +145,6 @@ pub struct Reactor {
     next_token: usize,
     next_vm: AtomicU64,
     live: Arc<LiveVms>,
-    counters: Arc<SessionCounters>,
     refused: RateLimitedWarning,
     events: EventQueue,
     event_rx: crossbeam::channel::Receiver<ConversionEvent>,
@@ -184,7 +182,6 @@ impl Reactor {
         config: Config,
         host: HostFeatures,
         live: Arc<LiveVms>,
-        counters: Arc<SessionCounters>,
     ) -> Result<Reactor, ControlError> {
         let poll = Poll::new().map_err(ControlError::Poll)?;
         rustix::fs::fcntl_setfl(&listener, rustix::fs::OFlags::NONBLOCK)
@@ -225,7 +222,6 @@ impl Reactor {
             next_token: FIRST_CONN,
             next_vm: AtomicU64::new(first_vm_id()),
             live,
-            counters,
             refused: RateLimitedWarning {
                 last: None,
                 suppressed: 0,
@@ -359,6 +355,7 @@ impl Reactor {
             .poll
             .registry()
             .deregister(&mut SourceFd(&conn.socket.as_fd().as_raw_fd()));
+        crate::metrics::VmMetrics::bump(&self.live.metrics().connections_closed);
         let pid = conn.peer.map(|p| p.pid.as_raw_nonzero().get());
         // The socket first, the VMs after: once a VM is freed, nothing of the connection is
         // left open.
@@ -377,7 +374,7 @@ impl Reactor {
             }
         }
         drop(entry);
-        self.live.add(-1);
+        self.live.remove(id);
     }
 
     /// SIGTERM: the daemon exits at once and says what becomes of its VMs. Their VMMs keep

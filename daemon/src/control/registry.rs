@@ -87,21 +87,6 @@ impl VmEntry {
     }
 }
 
-/// What happened to sessions since the daemon started.
-#[derive(Debug, Default)]
-pub struct SessionCounters {
-    /// VMs handed back by their VMM (`ReclaimVm`): after a daemon restart or a lost connection.
-    pub reclaimed: AtomicU64,
-    /// Of those, VMs this daemon did not know (rebuilt from what the VMM kept).
-    pub rebuilt: AtomicU64,
-    /// VMs taken over by a new VMM process (`ReattachVm`).
-    pub reattached: AtomicU64,
-    /// VMs whose VMM released them or went away.
-    pub orphaned: AtomicU64,
-    /// VMs freed because nobody reattached within the grace period.
-    pub expired: AtomicU64,
-}
-
 /// Constant-time comparison of two secrets.
 pub(super) fn same_secret(a: u64, b: u64) -> bool {
     let d = a ^ b;
@@ -153,7 +138,7 @@ impl Reactor {
         entry.owner = Owner::Orphan {
             until: Instant::now() + grace,
         };
-        self.counters.orphaned.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::VmMetrics::bump(&self.live.metrics().vms_orphaned);
         tracing::info!(
             vm = vm_id,
             grace_secs = grace.as_secs_f64(),
@@ -173,7 +158,7 @@ impl Reactor {
         for id in expired {
             if let Some(entry) = self.vms.remove(&id) {
                 tracing::info!(vm = id, "no VMM reattached within the grace period: freed");
-                self.counters.expired.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::VmMetrics::bump(&self.live.metrics().vms_expired);
                 self.free_vm(id, entry);
             }
         }

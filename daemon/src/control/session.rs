@@ -57,7 +57,7 @@ impl Reactor {
             .map_err(|e| refuse(ErrorCode::Internal, format!("cannot duplicate an fd: {e}")))?;
         entry.owner = Owner::Conn(token);
         let session = entry.session();
-        self.counters.reattached.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::VmMetrics::bump(&self.live.metrics().vms_reattached);
         tracing::info!(vm = vm_id, "VM reattached by a new VMM");
         Ok((Message::Reattached(session), fds))
     }
@@ -135,8 +135,8 @@ impl Reactor {
                         "the uffd settings do not match the VM's description",
                     ));
                 }
+                self.live.insert(&entry.vm);
                 self.vms.insert(vm_id, entry);
-                self.live.add(1);
             }
         }
         if let Err(r) = self.serve_reclaimed(&session, &mut fds) {
@@ -144,9 +144,9 @@ impl Reactor {
             self.orphan(vm_id);
             return Err(r);
         }
-        self.counters.reclaimed.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::VmMetrics::bump(&self.live.metrics().vms_restored);
         if rebuilt {
-            self.counters.rebuilt.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::VmMetrics::bump(&self.live.metrics().vms_rebuilt);
         }
         tracing::info!(vm = vm_id, rebuilt, "VM reclaimed by its VMM");
         Ok((Message::Reclaimed { vm_id }, vec![]))

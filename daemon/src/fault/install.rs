@@ -5,7 +5,7 @@
 
 use super::FaultServer;
 use crate::memory::PageDst;
-use crate::metrics::VmMetrics;
+use crate::metrics::{Install, VmMetrics};
 use crate::session::Populate;
 use crate::source::Fill;
 use crate::uffd::UffdError;
@@ -134,6 +134,8 @@ impl FaultServer {
                         };
                         VmMetrics::add(counter, done.len() as u64);
                         VmMetrics::add(&vm.metrics.pages_replayed, done.len() as u64);
+                        vm.metrics
+                            .count_installed(Install::Write, done.len() as u64);
                         for q in done.clone() {
                             region.state.mark_populated(q);
                         }
@@ -189,6 +191,8 @@ impl FaultServer {
             let r = self.zeros(ri, dst, off, len);
             let done = installed(r)?;
             VmMetrics::add(&vm.metrics.pages_zero, done.len() as u64);
+            vm.metrics
+                .count_installed(self.zero_method(ri), done.len() as u64);
             return Ok(done);
         }
         if len > self.bounce.len() {
@@ -196,16 +200,28 @@ impl FaultServer {
         }
         let source_off = region.spec.source_offset() + off;
         let fill = vm.fill(source_off, &mut PageDst::from_buf(&mut self.bounce[..len]));
-        let (r, counter) = match fill {
-            Ok(Fill::Zero) => (self.zeros(ri, dst, off, len), &vm.metrics.pages_zero),
-            Ok(Fill::Data) => (
-                match vm.populate {
-                    Populate::Copy if speculative => self.uffd.copy_ahead(dst, &self.bounce[..len]),
-                    Populate::Copy => self.uffd.copy(dst, &self.bounce[..len]),
-                    Populate::Continue => self.install_and_map(ri, off, dst, len),
-                },
-                &vm.metrics.pages_from_source,
+        let (r, counter, method) = match fill {
+            Ok(Fill::Zero) => (
+                self.zeros(ri, dst, off, len),
+                &vm.metrics.pages_zero,
+                self.zero_method(ri),
             ),
+            Ok(Fill::Data) => match vm.populate {
+                Populate::Copy => (
+                    if speculative {
+                        self.uffd.copy_ahead(dst, &self.bounce[..len])
+                    } else {
+                        self.uffd.copy(dst, &self.bounce[..len])
+                    },
+                    &vm.metrics.pages_from_source,
+                    Install::Copy,
+                ),
+                Populate::Continue => (
+                    self.install_and_map(ri, off, dst, len),
+                    &vm.metrics.pages_from_source,
+                    Install::Continue,
+                ),
+            },
             Err(e) if speculative || run.len() > 1 => {
                 // Only the faulting page must be answered: it is retried alone.
                 tracing::trace!(error = %e, "page source failed for a readahead run");
@@ -228,7 +244,17 @@ impl FaultServer {
         // Counted once installed: EEXIST and EAGAIN have their own counters.
         let done = installed(r)?;
         VmMetrics::add(counter, done.len() as u64);
+        vm.metrics.count_installed(method, done.len() as u64);
         Ok(done)
+    }
+
+    /// How [`FaultServer::zeros`] installs zeros in region `ri`.
+    fn zero_method(&self, ri: usize) -> Install {
+        match (self.vm.memory.regions()[ri].page_size(), self.vm.populate) {
+            (PAGE_SIZE, _) => Install::ZeroPage,
+            (_, Populate::Copy) => Install::Copy,
+            (_, Populate::Continue) => Install::Continue,
+        }
     }
 
     /// Zeros at `dst` (`len` bytes, offset `off` of region `ri`): `UFFDIO_ZEROPAGE` for 4 KiB

@@ -16,7 +16,7 @@
 mod install;
 
 use crate::ahead::{Planner, AHEAD_CHUNK};
-use crate::metrics::VmMetrics;
+use crate::metrics::{Install, VmMetrics};
 use crate::session::{Populate, Vm};
 use crate::uffd::{Event, Uffd, UffdError, MSG_SIZE};
 use rustix::io::Errno;
@@ -57,19 +57,34 @@ pub enum Drained {
     Closed,
 }
 
+/// Buffers that hold data only while a server drains: a worker owns one set and lends it to
+/// each server it drains, so they cost once per worker instead of once per VM (the bounce
+/// buffer alone is up to 2 MiB). Grown to what the largest server needs, never shrunk.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    bounce: Vec<u8>,
+    events: Vec<[u8; MSG_SIZE]>,
+    latencies: Vec<Duration>,
+    residency: Vec<u8>,
+    replay: Vec<u64>,
+}
+
 /// Serves one VM's uffd.
 #[derive(Debug)]
 pub struct FaultServer {
     vm: Arc<Vm>,
     uffd: Uffd,
     host: Vec<HostRange>,
+    /// Bounce buffer bytes this VM's runs need (its readahead window, 2 MiB pages).
+    bounce_len: usize,
+    retry: VecDeque<Pending>,
+    plan: Planner,
+    // Lent by the worker for the duration of a drain (`Scratch`), empty otherwise.
     bounce: Vec<u8>,
     events: Vec<[u8; MSG_SIZE]>,
-    retry: VecDeque<Pending>,
     latencies: Vec<Duration>,
     /// `mincore` output for `continue` runs.
     residency: Vec<u8>,
-    plan: Planner,
     /// Source pages taken from the replay queue.
     replay: Vec<u64>,
 }
@@ -87,8 +102,7 @@ impl FaultServer {
                 len: r.size(),
             })
             .collect();
-        let readahead = vm.readahead;
-        let mut bounce_len = readahead.max_pages() * PAGE_SIZE as usize;
+        let mut bounce_len = vm.readahead.max_pages() * PAGE_SIZE as usize;
         if regions.iter().any(|r| r.spec.is_huge()) {
             bounce_len = bounce_len.max(HUGE_PAGE_SIZE as usize);
         }
@@ -96,13 +110,14 @@ impl FaultServer {
         FaultServer {
             uffd,
             host,
-            bounce: vec![0; bounce_len],
-            events: vec![[0; MSG_SIZE]; BATCH],
+            bounce_len,
             retry: VecDeque::new(),
-            latencies: Vec::with_capacity(BATCH),
-            residency: Vec::with_capacity(readahead.max_pages()),
             plan: Planner::new(&vm),
-            replay: Vec::with_capacity(AHEAD_CHUNK),
+            bounce: Vec::new(),
+            events: Vec::new(),
+            latencies: Vec::new(),
+            residency: Vec::new(),
+            replay: Vec::new(),
             vm,
         }
     }
@@ -129,8 +144,40 @@ impl FaultServer {
 
     /// Reads and serves every pending event (edge-triggered pollers must drain), then installs
     /// up to [`AHEAD_PER_DRAIN`] chunks ahead of sequential streams or from the replay queue,
-    /// looking for new faults between chunks.
-    pub fn drain(&mut self) -> Drained {
+    /// looking for new faults between chunks. `scratch` lends the buffers for it.
+    pub fn drain(&mut self, scratch: &mut Scratch) -> Drained {
+        self.borrow(scratch);
+        let drained = self.serve_pending();
+        self.flush_latencies();
+        self.give_back(scratch);
+        drained
+    }
+
+    /// Takes the worker's buffers, grown to what this VM needs. A new bounce buffer comes
+    /// zeroed from the allocator (its pages untouched until a run is read into them).
+    fn borrow(&mut self, scratch: &mut Scratch) {
+        if scratch.bounce.len() < self.bounce_len {
+            scratch.bounce = vec![0; self.bounce_len];
+        }
+        if scratch.events.len() < BATCH {
+            scratch.events = vec![[0; MSG_SIZE]; BATCH];
+        }
+        std::mem::swap(&mut self.bounce, &mut scratch.bounce);
+        std::mem::swap(&mut self.events, &mut scratch.events);
+        std::mem::swap(&mut self.latencies, &mut scratch.latencies);
+        std::mem::swap(&mut self.residency, &mut scratch.residency);
+        std::mem::swap(&mut self.replay, &mut scratch.replay);
+    }
+
+    fn give_back(&mut self, scratch: &mut Scratch) {
+        std::mem::swap(&mut self.bounce, &mut scratch.bounce);
+        std::mem::swap(&mut self.events, &mut scratch.events);
+        std::mem::swap(&mut self.latencies, &mut scratch.latencies);
+        std::mem::swap(&mut self.residency, &mut scratch.residency);
+        std::mem::swap(&mut self.replay, &mut scratch.replay);
+    }
+
+    fn serve_pending(&mut self) -> Drained {
         let mut chunks = 0;
         loop {
             match self.uffd.read_events(&mut self.events) {
@@ -314,7 +361,10 @@ impl FaultServer {
         let result = if run.is_empty() {
             // The page is already in the memfd (the VMM, a device backend or the kernel put it
             // there): map it, never overwrite it.
-            self.uffd.r#continue(page_addr, ps).map(|()| page..page + 1)
+            self.uffd.r#continue(page_addr, ps).map(|()| {
+                self.vm.metrics.count_installed(Install::Continue, 1);
+                page..page + 1
+            })
         } else {
             let several = run.len() > 1;
             match self.populate(ri, run, false) {
