@@ -628,7 +628,9 @@ pub(crate) fn request(
     Ok(reply)
 }
 
-/// A VM's mailbox, as the VMM holds it: hand one [`VcpuChannel`] to each vCPU thread.
+/// A VM's mailbox, as the VMM holds it: hand one [`VcpuChannel`] to each vCPU thread. It
+/// (and each channel) keeps the client's link, so the connection, and the VM it holds, stay
+/// while one lives.
 #[derive(Debug, Clone)]
 pub struct VmExits {
     mailbox: Arc<Mailbox>,

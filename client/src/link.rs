@@ -260,8 +260,13 @@ fn outage(link: &Link, stop: &OwnedFd) -> Option<OwnedFd> {
                 // The next daemon reads the uffds from here on: stop first, so an event is
                 // read by one side only.
                 reader.drain();
+                // A listening socket that outlives the daemon (socket activation, `--fd`)
+                // accepts connections nobody serves yet: never wait past the deadline.
+                let left = link.deadline.saturating_sub(since.elapsed());
+                let _ = conn.set_timeout(Some(left.max(Duration::from_millis(10))));
                 match reclaim_all(link, &conn) {
                     Ok(()) => {
+                        let _ = conn.set_timeout(None);
                         let watch = conn.as_fd().try_clone_to_owned().ok()?;
                         *link.conn() = conn;
                         link.restarts.fetch_add(1, Ordering::Relaxed);
@@ -272,7 +277,9 @@ fn outage(link: &Link, stop: &OwnedFd) -> Option<OwnedFd> {
                         );
                         return Some(watch);
                     }
-                    Err(e) if e.peer_gone() => {} // That daemon died too: try again.
+                    // That daemon died too, or has not answered yet, or still holds a VM for
+                    // the connection this loop left a moment ago: try again.
+                    Err(e) if e.peer_gone() || e.is_retryable() || still_held(&e) => {}
                     Err(e) => {
                         link.set(LinkState::Lost(format!(
                             "vmpagerd refused to take the VMs back: {e}"
@@ -311,6 +318,18 @@ fn lost(link: &Link, stop: &OwnedFd) -> Option<OwnedFd> {
             return None;
         }
     }
+}
+
+/// The daemon refused a `ReclaimVm` because another connection holds the VM: an earlier try
+/// of this loop whose close the daemon has not processed yet.
+fn still_held(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Refused {
+            code: vmpager_protocol::ErrorCode::BadState,
+            ..
+        }
+    )
 }
 
 /// Hello, then `ReclaimVm` for every kept VM.

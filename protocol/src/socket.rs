@@ -188,9 +188,22 @@ impl Connection {
         }
     }
 
-    /// Receives and decodes one message. On a non-blocking socket with nothing queued, returns
-    /// [`SocketError::WouldBlock`]. A malformed record is consumed whole (its fds closed) and
-    /// reported as bad input; the connection stays usable.
+    /// Bounds every blocking send and receive to `timeout` (`None`: no bound); a wait that
+    /// runs out fails with `WouldBlock`.
+    pub fn set_timeout(&self, timeout: Option<std::time::Duration>) -> Result<(), SocketError> {
+        for kind in [
+            rustix::net::sockopt::Timeout::Recv,
+            rustix::net::sockopt::Timeout::Send,
+        ] {
+            rustix::net::sockopt::set_socket_timeout(&self.fd, kind, timeout).map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// Receives and decodes one message. On a non-blocking socket with nothing queued (or
+    /// after the timeout of [`Connection::set_timeout`]), returns [`SocketError::WouldBlock`].
+    /// A malformed record is consumed whole (its fds closed) and reported as bad input; the
+    /// connection stays usable.
     pub fn recv(&self) -> Result<Received, SocketError> {
         self.recv_with(RecvFlags::empty())
     }
