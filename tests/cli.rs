@@ -84,6 +84,35 @@ fn demo_verifies_every_byte() {
     );
 }
 
+/// `--update-at`: the vCPUs are stopped mid-run, the VM released, and a new VMM process takes
+/// it over by id and token, restores the vCPUs' registers into a new KVM VM and finishes: every
+/// checksum and every write of the guest is checked.
+#[test]
+fn demo_update_at_hands_the_running_guest_to_a_new_vmm_process() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = TestDir::new("demo-update");
+    let stdout = demo(
+        &dir,
+        &["--memory", "64M", "--vcpus", "2", "--update-at", "30"],
+    );
+    assert!(
+        stdout.contains("vCPUs stopped and their state saved; VM"),
+        "{stdout}"
+    );
+    let new_pid = number_after(&stdout, "new VMM (pid ");
+    assert!(new_pid > 0, "{stdout}");
+    assert!(
+        stdout.lines().last().is_some_and(|l| l
+            .starts_with("verified: guest saw every byte of the snapshot across a VMM update at ")),
+        "{stdout}"
+    );
+    // Nothing is left behind: the daemon freed the VM (the new VMM detached it) and the demo
+    // removed its directory.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
 /// Runs `vmpager demo` with `args`, expecting success; returns its stdout.
 fn demo(dir: &TestDir, args: &[&str]) -> String {
     let out = Command::new(vmpager_binary())
@@ -288,4 +317,92 @@ fn bench_quick_prints_the_table_and_writes_json_and_pictures() {
         let text = std::fs::read_to_string(dir.join(name)).unwrap();
         assert!(text.starts_with("<svg"), "{name}");
     }
+}
+
+/// Starts `vmpager demo --socket-path` against `daemon`'s socket and returns once the guest
+/// runs, with the daemon stopped (SIGSTOP) so the guest is surely waiting on it.
+fn demo_on(
+    socket: &std::path::Path,
+    dir: &TestDir,
+    daemon: &SocketDaemon,
+    env: &[(&str, &str)],
+) -> std::process::Child {
+    use std::io::BufRead;
+    let mut child = Command::new(vmpager_binary())
+        .args(["demo", "--memory", "256M", "--vcpus", "2", "--socket-path"])
+        .arg(socket)
+        .arg("--workdir")
+        .arg(dir.path())
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("guest starting") {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "the demo ended early"
+        );
+    }
+    daemon.signal(rustix::process::Signal::STOP);
+    // The rest of stdout is read after the demo ends.
+    child.stdout = Some(out.into_inner());
+    child
+}
+
+/// The new user's case of issue 10: vmpagerd killed with SIGKILL while `vmpager demo
+/// --socket-path` runs, then started again with the same command line: the demo goes on and
+/// verifies every byte.
+#[test]
+fn demo_rides_through_a_vmpagerd_restart() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = TestDir::new("demo-restart");
+    let sockdir = TestDir::new("demo-restart-sock");
+    let socket = sockdir.join("vmpagerd.sock");
+    let daemon = SocketDaemon::start(&socket, &[]);
+    let child = demo_on(&socket, &dir, &daemon, &[]);
+    daemon.kill9();
+    let _again = SocketDaemon::start(&socket, &[]);
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.lines().last() == Some("verified: guest saw every byte of the snapshot"),
+        "{stdout}"
+    );
+}
+
+/// ... and when no vmpagerd comes back, the demo says so and exits: no hang, no zeros.
+#[test]
+fn demo_fails_with_a_clear_error_when_vmpagerd_does_not_come_back() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = TestDir::new("demo-lost");
+    let sockdir = TestDir::new("demo-lost-sock");
+    let socket = sockdir.join("vmpagerd.sock");
+    let daemon = SocketDaemon::start(&socket, &[]);
+    let child = demo_on(&socket, &dir, &daemon, &[("VMPAGER_RESTART_DEADLINE", "1")]);
+    daemon.kill9();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("went away and did not come back within 1 s: the VM is failed"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "work dir left behind"
+    );
 }

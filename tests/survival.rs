@@ -6,8 +6,8 @@
 mod common;
 
 use common::*;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
 use vmpager_client::demo::PatternGen;
@@ -20,51 +20,6 @@ const PAGE: usize = 4096;
 const PAGES: usize = 2048;
 /// How long a test waits for something that must happen before it calls it a hang.
 const HANG: Duration = Duration::from_secs(60);
-
-/// `vmpagerd --socket-path PATH ...`, as a supervisor would run it (again and again).
-struct Daemon {
-    child: Child,
-}
-
-impl Daemon {
-    fn start(socket: &Path, extra: &[&str]) -> Daemon {
-        let child = Command::new(vmpagerd_binary())
-            .arg("--socket-path")
-            .arg(socket)
-            .args(["--workers", "1"])
-            .args(extra)
-            .env("VMPAGER_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start vmpagerd");
-        // Ready once it accepts a connection that answers Hello.
-        let mut tries = 0;
-        while Client::connect(socket).is_err() {
-            tries += 1;
-            assert!(tries < 6000, "vmpagerd did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Daemon { child }
-    }
-
-    fn signal(&self, sig: rustix::process::Signal) {
-        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
-        rustix::process::kill_process(pid, sig).unwrap();
-    }
-
-    /// SIGKILL, and reap it.
-    fn kill9(mut self) {
-        self.signal(rustix::process::Signal::KILL);
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn snapshot(seed: u64) -> Vec<u8> {
     let mut s = vec![0u8; PAGES * PAGE];
@@ -127,7 +82,7 @@ fn restart_keeps_every_byte(populate: PopulateMethod, name: &str) {
     }
     let dir = TestDir::new(name);
     let socket = dir.join("vmpagerd.sock");
-    let daemon = Daemon::start(&socket, &[]);
+    let daemon = SocketDaemon::start(&socket, &[]);
     let client = Client::connect(&socket).unwrap();
     let snap = snapshot(21);
     let img = image(&dir, "img", (PAGES * PAGE) as u64, 21);
@@ -175,7 +130,7 @@ fn restart_keeps_every_byte(populate: PopulateMethod, name: &str) {
     // ... and the client's requests wait for the daemon.
     assert!(matches!(client.link_state(), LinkState::Away { .. }));
     // The supervisor restarts it with the same command line.
-    let _daemon = Daemon::start(&socket, &[]);
+    let _daemon = SocketDaemon::start(&socket, &[]);
     let first = toucher.join().unwrap();
     assert_eq!(first, expected(&snap, far));
     // The rest of the guest's run, then every byte checked.
@@ -218,7 +173,7 @@ fn a_mailbox_exchange_in_flight_is_answered_by_the_next_daemon() {
     }
     let dir = TestDir::new("survive-mailbox");
     let socket = dir.join("vmpagerd.sock");
-    let daemon = Daemon::start(&socket, &[]);
+    let daemon = SocketDaemon::start(&socket, &[]);
     let client = Client::connect(&socket).unwrap();
     let img = image(&dir, "img", (PAGES * PAGE) as u64, 5);
     let memory = client
@@ -238,7 +193,7 @@ fn a_mailbox_exchange_in_flight_is_answered_by_the_next_daemon() {
     daemon.signal(rustix::process::Signal::STOP);
     let vcpu = std::thread::spawn(move || channel.exchange(request));
     daemon.kill9();
-    let _daemon = Daemon::start(&socket, &[]);
+    let _daemon = SocketDaemon::start(&socket, &[]);
     let after = within("the vCPU's exchange", move || vcpu.join().unwrap()).unwrap();
     assert_eq!(after, before, "the same answer from the next daemon");
     // Requests wait until every VM is handed back.
@@ -253,7 +208,7 @@ fn a_daemon_that_does_not_come_back_fails_the_vm_with_an_error_never_a_hang() {
     }
     let dir = TestDir::new("survive-lost");
     let socket = dir.join("vmpagerd.sock");
-    let daemon = Daemon::start(&socket, &[]);
+    let daemon = SocketDaemon::start(&socket, &[]);
     let client = Client::connect_with(
         &socket,
         ClientOptions {
@@ -322,7 +277,7 @@ fn touch_lost_memory_in_a_child() {
     }
     let dir = TestDir::new(&format!("survive-child-{}", std::process::id()));
     let socket: PathBuf = dir.join("vmpagerd.sock");
-    let daemon = Daemon::start(&socket, &[]);
+    let daemon = SocketDaemon::start(&socket, &[]);
     let client = Client::connect_with(
         &socket,
         ClientOptions {

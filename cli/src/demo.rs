@@ -29,6 +29,7 @@ pub struct Options {
     pub touch: u32,
     pub record: Option<PathBuf>,
     pub replay: Option<PathBuf>,
+    pub update_at: Option<u32>,
 }
 
 /// Refuses an image of `bytes` that would not leave [`SPARE`] free on the filesystem of `dir`.
@@ -63,6 +64,9 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         touch_percent: opts.touch,
         record_working_set: opts.record.is_some(),
     };
+    if opts.update_at.is_some() && (opts.record.is_some() || opts.replay.is_some()) {
+        bail!("--update-at cannot be combined with --record-working-set or --working-set");
+    }
     let host = HostLimits::probe().context("the demo runs a KVM guest")?;
     demo::check_config(&cfg, &host)?;
     restore::WorkingSets::check_paths(opts.record.as_deref(), opts.replay.as_deref())?;
@@ -97,7 +101,9 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             bail!("vmpagerd exited with {status}");
         }
     }
-    if opts.touch == 100 {
+    if opts.update_at.is_some() {
+        // The new VMM process said what it verified.
+    } else if opts.touch == 100 {
         println!("verified: guest saw every byte of the snapshot");
     } else {
         println!(
@@ -136,8 +142,9 @@ fn scenario(
             path
         }
     };
-    let client = Client::connect(&socket)
+    let client = Client::connect_with(&socket, restore::client_options()?)
         .with_context(|| format!("cannot reach vmpagerd at {}", socket.display()))?;
+    watch_for_loss(&client, &socket, interrupts)?;
     if memory > client.max_vm_memory() {
         bail!(
             "--memory {} exceeds the daemon's limit of {} per VM (vmpagerd --max-vm-memory-mib); nothing was written",
@@ -169,7 +176,94 @@ fn scenario(
     if replayed > 0 {
         println!("working set: {replayed} pages queued to be pushed ahead of the guest");
     }
-    let report = demo::run_guest(&client, &vm, Some(&image), cfg)?;
+    let vm_id = vm.vm_id();
+    let report = match opts.update_at {
+        None => demo::run_guest(&client, &vm, Some(&image), cfg)?,
+        Some(pct) => {
+            use demo::update::{run_until_update, FirstRun};
+            match run_until_update(&client, vm, (&image, &image_path), &socket, cfg, pct)? {
+                FirstRun::Finished(report) => {
+                    println!("update: the guest finished before {pct}% of its pages were in");
+                    report
+                }
+                FirstRun::Paused(state) => {
+                    let path = dir.join("update.json");
+                    state.save(&path)?;
+                    println!(
+                        "update: {}% of the pages in; vCPUs stopped and their state saved; VM {vm_id} released; starting a new VMM process",
+                        state.at_percent
+                    );
+                    return hand_over(&path);
+                }
+            }
+        }
+    };
+    print_report(cfg, &report)?;
+    if let Some(n) = working_sets.finish(&client, vm_id)? {
+        println!("working set: {n} pages recorded");
+    }
+    client.detach(vm_id)?;
+    Ok(())
+}
+
+/// If vmpagerd goes away and no vmpagerd takes the VM back in time, the VM is failed: say so
+/// and exit (the vCPUs would otherwise get SIGBUS on the next page nobody serves). A vmpagerd
+/// started again on the same socket in time takes the VM back and the guest goes on.
+fn watch_for_loss(client: &Client, socket: &Path, interrupts: &Interrupts) -> anyhow::Result<()> {
+    let lost = client.lost_fd().try_clone_to_owned()?;
+    let socket = socket.to_owned();
+    let deadline = restore::client_options()?.restart_deadline;
+    let cleanup = interrupts.clone();
+    std::thread::Builder::new()
+        .name("demo-watch".into())
+        .spawn(move || {
+            let mut fds = [rustix::event::PollFd::new(&lost, rustix::event::PollFlags::IN)];
+            while rustix::event::poll(&mut fds, None).is_err() {}
+            eprintln!(
+                "vmpager demo: vmpagerd at {} went away and did not come back within {} s: the VM is failed",
+                socket.display(),
+                deadline.as_secs_f64()
+            );
+            cleanup.exit_now(1);
+        })?;
+    Ok(())
+}
+
+/// Starts the new VMM process (`vmpager demo-resume STATE`) and waits for it: it takes the VM
+/// over and finishes the guest.
+fn hand_over(state: &Path) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("cannot find the vmpager binary")?;
+    let status = std::process::Command::new(exe)
+        .arg("demo-resume")
+        .arg(state)
+        .status()
+        .context("cannot start the new VMM process")?;
+    if !status.success() {
+        bail!("the new VMM process failed ({status})");
+    }
+    Ok(())
+}
+
+/// `vmpager demo-resume STATE`: the new VMM of a live update.
+pub fn resume(state: &Path) -> anyhow::Result<()> {
+    let state = demo::update::UpdateState::load(state)?;
+    println!(
+        "new VMM (pid {}): taking VM {} over from the saved state",
+        std::process::id(),
+        state.vm_id
+    );
+    let (_client, report) = demo::update::resume_after_update(&state)?;
+    print_report(&state.cfg, &report)?;
+    println!(
+        "verified: guest saw every byte of the snapshot across a VMM update at {}% (new VMM pid {})",
+        state.at_percent,
+        std::process::id()
+    );
+    Ok(())
+}
+
+/// The lines every demo run prints about what the guest and the daemon did.
+fn print_report(cfg: &ScenarioConfig, report: &demo::ScenarioReport) -> anyhow::Result<()> {
     let s = report.stats;
     let method = match s.populate_method {
         1 => "copy (UFFDIO_COPY)",
@@ -205,9 +299,5 @@ fn scenario(
             report.pages
         );
     }
-    if let Some(n) = working_sets.finish(&client, vm.vm_id())? {
-        println!("working set: {n} pages recorded");
-    }
-    client.detach(vm.vm_id())?;
     Ok(())
 }

@@ -34,6 +34,7 @@ pub struct Leftovers {
 }
 
 /// Cleanup on SIGTERM and SIGINT; see the module documentation.
+#[derive(Clone)]
 pub struct Interrupts {
     leftovers: Arc<Mutex<Leftovers>>,
 }
@@ -56,6 +57,30 @@ impl Interrupts {
     pub fn register<R>(&self, f: impl FnOnce(&mut Leftovers) -> R) -> R {
         f(&mut lock(&self.leftovers))
     }
+
+    /// Cleans up as for a signal and exits with `status` (the demo failed from another thread).
+    pub fn exit_now(&self, status: i32) -> ! {
+        let left = lock(&self.leftovers);
+        let _ = clean_up(&left);
+        std::process::exit(status);
+    }
+}
+
+/// Stops the daemon and removes the directory registered in `left`; says what it did.
+fn clean_up(left: &Leftovers) -> Vec<String> {
+    let mut done = Vec::new();
+    if let Some(pid) = left.daemon {
+        stop_daemon(pid);
+        done.push(format!("stopped vmpagerd (pid {pid})"));
+    }
+    if let Some(dir) = &left.dir {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => done.push(format!("removed {}", dir.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => eprintln!("vmpager: cannot remove {}: {e}", dir.display()),
+        }
+    }
+    done
 }
 
 fn lock(m: &Mutex<Leftovers>) -> MutexGuard<'_, Leftovers> {
@@ -91,18 +116,7 @@ fn handle(signals: &OwnedFd, leftovers: &Mutex<Leftovers>) {
     } else {
         "SIGTERM"
     };
-    let mut done = Vec::new();
-    if let Some(pid) = left.daemon {
-        stop_daemon(pid);
-        done.push(format!("stopped vmpagerd (pid {pid})"));
-    }
-    if let Some(dir) = &left.dir {
-        match std::fs::remove_dir_all(dir) {
-            Ok(()) => done.push(format!("removed {}", dir.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => eprintln!("vmpager: cannot remove {}: {e}", dir.display()),
-        }
-    }
+    let done = clean_up(&left);
     if done.is_empty() {
         eprintln!("vmpager: {name}");
     } else {

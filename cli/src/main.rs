@@ -151,6 +151,16 @@ enum Cmd {
         /// them.
         #[arg(long, value_name = "FILE")]
         working_set: Option<PathBuf>,
+        /// VMM live update once PCT % of the guest's pages are in: stop the vCPUs, save their
+        /// state, release the VM, and let a new VMM process take it over and finish the guest.
+        #[arg(long, value_name = "PCT", value_parser = clap::value_parser!(u32).range(1..=99))]
+        update_at: Option<u32>,
+    },
+    /// The new VMM process of `vmpager demo --update-at` (internal).
+    #[command(hide = true)]
+    DemoResume {
+        /// The state the previous VMM saved.
+        state: PathBuf,
     },
 }
 
@@ -256,6 +266,7 @@ fn main() {
             touch,
             record_working_set,
             working_set,
+            update_at,
         } => demo::run(demo::Options {
             memory,
             vcpus,
@@ -266,7 +277,9 @@ fn main() {
             touch,
             record: record_working_set,
             replay: working_set,
+            update_at,
         }),
+        Cmd::DemoResume { state } => demo::resume(&state),
     };
     if let Err(e) = result {
         eprintln!("vmpager: {e:#}");

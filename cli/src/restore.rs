@@ -60,7 +60,7 @@ impl Daemon {
 
     /// A new connection to it.
     pub fn connect(&self) -> anyhow::Result<Client> {
-        Client::connect(self.socket())
+        Client::connect_with(self.socket(), client_options()?)
             .with_context(|| format!("cannot reach vmpagerd at {}", self.socket().display()))
     }
 
@@ -196,6 +196,21 @@ pub fn stats_json(s: &Stats) -> serde_json::Value {
         .map(|&(k, v)| (k.to_string(), serde_json::Value::from(v)))
         .collect::<serde_json::Map<_, _>>()
         .into()
+}
+
+/// How the tool's clients ride through a daemon restart: `VMPAGER_RESTART_DEADLINE` (seconds)
+/// is how long they wait for a restarted vmpagerd to take their VMs back (default 30).
+pub fn client_options() -> anyhow::Result<vmpager_client::ClientOptions> {
+    let mut o = vmpager_client::ClientOptions::default();
+    if let Some(v) = std::env::var_os("VMPAGER_RESTART_DEADLINE") {
+        let secs: f64 = v
+            .to_str()
+            .and_then(|s| s.parse().ok())
+            .filter(|s: &f64| s.is_finite() && *s >= 0.0)
+            .context("VMPAGER_RESTART_DEADLINE must be a number of seconds")?;
+        o.restart_deadline = std::time::Duration::from_secs_f64(secs);
+    }
+    Ok(o)
 }
 
 /// Waits until `peer` (a VMM's socket that is never read here) hangs up, or the daemon is

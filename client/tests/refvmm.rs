@@ -442,3 +442,72 @@ fn touch_rate_info() {
         drop(vm);
     }
 }
+
+/// A run stopped mid-task (a VMM update) and continued on a new VM from the saved states — as
+/// JSON, as a successor process would read them — gives the checksums of an uninterrupted run.
+#[test]
+fn a_paused_run_resumed_on_a_new_vm_gives_the_same_checksums() {
+    use vmpager_client::refvmm::{Pause, Run, VcpuState};
+    if !kvm_or_skip("a_paused_run_resumed_on_a_new_vm_gives_the_same_checksums") {
+        return;
+    }
+    let mut mem = Anon::new(64 * MIB);
+    mem.fill_random(77);
+    let regions = [mem.region(GIB)];
+    let plans = split_evenly(&regions, 2, Workload::Checksum);
+    let want: Vec<Vec<u64>> = plans
+        .iter()
+        .map(|p| {
+            p.iter()
+                .map(|t| checksum_words(host_range(&mem, GIB, t.gpa_start, t.gpa_end)))
+                .collect()
+        })
+        .collect();
+    // Stop before the first instruction, early, mid-run and late (wherever the delay lands).
+    for delay_ms in [0u64, 2, 10, 40] {
+        let pause = std::sync::Arc::new(Pause::new());
+        // SAFETY: `mem` outlives both VMs.
+        let first = unsafe { RefVm::new(&regions, 2) }.unwrap();
+        let p2 = pause.clone();
+        let stopper = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+            p2.request()
+        });
+        let states = match first.run_pausable(&plans, &pause).unwrap() {
+            Run::Paused(states) => states,
+            Run::Done(_) => panic!("a requested pause was not taken"),
+        };
+        stopper.join().unwrap();
+        drop(first);
+        eprintln!(
+            "paused after {delay_ms} ms at {:?}",
+            states
+                .iter()
+                .map(|s| (s.task, s.regs.rip, s.regs.rdi))
+                .collect::<Vec<_>>()
+        );
+        // SAFETY: as above.
+        let second = unsafe { RefVm::new(&regions, 2) }.unwrap();
+        let base = kvm_bindings::kvm_sregs::default();
+        let saved: Vec<VcpuState> = states
+            .iter()
+            .map(|s| {
+                let mut v = VcpuState::from_json(&s.to_json(), &base).unwrap();
+                assert_eq!((v.sregs.cr3, v.sregs.efer), (s.sregs.cr3, s.sregs.efer));
+                v.sregs = s.sregs; // the segments, as the reference guest sets them up
+                v
+            })
+            .collect();
+        for (a, b) in states.iter().zip(&saved) {
+            assert_eq!(
+                (a.task, a.regs.rip, a.regs.rax, a.regs.rdi),
+                (b.task, b.regs.rip, b.regs.rax, b.regs.rdi)
+            );
+        }
+        let reports = second.resume(&plans, &saved).unwrap();
+        for (v, report) in reports.iter().enumerate() {
+            let got: Vec<u64> = report.results.iter().map(|r| r.value).collect();
+            assert_eq!(got, want[v], "vCPU {v}, paused after {delay_ms} ms");
+        }
+    }
+}

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use vmpager_client::demo::{self, DaemonProcess};
 use vmpager_client::refvmm::RefVm;
 
@@ -135,4 +136,49 @@ pub fn number_after(text: &str, prefix: &str) -> u64 {
         .next()
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no number after {prefix:?} in {text}"))
+}
+
+/// `vmpagerd --socket-path PATH ...`, as a supervisor would run it (again and again).
+pub struct SocketDaemon {
+    child: Child,
+}
+
+impl SocketDaemon {
+    pub fn start(socket: &Path, extra: &[&str]) -> SocketDaemon {
+        let child = Command::new(vmpagerd_binary())
+            .arg("--socket-path")
+            .arg(socket)
+            .args(["--workers", "1"])
+            .args(extra)
+            .env("VMPAGER_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start vmpagerd");
+        // Ready once it accepts a connection that answers Hello.
+        let mut tries = 0;
+        while vmpager_client::Client::connect(socket).is_err() {
+            tries += 1;
+            assert!(tries < 6000, "vmpagerd did not start");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        SocketDaemon { child }
+    }
+
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, sig).unwrap();
+    }
+
+    /// SIGKILL, and reap it.
+    pub fn kill9(mut self) {
+        self.signal(rustix::process::Signal::KILL);
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for SocketDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -26,25 +26,29 @@
 //! # Threads
 //!
 //! [`RefVm::run`] starts one thread per plan; thread `i` alone uses vCPU `i`. The threads are
-//! released together by a [`Barrier`] right before their first `KVM_RUN`.
+//! released together by a barrier right before their first `KVM_RUN`. [`RefVm::run_pausable`]
+//! stops them on request (a VMM update) and hands back each vCPU's state, which
+//! [`RefVm::resume`] — in this process or a new one — continues from.
 
 mod error;
 pub mod guest;
 mod host;
 mod low;
+mod pause;
 mod plan;
+mod run;
 mod vcpu;
 
 use error::kvm_err;
 pub use error::RefVmError;
 pub use host::HostLimits;
 use low::LowMem;
-use vcpu::{run_plan, Gate};
+pub use pause::{Pause, VcpuState};
+pub use run::Run;
 
 use std::fmt;
 use std::ptr::NonNull;
-use std::sync::{Barrier, Mutex, PoisonError};
-use std::thread;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use kvm_bindings::{kvm_segment, kvm_sregs, kvm_userspace_memory_region, CpuId};
@@ -52,7 +56,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 pub use guest::checksum_words;
 pub use plan::split_evenly;
-use plan::{check_regions, check_task, Span};
+use plan::{check_regions, Span};
 
 /// One region of guest RAM, mapped by the caller at `host_addr`.
 ///
@@ -344,67 +348,6 @@ impl RefVm {
     pub fn low_slot_len(&self) -> u64 {
         self.low_len
     }
-
-    /// Runs `plans[i]` on vCPU `i`, each vCPU on its own thread, all released together by a
-    /// barrier before their first `KVM_RUN`. Returns one report per plan. Every task is checked
-    /// before any thread starts. On a guest or KVM failure the failing vCPU stops its plan, the
-    /// other vCPUs still finish theirs, and the error of the lowest-numbered failing vCPU is
-    /// returned. The failing vCPU's pending exit is settled first (see `settle`), so later runs
-    /// start from clean registers; a guest that triple-faulted may still need a new `RefVm`.
-    pub fn run(&self, plans: &[Vec<Task>]) -> Result<Vec<VcpuReport>, RefVmError> {
-        let mut vcpus = self.vcpus.lock().unwrap_or_else(PoisonError::into_inner);
-        if plans.len() > vcpus.len() {
-            return Err(RefVmError::TooManyPlans {
-                plans: plans.len(),
-                vcpus: vcpus.len(),
-            });
-        }
-        for (v, plan) in plans.iter().enumerate() {
-            for (t, task) in plan.iter().enumerate() {
-                check_task(&self.spans, v, t, task)?;
-            }
-        }
-        if plans.is_empty() {
-            return Ok(Vec::new());
-        }
-        let gate = &Gate::default();
-        let barrier = &Barrier::new(plans.len());
-        thread::scope(|s| {
-            let mut handles = Vec::with_capacity(plans.len());
-            let mut first_err = None;
-            for (i, (vcpu, plan)) in vcpus.iter_mut().zip(plans).enumerate() {
-                let spawned = thread::Builder::new()
-                    .name(format!("refvmm-vcpu{i}"))
-                    .spawn_scoped(s, move || run_plan(i, vcpu, plan, gate, barrier));
-                match spawned {
-                    Ok(h) => handles.push(h),
-                    Err(source) => {
-                        first_err = Some(RefVmError::ThreadSpawn { vcpu: i, source });
-                        break;
-                    }
-                }
-            }
-            // Started threads wait on the gate, so a failed spawn cannot leave them stuck on the
-            // barrier: they are told to quit instead.
-            gate.open(first_err.is_none());
-            let mut reports = Vec::with_capacity(handles.len());
-            for (i, h) in handles.into_iter().enumerate() {
-                match h.join() {
-                    Ok(Ok(report)) => reports.push(report),
-                    Ok(Err(e)) => {
-                        first_err.get_or_insert(e);
-                    }
-                    Err(_) => {
-                        first_err.get_or_insert(RefVmError::ThreadPanicked { vcpu: i });
-                    }
-                }
-            }
-            match first_err {
-                Some(e) => Err(e),
-                None => Ok(reports),
-            }
-        })
-    }
 }
 
 /// `MAXPHYADDR` of the guest CPU model (CPUID leaf 0x8000_0008, EAX[7:0]); 36 if absent, as KVM
@@ -485,7 +428,7 @@ mod tests {
         };
         vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
         let mut runs = 0;
-        run_until_done(0, vcpu, &mut runs)?;
+        run_until_done(0, vcpu, &mut runs, None)?;
         Ok(vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?.rax)
     }
 

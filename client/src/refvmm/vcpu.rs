@@ -1,5 +1,6 @@
 //! The vCPU threads: a start gate, each thread's run of its plan, and the `KVM_RUN` loop.
 
+use super::pause::{Pause, VcpuState};
 use super::{guest, kvm_err, RefVmError, Task, TaskResult, VcpuReport, Workload, GUEST_RFLAGS};
 use kvm_bindings::kvm_regs;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -30,36 +31,92 @@ impl Gate {
     }
 }
 
-/// Body of vCPU thread `index`.
+/// What a vCPU thread did: its report, and its state if it stopped for a pause.
+pub(super) struct PlanOutcome {
+    pub report: VcpuReport,
+    pub paused: Option<VcpuState>,
+}
+
+/// Body of vCPU thread `index`: its plan from the start, or from `start` (a saved state: the
+/// task it was in, with its registers); stops when `pause` is requested.
 pub(super) fn run_plan(
     index: usize,
     vcpu: &mut VcpuFd,
     plan: &[Task],
+    start: Option<&VcpuState>,
+    pause: Option<&Pause>,
     gate: &Gate,
     barrier: &Barrier,
-) -> Result<VcpuReport, RefVmError> {
+) -> Result<PlanOutcome, RefVmError> {
+    if let Some(p) = pause {
+        p.join();
+    }
+    let outcome = run_plan_inner(index, vcpu, plan, start, pause, gate, barrier);
+    if let Some(p) = pause {
+        p.done();
+    }
+    outcome
+}
+
+fn run_plan_inner(
+    index: usize,
+    vcpu: &mut VcpuFd,
+    plan: &[Task],
+    start: Option<&VcpuState>,
+    pause: Option<&Pause>,
+    gate: &Gate,
+    barrier: &Barrier,
+) -> Result<PlanOutcome, RefVmError> {
     if !gate.wait() {
-        return Ok(VcpuReport::default());
+        return Ok(PlanOutcome {
+            report: VcpuReport::default(),
+            paused: None,
+        });
     }
     barrier.wait();
-    let start = Instant::now();
+    let started = Instant::now();
     let mut kvm_runs = 0u64;
-    let mut results = Vec::with_capacity(plan.len());
-    for task in plan {
-        let (selector, key, count) = task.workload.guest_inputs();
-        let regs = kvm_regs {
-            rip: guest::CODE_GPA,
-            rflags: GUEST_RFLAGS,
-            rdi: task.gpa_start,
-            rsi: task.gpa_end,
-            rbx: selector,
-            rdx: key,
-            r8: count,
-            ..Default::default()
-        };
-        vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+    let mut results = start.map_or_else(|| Vec::with_capacity(plan.len()), |s| s.results.clone());
+    let first = start.map_or(0, |s| s.task);
+    for (t, task) in plan.iter().enumerate().skip(first) {
+        match start.filter(|s| s.task == t) {
+            Some(s) => {
+                // Where the previous VMM stopped this vCPU.
+                vcpu.set_sregs(&s.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+                vcpu.set_regs(&s.regs).map_err(kvm_err("KVM_SET_REGS"))?;
+            }
+            None => {
+                let (selector, key, count) = task.workload.guest_inputs();
+                let regs = kvm_regs {
+                    rip: guest::CODE_GPA,
+                    rflags: GUEST_RFLAGS,
+                    rdi: task.gpa_start,
+                    rsi: task.gpa_end,
+                    rbx: selector,
+                    rdx: key,
+                    r8: count,
+                    ..Default::default()
+                };
+                vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+            }
+        }
         let t0 = Instant::now();
-        run_until_done(index, vcpu, &mut kvm_runs)?;
+        if !run_until_done(index, vcpu, &mut kvm_runs, pause)? {
+            let state = VcpuState {
+                task: t,
+                results,
+                regs: vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?,
+                sregs: vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?,
+            };
+            return Ok(PlanOutcome {
+                report: VcpuReport {
+                    results: state.results.clone(),
+                    kvm_runs,
+                    elapsed: started.elapsed(),
+                },
+                paused: Some(state),
+            });
+        }
         let elapsed = t0.elapsed();
         let value = match task.workload {
             Workload::Checksum | Workload::Scatter { .. } => {
@@ -69,23 +126,32 @@ pub(super) fn run_plan(
         };
         results.push(TaskResult { value, elapsed });
     }
-    Ok(VcpuReport {
-        results,
-        kvm_runs,
-        elapsed: start.elapsed(),
+    Ok(PlanOutcome {
+        report: VcpuReport {
+            results,
+            kvm_runs,
+            elapsed: started.elapsed(),
+        },
+        paused: None,
     })
 }
 
-/// `KVM_RUN` until the guest's `out` on [`guest::DONE_PORT`], re-entering after interrupts.
+/// `KVM_RUN` until the guest's `out` on [`guest::DONE_PORT`] (true), re-entering after
+/// interrupts, or until `pause` is requested (false: the vCPU stopped at an instruction
+/// boundary, its registers say where).
 pub(super) fn run_until_done(
     index: usize,
     vcpu: &mut VcpuFd,
     kvm_runs: &mut u64,
-) -> Result<(), RefVmError> {
+    pause: Option<&Pause>,
+) -> Result<bool, RefVmError> {
     loop {
+        if pause.is_some_and(Pause::requested) {
+            return Ok(false);
+        }
         *kvm_runs += 1;
         let failure = match vcpu.run() {
-            Ok(VcpuExit::IoOut(guest::DONE_PORT, _)) => return Ok(()),
+            Ok(VcpuExit::IoOut(guest::DONE_PORT, _)) => return Ok(true),
             Ok(VcpuExit::Intr) => continue,
             Err(e) if e.errno() == libc::EINTR => continue,
             Ok(exit) => Ok(describe_exit(&exit)),

@@ -1,7 +1,10 @@
 //! The end-to-end scenario behind `vmpager demo` and the end-to-end tests: a snapshot image, a
 //! `vmpagerd` process, and real vCPUs that read every page of the snapshot through
 //! daemon-served faults.
+//!
+//! * [`update`]: the same scenario with a VMM live update in the middle (`--update-at`).
 
+pub mod update;
 use crate::client::{Client, ClientError, PageSource, VmSpec};
 use crate::refvmm::{split_evenly, GuestRegion, RefVm, RefVmError, Workload};
 use crate::VmMemory;
@@ -134,7 +137,7 @@ pub fn expected_scatter(
 
 /// What each vCPU reads: every word of its share of RAM, or (`touch_percent` < 100) a
 /// scattered share of its pages.
-fn read_plans(
+pub(crate) fn read_plans(
     regions: &[GuestRegion],
     cfg: &ScenarioConfig,
 ) -> Result<Vec<Vec<crate::refvmm::Task>>, DemoError> {
@@ -464,7 +467,18 @@ pub fn run_guest(
     image: Option<&File>,
     cfg: &ScenarioConfig,
 ) -> Result<ScenarioReport, DemoError> {
-    let regions: Vec<GuestRegion> = memory
+    let regions = guest_regions(memory);
+    // SAFETY: the regions are mapped by `memory`, borrowed for longer than `vm` lives (it is
+    // dropped at the end of this function).
+    let vm = unsafe { RefVm::new(&regions, cfg.vcpus)? };
+    let plans = read_plans(&regions, cfg)?;
+    let reports = vm.run(&plans)?;
+    finish_guest(client, memory, &vm, image, cfg, &plans, &reports)
+}
+
+/// The regions of `memory` as the reference VMM maps them.
+pub(crate) fn guest_regions(memory: &VmMemory) -> Vec<GuestRegion> {
+    memory
         .regions()
         .iter()
         .map(|r| GuestRegion {
@@ -472,14 +486,23 @@ pub fn run_guest(
             host_addr: r.host_addr(),
             size: r.len() as u64,
         })
-        .collect();
-    // SAFETY: the regions are mapped by `memory`, borrowed for longer than `vm` lives (it is
-    // dropped at the end of this function).
-    let vm = unsafe { RefVm::new(&regions, cfg.vcpus)? };
-    let plans = read_plans(&regions, cfg)?;
-    let reports = vm.run(&plans)?;
+        .collect()
+}
+
+/// After the read pass (`reports` of `plans`): checks every checksum against the image, runs
+/// and checks the write pattern if asked, and reports with the daemon's counters.
+pub(crate) fn finish_guest(
+    client: &Client,
+    memory: &VmMemory,
+    vm: &RefVm,
+    image: Option<&File>,
+    cfg: &ScenarioConfig,
+    plans: &[Vec<crate::refvmm::Task>],
+    reports: &[crate::refvmm::VcpuReport],
+) -> Result<ScenarioReport, DemoError> {
+    let regions = guest_regions(memory);
     let mut read_elapsed = Duration::ZERO;
-    for (vcpu, (plan, report)) in plans.iter().zip(&reports).enumerate() {
+    for (vcpu, (plan, report)) in plans.iter().zip(reports).enumerate() {
         read_elapsed = read_elapsed.max(report.elapsed);
         for (task, result) in plan.iter().zip(&report.results) {
             let offset = task.gpa_start - DEMO_GPA;
@@ -497,6 +520,13 @@ pub fn run_guest(
                     task.gpa_start, task.gpa_end, result.value
                 )));
             }
+        }
+        if report.results.len() != plan.len() {
+            return Err(DemoError::Mismatch(format!(
+                "vCPU {vcpu} finished {} of its {} tasks",
+                report.results.len(),
+                plan.len()
+            )));
         }
     }
     if cfg.write_pattern {
@@ -520,7 +550,6 @@ pub fn run_guest(
             }
         }
     }
-    drop(vm);
     let stats = client.stats(memory.vm_id())?;
     let pages = plans
         .iter()
