@@ -27,6 +27,7 @@
 //! | 8 | 4 | number of slots (vCPUs) |
 //! | 12 | 4 | slot size (128) |
 //! | 64 | 4 | `daemon_idle`: non-zero while the daemon sleeps on the doorbell |
+//! | 68 | 4 | `closed`: non-zero once the daemon freed the VM: no request will be answered |
 //!
 //! | slot | size | field | written by |
 //! |---|---|---|---|
@@ -49,8 +50,8 @@ use std::time::{Duration, Instant};
 
 /// `"VMPM"` as a little-endian u32.
 pub const MAILBOX_MAGIC: u32 = u32::from_le_bytes(*b"VMPM");
-/// Layout version.
-pub const MAILBOX_VERSION: u32 = 1;
+/// Layout version (2: the `closed` word).
+pub const MAILBOX_VERSION: u32 = 2;
 /// Bytes per slot (two cache lines: requests, responses).
 pub const SLOT_SIZE: usize = 128;
 /// Bytes of the header.
@@ -69,7 +70,8 @@ pub struct Header {
     slot_size: AtomicU32,
     _reserved: [AtomicU64; 6],
     daemon_idle: AtomicU32,
-    _reserved2: [AtomicU32; 15],
+    closed: AtomicU32,
+    _reserved2: [AtomicU32; 14],
 }
 
 /// One vCPU's slot.
@@ -190,6 +192,10 @@ pub enum MailboxError {
     /// in time) while we waited.
     #[error("the daemon went away during the exchange")]
     PeerGone,
+    /// The daemon freed the VM (`Detach`, or the end of a grace period): no exit of it will
+    /// be answered.
+    #[error("the daemon freed the VM: its exits are no longer served")]
+    Closed,
     /// The daemon answered with values outside the protocol.
     #[error("malformed answer in slot {0}")]
     BadAnswer(u32),
@@ -199,9 +205,9 @@ pub enum MailboxError {
 }
 
 impl MailboxError {
-    /// The daemon is gone: the VM must stop (or reconnect).
+    /// The daemon is gone, or freed the VM: the VM must stop.
     pub fn peer_gone(&self) -> bool {
-        matches!(self, MailboxError::PeerGone)
+        matches!(self, MailboxError::PeerGone | MailboxError::Closed)
     }
 }
 
@@ -316,6 +322,27 @@ impl Mailbox {
 
     fn daemon_idle(&self) -> bool {
         self.header().daemon_idle.load(Ordering::Relaxed) != 0
+    }
+
+    /// Daemon side: the VM is freed; no request will be answered. Every waiting vCPU is woken
+    /// and gets [`MailboxError::Closed`], and so does every later exchange.
+    pub fn close(&self) {
+        self.header().closed.store(1, Ordering::Release);
+        fence(Ordering::SeqCst);
+        for i in 0..self.slots {
+            if let Some(slot) = self.slot(i) {
+                let _ = rustix::thread::futex::wake(
+                    &slot.resp_seq,
+                    rustix::thread::futex::Flags::empty(),
+                    u32::MAX,
+                );
+            }
+        }
+    }
+
+    /// Whether the daemon closed the mailbox.
+    pub fn is_closed(&self) -> bool {
+        self.header().closed.load(Ordering::Acquire) != 0
     }
 }
 
@@ -476,6 +503,9 @@ impl VcpuChannel {
         if self.seq == 0 {
             self.seq = 1; // 0 is "never used"
         }
+        if self.mailbox.is_closed() {
+            return Err(MailboxError::Closed);
+        }
         let seq = self.seq;
         slot.kind.store(request.kind as u32, Ordering::Relaxed);
         slot.flags.store(
@@ -545,9 +575,13 @@ impl VcpuChannel {
                 Err(rustix::io::Errno::TIMEDOUT) => {}
                 Err(e) => break Err(MailboxError::Io(e.into())),
             }
-            if started.elapsed() >= self.policy.liveness_check
-                && self.liveness.peer() == Peer::Gone
-                && slot.resp_seq.load(Ordering::Acquire) != seq
+            if slot.resp_seq.load(Ordering::Acquire) == seq {
+                break Ok(());
+            }
+            if self.mailbox.is_closed() {
+                break Err(MailboxError::Closed);
+            }
+            if started.elapsed() >= self.policy.liveness_check && self.liveness.peer() == Peer::Gone
             {
                 break Err(MailboxError::PeerGone);
             }

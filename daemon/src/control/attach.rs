@@ -30,27 +30,23 @@ impl Reactor {
             memfd: mailbox_fd,
             doorbell,
             vcpus,
+            mailbox: Arc::new(mailbox),
         };
         let reply = vec![
             fds.memfd.try_clone().map_err(|e| internal(&e))?,
             fds.doorbell.try_clone().map_err(|e| internal(&e))?,
         ];
-        self.serve_mailbox(vm_id, mailbox, fds)?;
+        self.serve_mailbox(vm_id, fds)?;
         Ok((Message::MailboxOpened { vm_id, vcpus }, reply))
     }
 
-    /// Serves VM `vm_id`'s mailbox (mapped as `mailbox`, its fds in `fds`) on the VM's worker.
-    pub(super) fn serve_mailbox(
-        &mut self,
-        vm_id: u64,
-        mailbox: Mailbox,
-        fds: MailboxFds,
-    ) -> Result<(), Refusal> {
+    /// Serves VM `vm_id`'s mailbox (its mapping and fds in `fds`) on the VM's worker.
+    pub(super) fn serve_mailbox(&mut self, vm_id: u64, fds: MailboxFds) -> Result<(), Refusal> {
         let w = self.worker_of(vm_id);
         let internal = |e: &dyn std::error::Error| refuse(ErrorCode::Internal, error_chain(e));
         let entry = self.vms.get_mut(&vm_id).ok_or_else(|| unknown_vm(vm_id))?;
         let doorbell = fds.doorbell.try_clone().map_err(|e| internal(&e))?;
-        let server = ExitServer::new(entry.vm.clone(), Arc::new(mailbox), doorbell);
+        let server = ExitServer::new(entry.vm.clone(), fds.mailbox.clone(), doorbell);
         self.workers[w]
             .serve_exits(server)
             .map_err(|e| internal(&e))?;

@@ -366,8 +366,12 @@ impl Reactor {
         tracing::debug!(token, pid, "client gone");
     }
 
-    /// Stops serving a VM and frees what the daemon holds of it.
+    /// Stops serving a VM and frees what the daemon holds of it. Its vCPUs waiting in the
+    /// mailbox stop waiting (the mailbox is closed first).
     fn free_vm(&self, id: u64, entry: VmEntry) {
+        if let Some(m) = &entry.mailbox {
+            m.mailbox.close();
+        }
         if let Some(w) = entry.worker {
             if let Err(e) = self.workers[w].stop_vm(id) {
                 tracing::error!(vm = id, error = %e, "cannot stop a VM's fault server");

@@ -22,6 +22,8 @@ pub(super) struct MailboxFds {
     pub memfd: OwnedFd,
     pub doorbell: OwnedFd,
     pub vcpus: u32,
+    /// The daemon's mapping (closed when the VM is freed, so waiting vCPUs stop waiting).
+    pub mailbox: Arc<Mailbox>,
 }
 
 /// One VM of the daemon.

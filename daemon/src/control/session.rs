@@ -243,8 +243,8 @@ impl Reactor {
         };
         let has_mailbox = self.vms.get(&vm_id).is_some_and(|e| e.mailbox.is_some());
         if let (Some((memfd, doorbell)), false) = (mailbox, has_mailbox) {
-            let (mailbox, fds) = adopt_mailbox(memfd, doorbell, session.mailbox_vcpus)?;
-            self.serve_mailbox(vm_id, mailbox, fds)?;
+            let fds = adopt_mailbox(memfd, doorbell, session.mailbox_vcpus)?;
+            self.serve_mailbox(vm_id, fds)?;
         }
         if let Some(fd) = uffd {
             self.serve_uffd(&vm, fd, &session.host_addrs, true)?;
@@ -271,11 +271,7 @@ fn may_take(uid: u32, owner: u32) -> bool {
 
 /// Maps a mailbox a VMM handed back: a memfd sealed against resizing (the daemon maps it),
 /// laid out for `vcpus` slots, and an eventfd as its doorbell (made non-blocking).
-fn adopt_mailbox(
-    memfd: OwnedFd,
-    doorbell: OwnedFd,
-    vcpus: u32,
-) -> Result<(Mailbox, MailboxFds), Refusal> {
+fn adopt_mailbox(memfd: OwnedFd, doorbell: OwnedFd, vcpus: u32) -> Result<MailboxFds, Refusal> {
     let bad = |why: String| refuse(ErrorCode::BadMessage, why);
     let seals = rustix::fs::fcntl_get_seals(&memfd).map_err(|e| bad(format!("mailbox: {e}")))?;
     if !seals.contains(rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW) {
@@ -300,12 +296,10 @@ fn adopt_mailbox(
     let flags = rustix::fs::fcntl_getfl(&doorbell).map_err(|e| bad(format!("doorbell: {e}")))?;
     rustix::fs::fcntl_setfl(&doorbell, flags | rustix::fs::OFlags::NONBLOCK)
         .map_err(|e| bad(format!("doorbell: {e}")))?;
-    Ok((
-        mailbox,
-        MailboxFds {
-            memfd,
-            doorbell,
-            vcpus,
-        },
-    ))
+    Ok(MailboxFds {
+        memfd,
+        doorbell,
+        vcpus,
+        mailbox: Arc::new(mailbox),
+    })
 }
