@@ -171,6 +171,40 @@ fn the_vmms_own_memory_gets_every_byte_and_removed_pages_read_as_zeros() {
     client.detach(vm).unwrap();
 }
 
+/// A page the page-state table says is populated, but that is not in the VMM's memory, was
+/// removed by a REMOVE event nobody recorded (a daemon killed between reading the event and
+/// marking the page, docs/survival.md): it reads as zeros, never as snapshot content, and
+/// the thread that faults on it never spins. A page that is there is never overwritten.
+#[test]
+fn a_populated_page_that_faults_again_is_a_removed_page_and_reads_as_zeros() {
+    use vmpager_protocol::page_state::Page;
+    if !have_uffd() {
+        return;
+    }
+    let dir = TestDir::new("vmm-lost-remove");
+    let d = daemon(&dir);
+    let client = Client::connect(d.socket_path()).unwrap();
+    let sizes = [32 * PAGE];
+    let img = image(&dir, "img", (32 * PAGE) as u64, 8);
+    let bytes = image_bytes(32 * PAGE, 8);
+    let anon = AnonVm::new(&sizes, false);
+    let vm = attach(&client, &anon, img, &[0], false);
+    assert_eq!(anon.read(0, 0, PAGE), bytes[..PAGE]);
+    // Page 20: marked populated as if installed and then removed without a record.
+    let state = client.page_state(vm).unwrap();
+    let table = state.table(0).unwrap();
+    assert_eq!(table.get(0), Page::Populated);
+    table.update(20, 21, |_| Page::Populated);
+    assert!(anon.read(0, 20 * PAGE, PAGE).iter().all(|&b| b == 0));
+    // Page 0 is there: a duplicate fault cannot happen from a read, and the daemon's zero page
+    // answers EEXIST over a present page; its bytes stay.
+    assert_eq!(anon.read(0, 0, PAGE), bytes[..PAGE]);
+    let s = client.stats(vm).unwrap();
+    assert_eq!(s.pages_zero, 1);
+    assert_eq!(s.populate_errors, 0);
+    client.detach(vm).unwrap();
+}
+
 #[test]
 fn huge_pages_of_the_vmms_memory_are_installed_whole() {
     if !have_uffd() || !have_hugepages(4) {

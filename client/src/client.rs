@@ -569,6 +569,29 @@ impl Client {
         }
     }
 
+    /// The VM's page-state table (the file the daemon keeps it in, which this client holds for
+    /// a restarted daemon): which pages are untouched, populated, discarded or private. The
+    /// daemon updates it as it serves the VM; a VMM reads it (to copy only populated pages, say)
+    /// and must not write it.
+    pub fn page_state(
+        &self,
+        vm_id: u64,
+    ) -> Result<vmpager_protocol::page_state::StateFile, ClientError> {
+        let kept = self.link.kept();
+        let vm = kept
+            .get(&vm_id)
+            .ok_or_else(|| ClientError::Protocol(format!("no VM {vm_id} on this client")))?;
+        let pages: Vec<usize> = vm
+            .create
+            .regions
+            .iter()
+            .map(|r| (r.size() / r.page_size()) as usize)
+            .collect();
+        let file = File::from(vm.state.try_clone().map_err(ClientError::Io)?);
+        vmpager_protocol::page_state::StateFile::adopt(file, vm_id, &pages)
+            .map_err(|e| ClientError::Protocol(format!("page-state file: {e}")))
+    }
+
     /// The VM's counters and fault latency percentiles.
     pub fn stats(&self, vm_id: u64) -> Result<Stats, ClientError> {
         match self.call(&Message::GetStats { vm_id }, &[], true)?.message {

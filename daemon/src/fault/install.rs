@@ -249,7 +249,7 @@ impl FaultServer {
     }
 
     /// How [`FaultServer::zeros`] installs zeros in region `ri`.
-    fn zero_method(&self, ri: usize) -> Install {
+    pub(super) fn zero_method(&self, ri: usize) -> Install {
         match (self.vm.memory.regions()[ri].page_size(), self.vm.populate) {
             (PAGE_SIZE, _) => Install::ZeroPage,
             (_, Populate::Copy) => Install::Copy,
@@ -260,7 +260,13 @@ impl FaultServer {
     /// Zeros at `dst` (`len` bytes, offset `off` of region `ri`): `UFFDIO_ZEROPAGE` for 4 KiB
     /// pages; huge pages have no zero page, so a zeroed buffer is copied (or, for `continue`,
     /// the memfd's pages zeroed and mapped).
-    fn zeros(&mut self, ri: usize, dst: u64, off: u64, len: usize) -> Result<(), UffdError> {
+    pub(super) fn zeros(
+        &mut self,
+        ri: usize,
+        dst: u64,
+        off: u64,
+        len: usize,
+    ) -> Result<(), UffdError> {
         let region = &self.vm.memory.regions()[ri];
         if region.page_size() == PAGE_SIZE {
             return self.uffd.zeropage(dst, len as u64);

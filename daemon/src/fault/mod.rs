@@ -333,24 +333,48 @@ impl FaultServer {
             rec.note(ri, page, region.spec.source_offset() + off);
         }
         if !p.minor && region.state.is_populated(page) {
-            // A duplicate: the page was installed (and its waiters woken) after this fault was
-            // raised; wake in case this thread started waiting after that wake. The bit is only
-            // a hint: a REMOVE event arrives *before* the kernel zaps the range, so a page
-            // installed between the two is gone although marked populated. For the daemon's
-            // memory the page cache (seen through its own mapping) says whether it really is
-            // there; the VMM's own memory can only have lost a page that way if it was removed.
-            let present = if region.is_owned() {
-                region.is_resident(off)
+            // Installed before, faulting again: a duplicate (the page went in after this fault
+            // was raised), or the page was removed since — normally seen as a REMOVE event
+            // first, but not by a daemon that died between reading the event and recording it.
+            if region.is_owned() {
+                // The daemon's memory: the page cache says which. (A REMOVE arrives *before*
+                // the kernel zaps the range, so a page installed between the two is gone
+                // although marked populated.)
+                if region.is_resident(off) {
+                    VmMetrics::bump(&self.vm.metrics.coalesced);
+                    let _ = self.uffd.wake(page_addr, ps);
+                    self.latencies.push(p.read_at.elapsed());
+                    return;
+                }
+                region.state.discard(page, page + 1);
             } else {
-                !region.state.is_discarded(page)
-            };
-            if present {
-                VmMetrics::bump(&self.vm.metrics.coalesced);
-                let _ = self.uffd.wake(page_addr, ps);
+                // The VMM's own memory cannot be inspected: a zero page tells them apart.
+                // EEXIST: it is there, a duplicate (wake). Installed: it had been removed, and
+                // a removed page reads as zeros.
+                let vm = self.vm.clone();
+                match self.zeros(ri, page_addr, off, ps as usize) {
+                    Ok(()) => {
+                        VmMetrics::add(&vm.metrics.pages_zero, 1);
+                        vm.metrics.count_installed(self.zero_method(ri), 1);
+                    }
+                    Err(UffdError::Exists) => {
+                        VmMetrics::bump(&vm.metrics.coalesced);
+                        let _ = self.uffd.wake(page_addr, ps);
+                    }
+                    Err(UffdError::Again | UffdError::Partial { .. }) => {
+                        VmMetrics::bump(&vm.metrics.eagain);
+                        self.retry.push_back(p);
+                        return;
+                    }
+                    Err(_) => {
+                        VmMetrics::bump(&vm.metrics.populate_errors);
+                        let _ = self.uffd.poison(page_addr, ps);
+                        vm.memory.regions()[ri].state.mark_poisoned(page);
+                    }
+                }
                 self.latencies.push(p.read_at.elapsed());
                 return;
             }
-            region.state.discard(page, page + 1);
         }
         let run = if p.minor {
             page..page
