@@ -307,11 +307,7 @@ fn the_unit_files_pass_systemd_analyze_verify() {
     );
     std::fs::write(dir.join("vmpagerd.service"), here).unwrap();
     std::fs::copy(contrib.join("vmpagerd.socket"), dir.join("vmpagerd.socket")).unwrap();
-    for (key, value) in [
-        ("Type", "notify"),
-        ("Restart", "always"),
-        ("FileDescriptorStoreMax", "4096"),
-    ] {
+    for (key, value) in [("Type", "notify"), ("Restart", "always")] {
         assert!(
             service.lines().any(|l| l == format!("{key}={value}")),
             "{key}"

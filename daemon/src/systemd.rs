@@ -116,8 +116,8 @@ pub fn parse_listen_env(
 pub struct Activation {
     /// The control socket: a listening `SOCK_SEQPACKET` socket.
     pub control: OwnedFd,
-    /// Every other fd passed, with its name. Unused today: VM fds a later daemon parks in
-    /// systemd's fd store (`FDSTORE=1`) come back here after a restart.
+    /// Every other fd passed, with its name (none is expected: VMs survive a restart through
+    /// their VMMs, not an fd store).
     pub others: Vec<(String, OwnedFd)>,
 }
 
