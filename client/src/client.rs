@@ -140,7 +140,8 @@ pub struct CreatedVm {
     pub vm_fd: Option<OwnedFd>,
     /// KVM keeps the attributes: the VMM sets them whenever a conversion answer says so.
     pub vmm_sets_attributes: bool,
-    /// Secret for `Client::subscribe` (hand it to device backends that must see conversions).
+    /// Secret for `Client::subscribe` (hand it to device backends that must see conversions;
+    /// they must run as this process's uid, or root) and `Client::reattach`.
     pub token: u64,
     /// `UFFDIO_REGISTER_MODE_*` to register the mappings with.
     pub uffd_modes: u64,
@@ -552,8 +553,10 @@ impl Client {
     }
 
     /// Turns this connection into a listener of `vm_id`'s conversion events (what a VFIO or
-    /// vhost-user backend needs). `token` comes from the VMM (`CreatedVm::token`). A
-    /// subscription ends with an error when the daemon goes away (subscribe again).
+    /// vhost-user backend needs). `token` comes from the VMM (`CreatedVm::token`), and this
+    /// process must run as the VMM's uid, or root: the daemon refuses anyone else as it
+    /// refuses an unknown VM. A subscription ends with an error when the daemon goes away
+    /// (subscribe again).
     pub fn subscribe(self, vm_id: u64, token: u64) -> Result<Subscription, ClientError> {
         match self
             .call(&Message::Subscribe { vm_id, token }, &[], false)?
