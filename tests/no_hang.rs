@@ -135,6 +135,7 @@ fn a_socket_nobody_serves_does_not_hold_the_client_past_its_deadline() {
         &socket,
         ClientOptions {
             restart_deadline: Duration::from_secs(1),
+            ..ClientOptions::default()
         },
     )
     .unwrap();

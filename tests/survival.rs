@@ -213,6 +213,7 @@ fn a_daemon_that_does_not_come_back_fails_the_vm_with_an_error_never_a_hang() {
         &socket,
         ClientOptions {
             restart_deadline: Duration::from_millis(500),
+            ..ClientOptions::default()
         },
     )
     .unwrap();
@@ -282,6 +283,7 @@ fn touch_lost_memory_in_a_child() {
         &socket,
         ClientOptions {
             restart_deadline: Duration::from_millis(200),
+            ..ClientOptions::default()
         },
     )
     .unwrap();

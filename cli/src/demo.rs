@@ -142,7 +142,13 @@ fn scenario(
             path
         }
     };
-    let client = Client::connect_with(&socket, restore::client_options()?)
+    // The demo fails the VM itself when vmpagerd is lost (`watch_for_loss`): its vCPUs are not
+    // to die of SIGBUS first.
+    let options = vmpager_client::ClientOptions {
+        poison_when_lost: false,
+        ..restore::client_options()?
+    };
+    let client = Client::connect_with(&socket, options)
         .with_context(|| format!("cannot reach vmpagerd at {}", socket.display()))?;
     watch_for_loss(&client, &socket, interrupts)?;
     if memory > client.max_vm_memory() {

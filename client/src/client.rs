@@ -140,7 +140,8 @@ pub struct CreatedVm {
     pub vm_fd: Option<OwnedFd>,
     /// KVM keeps the attributes: the VMM sets them whenever a conversion answer says so.
     pub vmm_sets_attributes: bool,
-    /// Secret for `Client::subscribe` (hand it to device backends that must see conversions).
+    /// Secret for `Client::subscribe` (hand it to device backends that must see conversions;
+    /// they must run as this process's uid, or root) and `Client::reattach`.
     pub token: u64,
     /// `UFFDIO_REGISTER_MODE_*` to register the mappings with.
     pub uffd_modes: u64,
@@ -154,12 +155,19 @@ pub struct ClientOptions {
     /// How long to wait for a restarted daemon to take the VMs back before giving up on them
     /// ([`ClientError::DaemonLost`]).
     pub restart_deadline: Duration,
+    /// Once the link is lost, answer every fault on the VMs' memory with `UFFDIO_POISON` (the
+    /// faulting thread gets SIGBUS; a vCPU, an error exit): the default, so nothing waits
+    /// forever. A VMM that acts on [`Client::lost_fd`] itself (pauses or exits) may turn it
+    /// off: faults then wait, and the client still reads the uffds' events so the VMM never
+    /// blocks in `madvise`/`munmap`.
+    pub poison_when_lost: bool,
 }
 
 impl Default for ClientOptions {
     fn default() -> ClientOptions {
         ClientOptions {
             restart_deadline: DEFAULT_RESTART_DEADLINE,
+            poison_when_lost: true,
         }
     }
 }
@@ -188,23 +196,26 @@ impl Client {
 
     /// As [`Client::connect`], with `options`.
     pub fn connect_with(path: &Path, options: ClientOptions) -> Result<Client, ClientError> {
-        Self::start(
-            Connection::connect(path)?,
-            Some(path.to_owned()),
-            options.restart_deadline,
-        )
+        Self::start(Connection::connect(path)?, Some(path.to_owned()), options)
     }
 
     /// Negotiates over an already connected socket. Such a client cannot reconnect: its VMs
     /// are lost if the connection breaks.
     pub fn from_connection(conn: Connection) -> Result<Client, ClientError> {
-        Self::start(conn, None, Duration::ZERO)
+        Self::start(
+            conn,
+            None,
+            ClientOptions {
+                restart_deadline: Duration::ZERO,
+                ..ClientOptions::default()
+            },
+        )
     }
 
     fn start(
         conn: Connection,
         path: Option<std::path::PathBuf>,
-        deadline: Duration,
+        options: ClientOptions,
     ) -> Result<Client, ClientError> {
         let hello = Message::Hello(Hello {
             version: PROTOCOL_VERSION,
@@ -219,7 +230,7 @@ impl Client {
                 )))
             }
         };
-        let link = Arc::new(Link::new(conn, path, deadline).map_err(ClientError::Io)?);
+        let link = Arc::new(Link::new(conn, path, options).map_err(ClientError::Io)?);
         let stop = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)
             .map_err(|e| ClientError::Io(e.into()))?;
         let stop_reader = stop.try_clone().map_err(ClientError::Io)?;
@@ -552,8 +563,10 @@ impl Client {
     }
 
     /// Turns this connection into a listener of `vm_id`'s conversion events (what a VFIO or
-    /// vhost-user backend needs). `token` comes from the VMM (`CreatedVm::token`). A
-    /// subscription ends with an error when the daemon goes away (subscribe again).
+    /// vhost-user backend needs). `token` comes from the VMM (`CreatedVm::token`), and this
+    /// process must run as the VMM's uid, or root: the daemon refuses anyone else as it
+    /// refuses an unknown VM. A subscription ends with an error when the daemon goes away
+    /// (subscribe again).
     pub fn subscribe(self, vm_id: u64, token: u64) -> Result<Subscription, ClientError> {
         match self
             .call(&Message::Subscribe { vm_id, token }, &[], false)?

@@ -111,6 +111,8 @@ pub(crate) struct Link {
     changed: Condvar,
     pub vms: Mutex<HashMap<u64, KeptVm>>,
     deadline: Duration,
+    /// Poison faults once lost (`ClientOptions::poison_when_lost`).
+    poison_when_lost: bool,
     /// Readable once the link is lost.
     lost: OwnedFd,
     /// Times the daemon went away and the VMs were handed back.
@@ -131,7 +133,7 @@ impl Link {
     pub fn new(
         conn: Connection,
         path: Option<PathBuf>,
-        deadline: Duration,
+        options: crate::client::ClientOptions,
     ) -> std::io::Result<Link> {
         let lost = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?;
         Ok(Link {
@@ -140,7 +142,8 @@ impl Link {
             state: Mutex::new(LinkState::Up),
             changed: Condvar::new(),
             vms: Mutex::new(HashMap::new()),
-            deadline,
+            deadline: options.restart_deadline,
+            poison_when_lost: options.poison_when_lost,
             lost,
             restarts: AtomicU64::new(0),
         })
@@ -252,7 +255,9 @@ fn outage(link: &Link, stop: &OwnedFd) -> Option<OwnedFd> {
                 "vmpagerd did not come back within {} s",
                 link.deadline.as_secs_f64()
             )));
-            reader.poison_read();
+            if link.poison_when_lost {
+                reader.poison_read();
+            }
             return lost(link, stop);
         }
         if let Some(path) = &link.path {
@@ -284,7 +289,9 @@ fn outage(link: &Link, stop: &OwnedFd) -> Option<OwnedFd> {
                         link.set(LinkState::Lost(format!(
                             "vmpagerd refused to take the VMs back: {e}"
                         )));
-                        reader.poison_read();
+                        if link.poison_when_lost {
+                            reader.poison_read();
+                        }
                         return lost(link, stop);
                     }
                 }
@@ -311,7 +318,7 @@ fn lost(link: &Link, stop: &OwnedFd) -> Option<OwnedFd> {
         }
     );
     let mut reader = OutageReader::new(link);
-    reader.poison_all = true;
+    reader.poison_all = link.poison_when_lost;
     loop {
         reader.drain();
         if reader.wait(stop, Duration::from_secs(1)) {

@@ -17,9 +17,11 @@
 //! * [`prometheus`], [`exporter`]: the metrics endpoint (`--metrics-listen`).
 //! * [`systemd`]: socket activation and readiness notification.
 //! * [`caps`]: host capability probe.
-//! * [`listener`]: the control socket, its lock file and umask.
+//! * [`listener`]: the control socket, its lock file, mode and group.
+//! * [`access`]: who may connect, and who may act on a VM.
 #![deny(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
+pub mod access;
 pub mod ahead;
 pub mod caps;
 pub mod ch_faults;
@@ -73,9 +75,9 @@ pub struct Config {
     pub emulate_attributes: bool,
     /// The daemon-wide private/shared policy (`--config`), overridable per VM.
     pub policy: policy::Policy,
-    /// Uids allowed to connect (checked with `SO_PEERCRED`); by default root and the daemon's
-    /// own uid.
-    pub allowed_uids: Vec<u32>,
+    /// Peers allowed to connect, by uid or gid (checked with `SO_PEERCRED`); by default root
+    /// and the daemon's own uid.
+    pub allow: access::Allowlist,
     /// How workers wait for work.
     pub wait: wait::WaitMode,
     /// CPUs the workers are pinned to (worker `i` on `worker_cpus[i % len]`); empty: not
@@ -106,14 +108,7 @@ impl Default for Config {
             readahead: readahead::Readahead::default(),
             vm_grace: Duration::from_secs(60),
             metrics_listen: None,
-            allowed_uids: {
-                let own = rustix::process::getuid().as_raw();
-                if own == 0 {
-                    vec![0]
-                } else {
-                    vec![0, own]
-                }
-            },
+            allow: access::Allowlist::default(),
         }
     }
 }

@@ -1,9 +1,11 @@
-//! The control socket: a `SOCK_SEQPACKET` Unix socket created under a restrictive umask and
-//! guarded by a lock file, so two daemons never share a socket path.
+//! The control socket: a `SOCK_SEQPACKET` Unix socket created under a restrictive umask, given
+//! its mode and group (`--socket-mode`, `--socket-group`) before it listens, and guarded by a
+//! lock file, so two daemons never share a socket path.
 
+use crate::access::SocketAccess;
 use rustix::fs::{FlockOperation, Mode, OFlags};
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 /// Errors setting up the control socket.
@@ -19,6 +21,17 @@ pub enum ListenerError {
         what: &'static str,
         /// On which path.
         path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The socket could not be given its group (`--socket-group`).
+    #[error("cannot give {path} the group {gid} (the daemon's user must be root or a member of that group)")]
+    Group {
+        /// The socket path.
+        path: PathBuf,
+        /// The group.
+        gid: u32,
         /// Cause.
         #[source]
         source: std::io::Error,
@@ -53,9 +66,9 @@ pub struct Bound {
 
 impl Bound {
     /// Takes `PATH.lock` (fails if another daemon holds it), removes a stale socket at `path`,
-    /// and binds a new `SOCK_SEQPACKET` one with mode 0600 (umask 077 around the bind).
-    /// Anything at `path` that is not a socket (a regular file, a directory, a symbolic link,
-    /// a fifo, a device) is refused and left untouched.
+    /// and binds a new `SOCK_SEQPACKET` one with mode 0600 (bound under umask 077, then
+    /// given its mode). Anything at `path` that is not a socket (a regular file, a directory, a
+    /// symbolic link, a fifo, a device) is refused and left untouched.
     pub fn new(path: &Path) -> Result<Bound, ListenerError> {
         Self::new_of(path, SocketType::SEQPACKET)
     }
@@ -63,6 +76,16 @@ impl Bound {
     /// As [`Bound::new`], for a socket of type `kind` (Firecracker's handler socket is a
     /// `SOCK_STREAM`).
     pub fn new_of(path: &Path, kind: SocketType) -> Result<Bound, ListenerError> {
+        Self::with_access(path, kind, SocketAccess::default())
+    }
+
+    /// As [`Bound::new_of`], giving the socket `access`'s group (if any) and then its mode,
+    /// both before it listens: no client connects before the socket has them.
+    pub fn with_access(
+        path: &Path,
+        kind: SocketType,
+        access: SocketAccess,
+    ) -> Result<Bound, ListenerError> {
         let io = |what, source: rustix::io::Errno| ListenerError::Io {
             what,
             path: path.to_owned(),
@@ -99,12 +122,15 @@ impl Bound {
         let bound = rustix::net::bind(&sock, &addr);
         rustix::process::umask(old);
         bound.map_err(|e| io("cannot bind", e))?;
-        rustix::net::listen(&sock, 128).map_err(|e| io("cannot listen on", e))?;
-        Ok(Bound {
+        let bound = Bound {
             listener: sock,
             path: path.to_owned(),
             _lock: lock,
-        })
+        };
+        // From here on, a failure removes the socket (`Drop`).
+        give_access(path, access)?;
+        rustix::net::listen(&bound.listener, 128).map_err(|e| io("cannot listen on", e))?;
+        Ok(bound)
     }
 
     /// The listening socket.
@@ -117,6 +143,53 @@ impl Drop for Bound {
     fn drop(&mut self) {
         let _ = rustix::fs::unlink(&self.path);
     }
+}
+
+/// Gives the socket just bound at `path` the group and then the mode of `access`. The path is
+/// opened without following a symbolic link and must still be a socket, so that a path
+/// replaced meanwhile never has its target's mode changed.
+fn give_access(path: &Path, access: SocketAccess) -> Result<(), ListenerError> {
+    let io = |what, source: rustix::io::Errno| ListenerError::Io {
+        what,
+        path: path.to_owned(),
+        source: source.into(),
+    };
+    let fd = rustix::fs::open(
+        path,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io("cannot open the socket just bound at", e))?;
+    let stat = rustix::fs::fstat(&fd).map_err(|e| io("cannot inspect", e))?;
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::Socket {
+        return Err(ListenerError::NotASocket {
+            path: path.to_owned(),
+            what: "no longer the socket just bound",
+        });
+    }
+    if let Some(gid) = access.group() {
+        rustix::fs::chownat(
+            &fd,
+            "",
+            None,
+            Some(rustix::fs::Gid::from_raw(gid)),
+            rustix::fs::AtFlags::EMPTY_PATH,
+        )
+        .map_err(|e| ListenerError::Group {
+            path: path.to_owned(),
+            gid,
+            source: e.into(),
+        })?;
+    }
+    // chmod cannot take an O_PATH fd; its /proc link names the same inode.
+    rustix::fs::chmodat(
+        rustix::fs::CWD,
+        format!("/proc/self/fd/{}", fd.as_raw_fd()),
+        Mode::from_raw_mode(access.mode() as _),
+        rustix::fs::AtFlags::empty(),
+    )
+    .map_err(|e| io("cannot set the mode of", e))?;
+    Ok(())
 }
 
 /// Refuses anything at `path` that is not a socket, without following a symbolic link.
@@ -157,7 +230,6 @@ fn refuse_non_socket(path: &Path) -> Result<(), ListenerError> {
 
 /// Checks that an inherited fd (`--fd N`) is a listening `SOCK_SEQPACKET` socket.
 pub fn check_inherited(fd: BorrowedFd<'_>) -> Result<(), ListenerError> {
-    use std::os::fd::AsRawFd;
     let raw = fd.as_raw_fd();
     let ty = rustix::net::sockopt::socket_type(fd).map_err(|_| ListenerError::NotSeqpacket(raw))?;
     let listening = rustix::net::sockopt::socket_acceptconn(fd)
@@ -180,7 +252,7 @@ mod tests {
         let first = Bound::new(&path).unwrap();
         assert!(matches!(Bound::new(&path), Err(ListenerError::InUse(_))));
         let mode = rustix::fs::stat(&path).unwrap().st_mode & 0o777;
-        assert_eq!(mode & 0o077, 0, "socket mode {mode:o}");
+        assert_eq!(mode, 0o600, "socket mode {mode:o}");
         check_inherited(first.listener()).unwrap();
         drop(first);
         assert!(!path.exists());
@@ -264,6 +336,23 @@ mod tests {
         )
         .unwrap();
         assert_refused(&fifo, "a fifo");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_socket_gets_its_mode_and_group_before_it_listens() {
+        let dir = test_dir("access");
+        let path = dir.join("s.sock");
+        // A group this process may always give its files: its own.
+        let gid = rustix::process::getgid().as_raw();
+        let access = SocketAccess::new(0o660, Some(gid)).unwrap();
+        let bound = Bound::with_access(&path, SocketType::SEQPACKET, access).unwrap();
+        let st = rustix::fs::stat(&path).unwrap();
+        assert_eq!(st.st_mode & 0o7777, 0o660);
+        assert_eq!(st.st_gid, gid);
+        check_inherited(bound.listener()).unwrap();
+        drop(bound);
+        assert!(!path.exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -8,11 +8,13 @@
 
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
+use rustix::net::SocketType;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use vmpagerd::access::{Allowlist, SocketAccess};
 use vmpagerd::readahead::Readahead;
 use vmpagerd::systemd::{self, Notifier};
 use vmpagerd::wait::WaitMode;
@@ -63,10 +65,24 @@ struct Args {
     /// Maximum guest memory per VM, in MiB (at least 1).
     #[arg(long, default_value_t = 1 << 20)]
     max_vm_memory_mib: u64,
-    /// Uid allowed to connect, checked with SO_PEERCRED (repeatable; default: root and the
-    /// daemon's own uid).
+    /// Uid allowed to connect, checked with SO_PEERCRED (repeatable; replaces the default:
+    /// root and the daemon's own uid).
     #[arg(long, value_name = "UID")]
     allow_uid: Vec<u32>,
+    /// Gid allowed to connect: a peer whose gid (SO_PEERCRED's: its effective gid, never its
+    /// supplementary groups) is listed is served whatever its uid (repeatable; adds to the
+    /// allowed uids; default: none).
+    #[arg(long, value_name = "GID")]
+    allow_gid: Vec<u32>,
+    /// Permission bits of the --socket-path socket, in octal (default 0600: only the daemon's
+    /// uid and root can connect). Never writable by others. Not for --fd or socket
+    /// activation: an inherited socket keeps the mode its creator gave it.
+    #[arg(long, value_name = "MODE")]
+    socket_mode: Option<String>,
+    /// Group (numeric) of the --socket-path socket, with a --socket-mode that lets the group
+    /// connect (e.g. 0660). Not for --fd or socket activation.
+    #[arg(long, value_name = "GID")]
+    socket_group: Option<u32>,
     /// Daemon configuration file (TOML; its [policy] table is the private/shared policy, see
     /// docs/private-memory.md).
     #[arg(long, value_name = "FILE")]
@@ -168,14 +184,43 @@ impl Args {
         }
         c.vm_grace = Duration::from_secs(self.vm_grace);
         if !self.allow_uid.is_empty() {
-            c.allowed_uids = self.allow_uid.clone();
+            c.allow.uids = self.allow_uid.clone();
         }
+        c.allow.gids = self.allow_gid.clone();
         c.metrics_listen = self
             .metrics_listen
             .as_deref()
             .map(metrics_addr)
             .transpose()?;
         Ok(c)
+    }
+}
+
+impl Args {
+    /// The mode and group of the socket this daemon binds (`--socket-path`). Refused for a
+    /// socket it inherits, whose creator decides them.
+    fn socket_access(&self) -> anyhow::Result<SocketAccess> {
+        if self.socket_path.is_none() {
+            if let Some(option) = [
+                self.socket_mode.as_ref().map(|_| "--socket-mode"),
+                self.socket_group.map(|_| "--socket-group"),
+            ]
+            .into_iter()
+            .flatten()
+            .next()
+            {
+                bail!(
+                    "{option} applies only to --socket-path: an inherited socket (--fd, socket \
+                     activation) keeps the mode and group its creator gave it (systemd: \
+                     SocketMode=, SocketGroup= in the .socket unit)"
+                );
+            }
+        }
+        let mode = match &self.socket_mode {
+            Some(text) => SocketAccess::parse_mode(text)?,
+            None => SocketAccess::DEFAULT_MODE,
+        };
+        Ok(SocketAccess::new(mode, self.socket_group)?)
     }
 }
 
@@ -244,6 +289,7 @@ fn run() -> anyhow::Result<()> {
         None
     });
     let config = args.config()?;
+    let access = args.socket_access()?;
     let shutdown = vmpagerd::signals::shutdown_fd()?;
     let (listener_fd, _bound) = match (&args.socket_path, args.fd, activation) {
         (None, None, Some(activation)) => {
@@ -254,7 +300,8 @@ fn run() -> anyhow::Result<()> {
             (activation.control, None)
         }
         (Some(path), None, _) => {
-            let bound = listener::Bound::new(path)?;
+            let bound = listener::Bound::with_access(path, SocketType::SEQPACKET, access)?;
+            warn_unreachable(&config.allow, access);
             let fd = bound.listener().try_clone_to_owned()?;
             (fd, Some(bound))
         }
@@ -283,6 +330,12 @@ fn run() -> anyhow::Result<()> {
     }
     tracing::info!(
         socket = ?args.socket_path,
+        socket_mode = ?args
+            .socket_path
+            .as_ref()
+            .map(|_| format!("{:04o}", access.mode())),
+        allow_uids = ?config.allow.uids,
+        allow_gids = ?config.allow.gids,
         metrics = ?config.metrics_listen,
         workers = config.workers,
         populate = ?config.populate,
@@ -312,6 +365,20 @@ fn run() -> anyhow::Result<()> {
     }
     served?;
     Ok(())
+}
+
+/// Warns when the allowlist admits peers that the socket's mode keeps out: only its owner
+/// (the daemon's uid) and root can connect to a socket no group or other may write.
+fn warn_unreachable(allow: &Allowlist, access: SocketAccess) {
+    let defaults = Allowlist::default_uids();
+    let beyond = allow.uids.iter().any(|u| !defaults.contains(u)) || !allow.gids.is_empty();
+    if beyond && !access.shared() {
+        tracing::warn!(
+            "--allow-uid/--allow-gid admit peers that --socket-mode {:04o} keeps out (only the \
+             socket's owner and root can connect): see --socket-mode and --socket-group",
+            access.mode()
+        );
+    }
 }
 
 /// Keeps the service manager's status line (`systemctl status vmpagerd`) up to date with the

@@ -1,5 +1,6 @@
-//! Accepting connections: the connection limit and the uid allowlist. A peer that is refused
-//! is told why (one `Error` with request id 0) before its connection is closed.
+//! Accepting connections: the connection limit and the allowlist (uids and gids, read with
+//! `SO_PEERCRED`; see [`crate::access`]). A peer that is refused is told why (one `Error` with
+//! request id 0) before its connection is closed.
 
 use super::*;
 
@@ -26,19 +27,15 @@ impl Reactor {
                         continue;
                     }
                     let peer = rustix::net::sockopt::socket_peercred(&fd).ok();
-                    let uid = peer.as_ref().map(|p| p.uid.as_raw());
-                    if !uid.is_some_and(|u| self.config.allowed_uids.contains(&u)) {
+                    let ids = peer.as_ref().map(|p| (p.uid.as_raw(), p.gid.as_raw()));
+                    if !ids.is_some_and(|(uid, gid)| self.config.allow.admits(uid, gid)) {
                         self.refused
-                            .note("a peer whose uid is not allowed was refused");
-                        let text = match uid {
-                            Some(u) => format!(
-                                "uid {u} is not allowed to use this vmpagerd; see --allow-uid"
-                            ),
-                            None => "the peer's credentials cannot be read (SO_PEERCRED); \
-                                     see --allow-uid"
-                                .to_owned(),
-                        };
-                        turn_away(fd, ErrorCode::PermissionDenied, text);
+                            .note("a peer whose uid and gid are not allowed was refused");
+                        turn_away(
+                            fd,
+                            ErrorCode::PermissionDenied,
+                            crate::access::Allowlist::refusal(ids),
+                        );
                         continue;
                     }
                     let token = self.next_token;
@@ -55,6 +52,7 @@ impl Reactor {
                         token,
                         pid = peer.as_ref().map(|p| p.pid.as_raw_nonzero().get()),
                         uid = peer.as_ref().map(|p| p.uid.as_raw()),
+                        gid = peer.as_ref().map(|p| p.gid.as_raw()),
                         "client connected"
                     );
                     self.conns.insert(

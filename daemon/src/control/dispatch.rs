@@ -95,22 +95,7 @@ impl Reactor {
                     vm_id,
                     token: secret,
                 },
-            ) => {
-                let known = self
-                    .vms
-                    .get(&vm_id)
-                    .is_some_and(|e| registry::same_secret(e.vm.token, secret));
-                if !known {
-                    // The same answer for a wrong token and an unknown VM.
-                    return Err(unknown_vm(vm_id));
-                }
-                if let Some(conn) = self.conns.get_mut(&token) {
-                    if !conn.subscriptions.contains(&vm_id) {
-                        conn.subscriptions.push(vm_id);
-                    }
-                }
-                Ok((Message::Subscribed { vm_id }, vec![]))
-            }
+            ) => self.subscribe(token, vm_id, secret),
             (State::Ready { .. }, Message::Detach { vm_id }) => {
                 self.owned(token, vm_id)?;
                 if let Some(entry) = self.vms.remove(&vm_id) {

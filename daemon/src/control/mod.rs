@@ -2,8 +2,11 @@
 //! connection's protocol state machine, creates VMs and hands their uffds to workers.
 //!
 //! One thread, one mio poller. A connection holds its VMs, and no other connection can name
-//! them. When it closes (or its process dies) its VMs are no longer served but kept for the
-//! grace period (`Config::vm_grace`): a VMM that comes back with the VM's token (`ReattachVm`,
+//! them: only `ReattachVm`, `ReclaimVm` and `Subscribe` reach a VM the connection does not
+//! hold, with the VM's token, from a peer of the uid that created the VM or root (the rules:
+//! [`crate::access`]; `Reactor::owned` and `Reactor::presented` enforce them). When a
+//! connection closes (or its process dies) its VMs are no longer served but kept for the grace
+//! period (`Config::vm_grace`): a VMM that comes back with the VM's token (`ReattachVm`,
 //! `ReclaimVm`) carries on with every byte; after the grace period they are freed.
 //!
 //! * [`registry`]: the VMs, who holds each, the grace period;
@@ -367,10 +370,15 @@ impl Reactor {
     }
 
     /// Stops serving a VM and frees what the daemon holds of it. Its vCPUs waiting in the
-    /// mailbox stop waiting (the mailbox is closed first).
-    fn free_vm(&self, id: u64, entry: VmEntry) {
+    /// mailbox stop waiting (the mailbox is closed first). Its subscriptions end: were the id
+    /// ever served again (`ReclaimVm` of a VM the daemon freed rebuilds it, possibly for
+    /// another uid), its events would reach only those who subscribe anew.
+    fn free_vm(&mut self, id: u64, entry: VmEntry) {
         if let Some(m) = &entry.mailbox {
             m.mailbox.close();
+        }
+        for conn in self.conns.values_mut() {
+            conn.subscriptions.retain(|&s| s != id);
         }
         if let Some(w) = entry.worker {
             if let Err(e) = self.workers[w].stop_vm(id) {

@@ -96,13 +96,63 @@ pub(super) fn same_secret(a: u64, b: u64) -> bool {
 }
 
 impl Reactor {
-    /// VM `vm_id`, which connection `token` must hold. Another connection's VM and an unknown
-    /// id get the same answer.
+    /// VM `vm_id`, which connection `token` must hold: every request that acts on a VM goes
+    /// through here, except those that take a VM over or listen to it ([`Self::presented`]).
+    /// Another connection's VM, a VM nobody holds and an unknown id get the same answer.
     pub(super) fn owned(&self, token: usize, vm_id: u64) -> Result<&VmEntry, Refusal> {
         self.vms
             .get(&vm_id)
             .filter(|e| e.owner == Owner::Conn(token))
             .ok_or_else(|| unknown_vm(vm_id))
+    }
+
+    /// VM `vm_id`, which connection `token` does not need to hold, if it presents the VM's
+    /// `secret` and its peer is of the uid that created the VM, or root
+    /// ([`crate::access::may_act_for_creator`]). Every refusal gets the answer of an unknown id:
+    /// no reply tells whether the id exists, whose it is, or which check failed.
+    pub(super) fn presented(
+        &self,
+        token: usize,
+        vm_id: u64,
+        secret: u64,
+    ) -> Result<&VmEntry, Refusal> {
+        let peer = self.peer_uid(token);
+        self.vms
+            .get(&vm_id)
+            .filter(|e| {
+                // Both checks, whatever the first says.
+                let token_ok = same_secret(e.vm.token, secret);
+                let uid_ok = crate::access::may_act_for_creator(peer, e.uid);
+                token_ok & uid_ok
+            })
+            .ok_or_else(|| unknown_vm(vm_id))
+    }
+
+    /// The uid of connection `token`'s peer (`SO_PEERCRED` at accept), if known.
+    pub(super) fn peer_uid(&self, token: usize) -> Option<u32> {
+        self.conns
+            .get(&token)
+            .and_then(|c| c.peer)
+            .map(|p| p.uid.as_raw())
+    }
+
+    /// `Subscribe`: connection `token` receives VM `vm_id`'s conversion events from now on,
+    /// until it closes or the VM is freed. It need not hold the VM (device backends subscribe
+    /// on connections of their own), but must present its token from a peer of the uid that
+    /// created it, or root.
+    pub(super) fn subscribe(
+        &mut self,
+        token: usize,
+        vm_id: u64,
+        secret: u64,
+    ) -> Result<(Message, Vec<OwnedFd>), Refusal> {
+        self.presented(token, vm_id, secret)?;
+        if let Some(conn) = self.conns.get_mut(&token) {
+            if !conn.subscriptions.contains(&vm_id) {
+                conn.subscriptions.push(vm_id);
+            }
+        }
+        Ok((Message::Subscribed { vm_id }, vec![]))
     }
 
     /// VMs connection `token` holds.

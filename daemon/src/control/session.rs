@@ -1,10 +1,10 @@
 //! Sessions that outlive a connection: a VMM releases its VM for an update (`ReleaseVm`), a
 //! new VMM process takes it over (`ReattachVm`), a VMM hands it back after a daemon restart
 //! or a lost connection (`ReclaimVm`). The VM's token is the capability, and only the uid that
-//! created the VM (or root) may present it (docs/survival.md).
+//! created the VM (or root) may present it (`Reactor::presented`, [`crate::access`]).
 
 use super::create::guest_memfds;
-use super::registry::{same_secret, MailboxFds};
+use super::registry::MailboxFds;
 use super::*;
 use vmpager_protocol::VmSession;
 
@@ -40,12 +40,8 @@ impl Reactor {
         vm_id: u64,
         secret: u64,
     ) -> Result<(Message, Vec<OwnedFd>), Refusal> {
-        let uid = self.peer_uid(token);
-        let entry = self
-            .vms
-            .get_mut(&vm_id)
-            .filter(|e| same_secret(e.vm.token, secret) && may_take(uid, e.uid))
-            .ok_or_else(|| unknown_vm(vm_id))?;
+        self.presented(token, vm_id, secret)?;
+        let entry = self.vms.get_mut(&vm_id).ok_or_else(|| unknown_vm(vm_id))?;
         if let Owner::Conn(_) = entry.owner {
             return Err(refuse(
                 ErrorCode::BadState,
@@ -84,14 +80,10 @@ impl Reactor {
             }
             + 1
             + create.regions.iter().filter(|r| r.is_private()).count();
-        let uid = self.peer_uid(token);
-        let known = self.vms.get(&vm_id);
-        let rebuilt = known.is_none();
-        match known {
-            Some(entry) => {
-                if !same_secret(entry.vm.token, session.token) || !may_take(uid, entry.uid) {
-                    return Err(unknown_vm(vm_id));
-                }
+        let rebuilt = !self.vms.contains_key(&vm_id);
+        match rebuilt {
+            false => {
+                let entry = self.presented(token, vm_id, session.token)?;
                 match entry.owner {
                     Owner::Conn(t) if t != token => {
                         return Err(refuse(
@@ -119,7 +111,7 @@ impl Reactor {
                     e.owner = Owner::Conn(token);
                 }
             }
-            None => {
+            true => {
                 if self.held_by(token).len() >= self.config.max_vms_per_connection {
                     return Err(refuse(
                         ErrorCode::LimitExceeded,
@@ -254,19 +246,6 @@ impl Reactor {
         }
         Ok(())
     }
-
-    /// The uid of connection `token`'s peer.
-    fn peer_uid(&self, token: usize) -> u32 {
-        self.conns
-            .get(&token)
-            .and_then(|c| c.peer)
-            .map_or(u32::MAX, |p| p.uid.as_raw())
-    }
-}
-
-/// A peer of uid `uid` may take over a VM created by `owner`: the same uid, or root.
-fn may_take(uid: u32, owner: u32) -> bool {
-    uid == owner || uid == 0
 }
 
 /// Maps a mailbox a VMM handed back: a memfd sealed against resizing (the daemon maps it),

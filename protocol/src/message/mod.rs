@@ -70,7 +70,8 @@ pub enum Kind {
     OpenMailbox = 12,
     /// Daemon → client: the mailbox memfd and the doorbell eventfd.
     MailboxOpened = 13,
-    /// Any client → daemon: receive the VM's conversion events on this connection.
+    /// Client → daemon: receive the VM's conversion events on this connection, which need not
+    /// hold the VM; its peer must be of the uid that created the VM, or root.
     Subscribe = 14,
     /// Daemon → client: subscribed.
     Subscribed = 15,
@@ -188,7 +189,8 @@ pub enum Message {
         /// Slots.
         vcpus: u32,
     },
-    /// Receive the VM's conversion events on this connection.
+    /// Receive the VM's conversion events on this connection (a peer of the VM's creator's
+    /// uid, or root).
     Subscribe {
         /// VM id.
         vm_id: u64,

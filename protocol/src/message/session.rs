@@ -25,7 +25,8 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 pub struct VmSession {
     /// The VM's id.
     pub vm_id: u64,
-    /// Its secret (`VmCreated.token`): the capability to reattach or reclaim it.
+    /// Its secret (`VmCreated.token`): the capability to reattach or reclaim it, for a peer of
+    /// the uid that created it or root.
     pub token: u64,
     /// `UFFDIO_REGISTER_MODE_*` the VMM's mapping is registered with.
     pub uffd_modes: u64,

@@ -140,7 +140,8 @@ pub struct VmCreated {
     pub region_count: u32,
     /// [`VMCREATED_VMM_SETS_ATTRIBUTES`] or 0.
     pub flags: u32,
-    /// Secret a listener must present with `Subscribe`.
+    /// The VM's secret: presented with `Subscribe`, `ReattachVm` and `ReclaimVm`, and only
+    /// from a peer of the uid that created the VM, or root.
     pub token: u64,
 }
 
