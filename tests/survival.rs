@@ -304,3 +304,47 @@ fn touch_lost_memory_in_a_child() {
     eprintln!("touch answered with {:?}", &page[..8]);
     std::process::exit(3);
 }
+
+/// SIGTERM with a VM attached and running: the daemon exits at once and says what becomes of
+/// the VM (its VMM keeps it for the next daemon), and the next daemon takes it back.
+#[test]
+fn sigterm_says_what_becomes_of_the_vms_and_a_restart_takes_them_back() {
+    if !have_uffd() {
+        return;
+    }
+    let dir = TestDir::new("survive-sigterm");
+    let socket = dir.join("vmpagerd.sock");
+    let mut daemon = Command::new(vmpagerd_binary())
+        .arg("--socket-path")
+        .arg(&socket)
+        .env("VMPAGER_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while Client::connect(&socket).is_err() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let client = Client::connect(&socket).unwrap();
+    let snap = snapshot(4);
+    let img = image(&dir, "img", (PAGES * PAGE) as u64, 4);
+    let memory = client
+        .create_mapped_vm(spec(img, PopulateMethod::Copy))
+        .unwrap();
+    let base = addr(&memory.regions()[0], 0);
+    assert_eq!(read_page(base), snap[..PAGE]);
+    let pid = rustix::process::Pid::from_raw(daemon.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let out = daemon.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", out.status);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("shutting down: 1 VMs stop being served; their VMMs keep their memory"),
+        "{stderr}"
+    );
+    let _again = SocketDaemon::start(&socket, &[]);
+    for p in 0..PAGES {
+        assert_eq!(read_page(base + p * PAGE), snap[p * PAGE..(p + 1) * PAGE]);
+    }
+    client.stats(memory.vm_id()).unwrap();
+    assert_eq!(client.restarts(), 1);
+}
