@@ -314,7 +314,7 @@ fn sigterm_says_what_becomes_of_the_vms_and_a_restart_takes_them_back() {
     }
     let dir = TestDir::new("survive-sigterm");
     let socket = dir.join("vmpagerd.sock");
-    let mut daemon = Command::new(vmpagerd_binary())
+    let daemon = Command::new(vmpagerd_binary())
         .arg("--socket-path")
         .arg(&socket)
         .env("VMPAGER_LOG", "warn")
