@@ -348,3 +348,82 @@ fn sigterm_says_what_becomes_of_the_vms_and_a_restart_takes_them_back() {
     client.stats(memory.vm_id()).unwrap();
     assert_eq!(client.restarts(), 1);
 }
+
+/// A conversion to private in flight when the daemon dies (emulated memory attributes: this
+/// host's KVM has none) is done by the next daemon, and the attributes survive: the converted
+/// pages are private after the restart (their shared side is poisoned, never served), the
+/// others still shared.
+#[test]
+fn a_conversion_in_flight_is_done_by_the_next_daemon_and_attributes_survive() {
+    use std::os::fd::AsRawFd;
+    use vmpager_client::{Status, VmType};
+    if !have_kvm() {
+        return;
+    }
+    let dir = TestDir::new("survive-convert");
+    let socket = dir.join("vmpagerd.sock");
+    let args = ["--emulate-attributes"];
+    let daemon = SocketDaemon::start(&socket, &args);
+    let client = Client::connect(&socket).unwrap();
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let vm = kvm.create_vm().unwrap();
+    // SAFETY: `vm` owns the fd and outlives this borrow.
+    let vm_fd =
+        rustix::io::dup(unsafe { std::os::fd::BorrowedFd::borrow_raw(vm.as_raw_fd()) }).unwrap();
+    let gpa = 4u64 << 30;
+    let memory = client
+        .create_mapped_vm(VmSpec {
+            regions: vec![RegionSpec::new(gpa, 64 * PAGE as u64, 0).private()],
+            source: PageSource::Zero,
+            vm_type: VmType::SwProtected,
+            vm_fd: Some(vm_fd),
+            ..Default::default()
+        })
+        .unwrap();
+    let exits = client.open_mailbox(memory.vm_id(), 1).unwrap();
+    let mut channel = exits.channel(0, WaitPolicy::default()).unwrap();
+    let to_private = move |at: u64| Request {
+        kind: RequestKind::MapGpaRange,
+        gpa: gpa + at * PAGE as u64,
+        size: 2 * PAGE as u64,
+        private: true,
+    };
+    let before = channel.exchange(to_private(0)).unwrap();
+    assert_eq!(before.status, Status::Retry, "{before:?}");
+    daemon.signal(rustix::process::Signal::STOP);
+    let vcpu = std::thread::spawn(move || channel.exchange(to_private(8)));
+    daemon.kill9();
+    let _again = SocketDaemon::start(&socket, &args);
+    let after = within("the conversion across a restart", move || {
+        vcpu.join().unwrap()
+    })
+    .unwrap();
+    assert_eq!(after, before, "the same answer from the next daemon");
+    // The shared side of private pages is never served (poisoned: EFAULT for the kernel's
+    // access), both those converted before the death and the one in flight; the rest is.
+    let probe = |page: u64| {
+        let mut b = [0u8; 1];
+        let local = libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
+        let remote = libc::iovec {
+            iov_base: (memory.regions()[0].host_addr().as_ptr() as u64 + page * PAGE as u64)
+                as *mut libc::c_void,
+            iov_len: 1,
+        };
+        // SAFETY: `local` is a live 1-byte buffer; the remote range is only read by the
+        // kernel, which validates it.
+        unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) == 1 }
+    };
+    for page in [0, 1, 8, 9] {
+        assert!(
+            !probe(page),
+            "private page {page} was served on the shared side"
+        );
+    }
+    for page in [2, 7, 10, 63] {
+        assert!(probe(page), "shared page {page} was not served");
+    }
+    drop(vm);
+}
