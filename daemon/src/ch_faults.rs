@@ -39,15 +39,105 @@ impl ChannelError {
     }
 }
 
-/// Why a request was refused.
-#[derive(Debug, Clone, Copy)]
-enum Refused {
+/// Why a `PageFault` request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
     /// No region holds the GPA.
     Outside,
     /// The length is not the page size of the region, or the GPA not aligned to it.
     BadPage,
     /// The page source failed.
     Source,
+}
+
+/// Reassembles the fault connection's requests from a byte stream read in pieces of any size:
+/// a 16-byte request header, then, for a `PageFault` of length 16, its [`MemoryRange`]. Reads
+/// go into [`RequestReader::spare`], which never asks for bytes past the current request.
+#[derive(Debug)]
+pub struct RequestReader {
+    buf: [u8; REQUEST_LEN + MEMORY_RANGE_LEN],
+    have: usize,
+}
+
+/// What the bytes received so far amount to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framed {
+    /// Part of a request: read more.
+    Partial,
+    /// A complete `PageFault` request for this range.
+    PageFault(MemoryRange),
+    /// A complete header that is not a `PageFault` with a 16-byte range (`None`: not a valid
+    /// header at all): the session ends.
+    Other(Option<Request>),
+}
+
+impl Default for RequestReader {
+    fn default() -> Self {
+        RequestReader {
+            buf: [0u8; REQUEST_LEN + MEMORY_RANGE_LEN],
+            have: 0,
+        }
+    }
+}
+
+impl RequestReader {
+    /// Where the next read goes: the rest of the current header, or of its range.
+    pub fn spare(&mut self) -> &mut [u8] {
+        let need = match self.have {
+            n if n < REQUEST_LEN => REQUEST_LEN,
+            _ => REQUEST_LEN + MEMORY_RANGE_LEN,
+        };
+        &mut self.buf[self.have..need]
+    }
+
+    /// Bytes of an incomplete request held.
+    pub fn pending(&self) -> usize {
+        self.have
+    }
+
+    /// Takes note of `n` bytes read into [`RequestReader::spare`] (more than it held are not
+    /// counted).
+    pub fn advance(&mut self, n: usize) -> Framed {
+        self.have += n.min(self.spare().len());
+        if self.have == REQUEST_LEN {
+            let mut h = [0u8; REQUEST_LEN];
+            h.copy_from_slice(&self.buf[..REQUEST_LEN]);
+            let header = Request::decode(&h).ok();
+            let wants_range = header.is_some_and(|r| {
+                r.command() == Command::PageFault && r.length() == MEMORY_RANGE_LEN as u64
+            });
+            if !wants_range {
+                self.have = 0;
+                return Framed::Other(header);
+            }
+        }
+        if self.have == REQUEST_LEN + MEMORY_RANGE_LEN {
+            self.have = 0;
+            let mut r = [0u8; MEMORY_RANGE_LEN];
+            r.copy_from_slice(&self.buf[REQUEST_LEN..]);
+            return Framed::PageFault(MemoryRange::decode(&r));
+        }
+        Framed::Partial
+    }
+}
+
+/// The page a `PageFault` asks for: the index of the region holding its GPA (regions given as
+/// `(gpa, size, page_size)`, validated) and the page's index in it. The length must be the
+/// region's page size and the GPA aligned to it.
+pub fn locate_page(
+    regions: impl IntoIterator<Item = (u64, u64, u64)>,
+    range: MemoryRange,
+) -> Result<(usize, usize), Refused> {
+    let (ri, (start, _, ps)) = regions
+        .into_iter()
+        .enumerate()
+        .find(|(_, (start, size, _))| range.gpa >= *start && range.gpa - *start < *size)
+        .ok_or(Refused::Outside)?;
+    let off = range.gpa - start;
+    if range.length != ps || !off.is_multiple_of(ps) {
+        return Err(Refused::BadPage);
+    }
+    Ok((ri, (off / ps) as usize))
 }
 
 /// Pages cloud-hypervisor has asked for, and where its background pull will ask next (to tell
@@ -117,8 +207,7 @@ pub struct ChFaultServer {
     vm: Arc<Vm>,
     socket: OwnedFd,
     /// A request header and its range, as far as received.
-    buf: [u8; REQUEST_LEN + MEMORY_RANGE_LEN],
-    have: usize,
+    reader: RequestReader,
     plan: Planner,
     residency: Vec<u8>,
     latencies: Vec<Duration>,
@@ -146,8 +235,7 @@ impl ChFaultServer {
             plan: Planner::new(&vm),
             vm,
             socket,
-            buf: [0; REQUEST_LEN + MEMORY_RANGE_LEN],
-            have: 0,
+            reader: RequestReader::default(),
             residency: Vec::new(),
             latencies: Vec::new(),
             replay: Vec::new(),
@@ -170,11 +258,7 @@ impl ChFaultServer {
     /// every page), on `Abandon`, and on a protocol violation.
     pub fn drain(&mut self) -> Drained {
         loop {
-            let need = match self.have {
-                n if n < REQUEST_LEN => REQUEST_LEN,
-                _ => REQUEST_LEN + MEMORY_RANGE_LEN,
-            };
-            match rustix::io::read(&self.socket, &mut self.buf[self.have..need]) {
+            match rustix::io::read(&self.socket, self.reader.spare()) {
                 Ok(0) => {
                     self.flush_latencies();
                     tracing::debug!(
@@ -183,26 +267,25 @@ impl ChFaultServer {
                     );
                     return Drained::Closed;
                 }
-                Ok(n) => {
-                    self.have += n;
-                    if self.have == REQUEST_LEN && !self.header_wants_range() {
-                        let d = self.end_of_session();
+                Ok(n) => match self.reader.advance(n) {
+                    Framed::Partial => {}
+                    Framed::Other(header) => {
+                        let d = self.end_of_session(header);
                         return self.finish(d);
                     }
-                    if self.have == REQUEST_LEN + MEMORY_RANGE_LEN {
-                        self.have = 0;
-                        if !self.serve() {
+                    Framed::PageFault(range) => {
+                        if !self.serve(range) {
                             return self.finish(Drained::Closed);
                         }
                     }
-                }
+                },
                 Err(Errno::INTR) => {}
                 Err(Errno::AGAIN) => break,
                 Err(_) => return self.finish(Drained::Closed),
             }
         }
         self.flush_latencies();
-        if self.have != 0 {
+        if self.reader.pending() != 0 {
             // Half a request: the rest comes with the next readiness.
             return Drained::Idle;
         }
@@ -235,23 +318,10 @@ impl ChFaultServer {
         }
     }
 
-    fn header(&self) -> Option<Request> {
-        let mut h = [0u8; REQUEST_LEN];
-        h.copy_from_slice(&self.buf[..REQUEST_LEN]);
-        Request::decode(&h).ok()
-    }
-
-    /// Whether the received header is a `PageFault` with its 16-byte range.
-    fn header_wants_range(&self) -> bool {
-        self.header().is_some_and(|r| {
-            r.command() == Command::PageFault && r.length() == MEMORY_RANGE_LEN as u64
-        })
-    }
-
     /// Any other request ends the session: `Abandon` is answered `Ok` (as cloud-hypervisor's
     /// own sender does), anything else `Error`.
-    fn end_of_session(&mut self) -> Drained {
-        let response = match self.header().map(|r| r.command()) {
+    fn end_of_session(&mut self, header: Option<Request>) -> Drained {
+        let response = match header.map(|r| r.command()) {
             Some(Command::Abandon) => Response::ok(),
             other => {
                 VmMetrics::bump(&self.vm.metrics.channel_errors);
@@ -267,13 +337,10 @@ impl ChFaultServer {
         Drained::Closed
     }
 
-    /// Answers the request in `buf`. False if the connection must close.
-    fn serve(&mut self) -> bool {
+    /// Answers a `PageFault` for `range`. False if the connection must close.
+    fn serve(&mut self, range: MemoryRange) -> bool {
         let start = Instant::now();
         VmMetrics::bump(&self.vm.metrics.channel_requests);
-        let mut r = [0u8; MEMORY_RANGE_LEN];
-        r.copy_from_slice(&self.buf[REQUEST_LEN..]);
-        let range = MemoryRange::decode(&r);
         let response = match self.page(range) {
             Ok(()) => Response::ok(),
             Err(why) => {
@@ -319,17 +386,14 @@ impl ChFaultServer {
     /// Puts the page of `range` into the memfd (with its readahead run), unless it is there.
     fn page(&mut self, range: MemoryRange) -> Result<(), Refused> {
         let regions = self.vm.memory.regions();
-        let (ri, region) = regions
-            .iter()
-            .enumerate()
-            .find(|(_, r)| range.gpa >= r.spec.gpa() && range.gpa - r.spec.gpa() < r.size())
-            .ok_or(Refused::Outside)?;
-        let ps = region.page_size();
-        let off = range.gpa - region.spec.gpa();
-        if range.length != ps || !off.is_multiple_of(ps) {
-            return Err(Refused::BadPage);
-        }
-        let page = (off / ps) as usize;
+        let (ri, page) = locate_page(
+            regions
+                .iter()
+                .map(|r| (r.spec.gpa(), r.size(), r.page_size())),
+            range,
+        )?;
+        let region = &regions[ri];
+        let off = page as u64 * region.page_size();
         let vm = self.vm.clone();
         if let Some(req) = &mut self.requested {
             if !req.note(&vm, ri, page) {
@@ -417,5 +481,83 @@ impl ChFaultServer {
             }
         }
         self.replay = pages;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page_fault(gpa: u64, length: u64) -> Vec<u8> {
+        let mut bytes = Request::page_fault().encode().to_vec();
+        bytes.extend_from_slice(&MemoryRange { gpa, length }.encode());
+        bytes
+    }
+
+    /// Feeds `bytes` in pieces of at most `piece` bytes, as reads would deliver them.
+    fn feed(reader: &mut RequestReader, bytes: &[u8], piece: usize) -> Vec<Framed> {
+        let mut out = Vec::new();
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let spare = reader.spare();
+            let n = spare.len().min(piece).min(rest.len());
+            spare[..n].copy_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            match reader.advance(n) {
+                Framed::Partial => {}
+                f => out.push(f),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn requests_are_reassembled_from_pieces_of_any_size() {
+        let mut stream = page_fault(0x1000, 4096);
+        stream.extend(page_fault(1 << 32, 2 << 20));
+        stream.extend(Request::abandon().encode());
+        for piece in [1, 3, 16, 100] {
+            let mut reader = RequestReader::default();
+            assert_eq!(
+                feed(&mut reader, &stream, piece),
+                vec![
+                    Framed::PageFault(MemoryRange {
+                        gpa: 0x1000,
+                        length: 4096
+                    }),
+                    Framed::PageFault(MemoryRange {
+                        gpa: 1 << 32,
+                        length: 2 << 20
+                    }),
+                    Framed::Other(Some(Request::abandon())),
+                ],
+                "pieces of {piece}"
+            );
+            assert_eq!(reader.pending(), 0);
+        }
+        // A PageFault header with another length, and garbage, end the session at the header.
+        let mut reader = RequestReader::default();
+        let odd = Request::new(Command::PageFault, 8).encode();
+        assert_eq!(
+            feed(&mut reader, &odd, 16),
+            vec![Framed::Other(Some(Request::new(Command::PageFault, 8)))]
+        );
+        assert_eq!(feed(&mut reader, &[0xff; 16], 5), vec![Framed::Other(None)]);
+        // Half a request stays pending.
+        assert!(feed(&mut reader, &page_fault(0, 4096)[..20], 7).is_empty());
+        assert_eq!(reader.pending(), 20);
+    }
+
+    #[test]
+    fn a_page_fault_must_name_one_aligned_page_of_a_region() {
+        let regions = [(0u64, 1u64 << 20, 4096u64), (1 << 32, 4 << 20, 2 << 20)];
+        let at = |gpa, length| locate_page(regions, MemoryRange { gpa, length });
+        assert_eq!(at(0x3000, 4096), Ok((0, 3)));
+        assert_eq!(at((1 << 32) + (2 << 20), 2 << 20), Ok((1, 1)));
+        assert_eq!(at(1 << 20, 4096), Err(Refused::Outside));
+        assert_eq!(at(u64::MAX, 4096), Err(Refused::Outside));
+        assert_eq!(at(0x3000, 8192), Err(Refused::BadPage));
+        assert_eq!(at(0x3001, 4096), Err(Refused::BadPage));
+        assert_eq!(at((1 << 32) + 4096, 2 << 20), Err(Refused::BadPage));
     }
 }

@@ -8,6 +8,8 @@ mod attach;
 mod create;
 mod working_set;
 
+pub use create::{check_create, memory_needed};
+
 use crate::exits::ExitServer;
 use crate::fault::FaultServer;
 use crate::memory::GuestMemory;
@@ -82,8 +84,9 @@ impl ControlError {
     }
 }
 
-/// A request refused with a typed code.
-struct Refusal(ErrorCode, String);
+/// A request refused with a typed code and the text of the `Error` reply.
+#[derive(Debug)]
+pub struct Refusal(pub ErrorCode, pub String);
 
 fn refuse(code: ErrorCode, text: impl Into<String>) -> Refusal {
     Refusal(code, text.into())
