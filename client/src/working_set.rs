@@ -280,8 +280,8 @@ impl WorkingSet {
         let mut at = HEADER_LEN;
         let (mut page, mut t) = (0u64, 0u64);
         for _ in 0..count {
-            let zz = get_varint(body, &mut at).ok_or_else(|| bad("truncated entry"))?;
-            let dt = get_varint(body, &mut at).ok_or_else(|| bad("truncated entry"))?;
+            let zz = get_varint(body, &mut at).ok_or_else(|| bad("truncated or overlong entry"))?;
+            let dt = get_varint(body, &mut at).ok_or_else(|| bad("truncated or overlong entry"))?;
             let delta = ((zz >> 1) as i64) ^ -((zz & 1) as i64);
             page = page.wrapping_add(delta as u64);
             t = t.checked_add(dt).ok_or_else(|| bad("time overflows"))?;
@@ -352,12 +352,18 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
+/// Reads one LEB128 value: `None` if the bytes end first or the value does not fit 64 bits (the
+/// tenth byte may carry only the top bit).
 fn get_varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
     let mut v = 0u64;
     for shift in (0..64).step_by(7) {
         let b = *bytes.get(*at)?;
         *at += 1;
-        v |= u64::from(b & 0x7f).checked_shl(shift)?;
+        let part = u64::from(b & 0x7f);
+        if shift == 63 && part > 1 {
+            return None;
+        }
+        v |= part << shift;
         if b & 0x80 == 0 {
             return Some(v);
         }
@@ -427,6 +433,47 @@ mod tests {
             Err(WorkingSetError::OtherSnapshot { .. })
         ));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Found by `fuzz/fuzz_targets/working_set.rs`: a page delta whose tenth LEB128 byte is 0x7b
+    /// does not fit 64 bits; it was decoded with its high bits dropped, so the file named a page
+    /// it does not hold. (The fuzz input after its header and checksum were made valid.)
+    #[test]
+    fn a_value_past_64_bits_is_refused() {
+        let mut file: Vec<u8> = [
+            &b"VMPGWSET"[..],
+            &[1, 0, 0, 0, 0, 0, 0, 0],
+            &[0, 0, 0, 0x40, 0, 0, 0, 0],
+            &[7; 20],
+            &[0xf3, 7, 7, 7, 7, 7, 7, 7, 0x47, 7, 7, 7],
+            &[4, 0, 0, 0, 0, 0, 0, 0],
+            &[
+                0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x94, 0x7b, 0x22,
+            ],
+            &[1, 0, 0, 0, 0, 0],
+        ]
+        .concat();
+        assert_eq!(file.len(), HEADER_LEN + 17);
+        let digest = blake3::hash(&file);
+        file.extend_from_slice(digest.as_bytes());
+        let decoded = WorkingSet::decode(&file);
+        assert!(
+            matches!(&decoded, Err(WorkingSetError::Malformed(why)) if why.contains("overlong")),
+            "{decoded:?}"
+        );
+        // The largest value that fits still decodes: ten bytes, the last one 1.
+        let mut at = 0;
+        let max = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
+        assert_eq!(get_varint(&max, &mut at), Some(u64::MAX));
+        assert_eq!(at, 10);
+        let mut at = 0;
+        assert_eq!(
+            get_varint(
+                &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02],
+                &mut at
+            ),
+            None
+        );
     }
 
     #[test]

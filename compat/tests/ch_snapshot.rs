@@ -64,6 +64,22 @@ fn opens_a_two_zone_snapshot() {
 }
 
 #[test]
+fn from_bytes_checks_exactly_what_open_reads() {
+    let dir = TempDir::new("frombytes");
+    write_dir(&dir.0, &config(), &state(&memory_manager()), 8 * KIB);
+    let opened = SnapshotDir::open(&dir.0).unwrap();
+    let config_json = std::fs::read(dir.0.join(CONFIG_FILE)).unwrap();
+    let parsed =
+        SnapshotDir::from_bytes(&dir.0, &config_json, opened.state_bytes.clone(), 8 * KIB).unwrap();
+    assert_eq!(parsed.slots, opened.slots);
+    assert_eq!(parsed.config, opened.config);
+    assert_eq!(parsed.memory_manager, opened.memory_manager);
+    assert_eq!(parsed.memory_path, opened.memory_path);
+    let err = SnapshotDir::from_bytes(&dir.0, b"{", Vec::new(), 0).unwrap_err();
+    assert!(err.to_string().contains("config.json"), "{err}");
+}
+
+#[test]
 fn a_range_may_hold_several_slots() {
     let mut mm = memory_manager();
     mm["memory_ranges"] = json!({"data": [{"gpa": 0, "length": 64 * KIB},

@@ -39,15 +39,82 @@ impl ChannelError {
     }
 }
 
-/// Why a request was refused.
-#[derive(Debug, Clone, Copy)]
-enum Refused {
+/// Why a `PageFault` request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
     /// No region holds the GPA.
     Outside,
     /// The length is not the page size of the region, or the GPA not aligned to it.
     BadPage,
     /// The page source failed.
     Source,
+}
+
+/// What the bytes at the head of the fault connection amount to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framed {
+    /// Part of a request: wait for more.
+    Partial,
+    /// A complete `PageFault` request for this range (32 bytes).
+    PageFault(MemoryRange),
+    /// A complete header (16 bytes) that is not a `PageFault` with a 16-byte range (`None`: not
+    /// a valid header at all): the session ends.
+    Other(Option<Request>),
+}
+
+impl Framed {
+    /// Bytes of the connection the request takes (consumed once it is answered).
+    pub fn len(&self) -> usize {
+        match self {
+            Framed::Partial => 0,
+            Framed::PageFault(_) => REQUEST_LEN + MEMORY_RANGE_LEN,
+            Framed::Other(_) => REQUEST_LEN,
+        }
+    }
+
+    /// No complete request.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Frames the request at the head of `bytes` (what the connection holds, as peeked): a
+/// 16-byte request header, then, for a `PageFault` of length 16, its [`MemoryRange`]. Bytes
+/// past the first request are left for the next call.
+pub fn frame(bytes: &[u8]) -> Framed {
+    let Some(h) = bytes.first_chunk::<REQUEST_LEN>() else {
+        return Framed::Partial;
+    };
+    let header = Request::decode(h).ok();
+    let wants_range = header.is_some_and(|r| {
+        r.command() == Command::PageFault && r.length() == MEMORY_RANGE_LEN as u64
+    });
+    if !wants_range {
+        return Framed::Other(header);
+    }
+    match bytes[REQUEST_LEN..].first_chunk::<MEMORY_RANGE_LEN>() {
+        Some(r) => Framed::PageFault(MemoryRange::decode(r)),
+        None => Framed::Partial,
+    }
+}
+
+/// The page a `PageFault` asks for: the index of the region holding its GPA (regions given as
+/// `(gpa, size, page_size)`, validated) and the page's index in it. The length must be the
+/// region's page size and the GPA aligned to it.
+pub fn locate_page(
+    regions: impl IntoIterator<Item = (u64, u64, u64)>,
+    range: MemoryRange,
+) -> Result<(usize, usize), Refused> {
+    let (ri, (start, _, ps)) = regions
+        .into_iter()
+        .enumerate()
+        .find(|(_, (start, size, _))| range.gpa >= *start && range.gpa - *start < *size)
+        .ok_or(Refused::Outside)?;
+    let off = range.gpa - start;
+    if range.length != ps || !off.is_multiple_of(ps) {
+        return Err(Refused::BadPage);
+    }
+    Ok((ri, (off / ps) as usize))
 }
 
 /// Pages cloud-hypervisor has asked for, and where its background pull will ask next (to tell
@@ -116,8 +183,9 @@ impl Requested {
 pub struct ChFaultServer {
     vm: Arc<Vm>,
     socket: OwnedFd,
-    /// A request header and its range, as far as received.
+    /// The head of the connection, as peeked: a request header and its range.
     buf: [u8; REQUEST_LEN + MEMORY_RANGE_LEN],
+    /// Bytes of an incomplete request at the head of the connection.
     have: usize,
     plan: Planner,
     residency: Vec<u8>,
@@ -191,26 +259,26 @@ impl ChFaultServer {
                     );
                     return Drained::Closed;
                 }
-                Ok(n) => {
-                    self.have = n;
-                    if n < REQUEST_LEN {
-                        break; // Half a request: the rest comes with the next readiness.
-                    }
-                    if !self.header_wants_range() {
-                        self.consume(REQUEST_LEN);
-                        let d = self.end_of_session();
-                        return self.finish(d);
-                    }
-                    if n < REQUEST_LEN + MEMORY_RANGE_LEN {
+                Ok(n) => match frame(&self.buf[..n]) {
+                    Framed::Partial => {
+                        // Half a request: the rest comes with the next readiness.
+                        self.have = n;
                         break;
                     }
-                    let ok = self.serve();
-                    self.consume(REQUEST_LEN + MEMORY_RANGE_LEN);
-                    self.have = 0;
-                    if !ok {
-                        return self.finish(Drained::Closed);
+                    f @ Framed::Other(header) => {
+                        self.consume(f.len());
+                        let d = self.end_of_session(header);
+                        return self.finish(d);
                     }
-                }
+                    f @ Framed::PageFault(range) => {
+                        let ok = self.serve(range);
+                        self.consume(f.len());
+                        self.have = 0;
+                        if !ok {
+                            return self.finish(Drained::Closed);
+                        }
+                    }
+                },
                 Err(Errno::INTR) => {}
                 Err(Errno::AGAIN) => {
                     self.have = 0;
@@ -272,23 +340,10 @@ impl ChFaultServer {
         }
     }
 
-    fn header(&self) -> Option<Request> {
-        let mut h = [0u8; REQUEST_LEN];
-        h.copy_from_slice(&self.buf[..REQUEST_LEN]);
-        Request::decode(&h).ok()
-    }
-
-    /// Whether the received header is a `PageFault` with its 16-byte range.
-    fn header_wants_range(&self) -> bool {
-        self.header().is_some_and(|r| {
-            r.command() == Command::PageFault && r.length() == MEMORY_RANGE_LEN as u64
-        })
-    }
-
     /// Any other request ends the session: `Abandon` is answered `Ok` (as cloud-hypervisor's
     /// own sender does), anything else `Error`.
-    fn end_of_session(&mut self) -> Drained {
-        let response = match self.header().map(|r| r.command()) {
+    fn end_of_session(&mut self, header: Option<Request>) -> Drained {
+        let response = match header.map(|r| r.command()) {
             Some(Command::Abandon) => Response::ok(),
             other => {
                 VmMetrics::bump(&self.vm.metrics.channel_errors);
@@ -304,13 +359,10 @@ impl ChFaultServer {
         Drained::Closed
     }
 
-    /// Answers the request in `buf`. False if the connection must close.
-    fn serve(&mut self) -> bool {
+    /// Answers a `PageFault` for `range`. False if the connection must close.
+    fn serve(&mut self, range: MemoryRange) -> bool {
         let start = Instant::now();
         VmMetrics::bump(&self.vm.metrics.channel_requests);
-        let mut r = [0u8; MEMORY_RANGE_LEN];
-        r.copy_from_slice(&self.buf[REQUEST_LEN..]);
-        let range = MemoryRange::decode(&r);
         let response = match self.page(range) {
             Ok(()) => Response::ok(),
             Err(why) => {
@@ -356,17 +408,14 @@ impl ChFaultServer {
     /// Puts the page of `range` into the memfd (with its readahead run), unless it is there.
     fn page(&mut self, range: MemoryRange) -> Result<(), Refused> {
         let regions = self.vm.memory.regions();
-        let (ri, region) = regions
-            .iter()
-            .enumerate()
-            .find(|(_, r)| range.gpa >= r.spec.gpa() && range.gpa - r.spec.gpa() < r.size())
-            .ok_or(Refused::Outside)?;
-        let ps = region.page_size();
-        let off = range.gpa - region.spec.gpa();
-        if range.length != ps || !off.is_multiple_of(ps) {
-            return Err(Refused::BadPage);
-        }
-        let page = (off / ps) as usize;
+        let (ri, page) = locate_page(
+            regions
+                .iter()
+                .map(|r| (r.spec.gpa(), r.size(), r.page_size())),
+            range,
+        )?;
+        let region = &regions[ri];
+        let off = page as u64 * region.page_size();
         let vm = self.vm.clone();
         if let Some(req) = &mut self.requested {
             if !req.note(&vm, ri, page) {
@@ -470,5 +519,86 @@ impl ChFaultServer {
             }
         }
         self.replay = pages;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page_fault(gpa: u64, length: u64) -> Vec<u8> {
+        let mut bytes = Request::page_fault().encode().to_vec();
+        bytes.extend_from_slice(&MemoryRange { gpa, length }.encode());
+        bytes
+    }
+
+    /// Lets `bytes` arrive in pieces of at most `piece` bytes into a connection that the
+    /// server peeks at after each piece, consuming each request once framed (as `drain` does).
+    fn feed(queued: &mut Vec<u8>, bytes: &[u8], piece: usize) -> Vec<Framed> {
+        let mut out = Vec::new();
+        for chunk in bytes.chunks(piece) {
+            queued.extend_from_slice(chunk);
+            loop {
+                let head = &queued[..queued.len().min(REQUEST_LEN + MEMORY_RANGE_LEN)];
+                match frame(head) {
+                    Framed::Partial => break,
+                    f => {
+                        queued.drain(..f.len());
+                        out.push(f);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn requests_are_framed_from_pieces_of_any_size() {
+        let mut stream = page_fault(0x1000, 4096);
+        stream.extend(page_fault(1 << 32, 2 << 20));
+        stream.extend(Request::abandon().encode());
+        for piece in [1, 3, 16, 100] {
+            let mut queued = Vec::new();
+            assert_eq!(
+                feed(&mut queued, &stream, piece),
+                vec![
+                    Framed::PageFault(MemoryRange {
+                        gpa: 0x1000,
+                        length: 4096
+                    }),
+                    Framed::PageFault(MemoryRange {
+                        gpa: 1 << 32,
+                        length: 2 << 20
+                    }),
+                    Framed::Other(Some(Request::abandon())),
+                ],
+                "pieces of {piece}"
+            );
+            assert!(queued.is_empty());
+        }
+        // A PageFault header with another length, and garbage, end the session at the header.
+        let mut queued = Vec::new();
+        let odd = Request::new(Command::PageFault, 8).encode();
+        assert_eq!(
+            feed(&mut queued, &odd, 16),
+            vec![Framed::Other(Some(Request::new(Command::PageFault, 8)))]
+        );
+        assert_eq!(feed(&mut queued, &[0xff; 16], 5), vec![Framed::Other(None)]);
+        // Half a request stays in the connection.
+        assert!(feed(&mut queued, &page_fault(0, 4096)[..20], 7).is_empty());
+        assert_eq!(queued.len(), 20);
+    }
+
+    #[test]
+    fn a_page_fault_must_name_one_aligned_page_of_a_region() {
+        let regions = [(0u64, 1u64 << 20, 4096u64), (1 << 32, 4 << 20, 2 << 20)];
+        let at = |gpa, length| locate_page(regions, MemoryRange { gpa, length });
+        assert_eq!(at(0x3000, 4096), Ok((0, 3)));
+        assert_eq!(at((1 << 32) + (2 << 20), 2 << 20), Ok((1, 1)));
+        assert_eq!(at(1 << 20, 4096), Err(Refused::Outside));
+        assert_eq!(at(u64::MAX, 4096), Err(Refused::Outside));
+        assert_eq!(at(0x3000, 8192), Err(Refused::BadPage));
+        assert_eq!(at(0x3001, 4096), Err(Refused::BadPage));
+        assert_eq!(at((1 << 32) + 4096, 2 << 20), Err(Refused::BadPage));
     }
 }

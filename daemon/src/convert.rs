@@ -122,6 +122,25 @@ pub struct VmmWork {
     pub zap_shared: bool,
 }
 
+/// Checks a conversion range a guest asked for (untrusted: from a mailbox slot) against the
+/// VM's regions, given as `(gpa, size)` of validated regions: non-empty, page aligned, not
+/// overflowing, and inside one region, whose index is returned.
+pub fn locate(
+    regions: impl IntoIterator<Item = (u64, u64)>,
+    gpa: u64,
+    size: u64,
+) -> Result<usize, ConvertError> {
+    let end = gpa.checked_add(size);
+    if size == 0 || !(gpa | size).is_multiple_of(PAGE_SIZE) || end.is_none() {
+        return Err(ConvertError::Invalid { gpa, size });
+    }
+    let end = end.unwrap_or(u64::MAX);
+    regions
+        .into_iter()
+        .position(|(start, len)| start <= gpa && end <= start + len)
+        .ok_or(ConvertError::NotInOneRegion { gpa, size })
+}
+
 fn convert_inner(
     vm: &Vm,
     gpa: u64,
@@ -129,19 +148,9 @@ fn convert_inner(
     to_private: bool,
     explicit: bool,
 ) -> Result<VmmWork, ConvertError> {
-    let end = gpa.checked_add(size);
-    if size == 0 || !(gpa | size).is_multiple_of(PAGE_SIZE) || end.is_none() {
-        return Err(ConvertError::Invalid { gpa, size });
-    }
-    let end = end.unwrap_or(u64::MAX);
-    let Some(region) = vm
-        .memory
-        .regions()
-        .iter()
-        .find(|r| r.spec.gpa() <= gpa && end <= r.spec.gpa() + r.size())
-    else {
-        return Err(ConvertError::NotInOneRegion { gpa, size });
-    };
+    let regions = vm.memory.regions();
+    let index = locate(regions.iter().map(|r| (r.spec.gpa(), r.size())), gpa, size)?;
+    let region = &regions[index];
     let (Some(private), Some(gmem)) = (&vm.private, region.gmem_file()) else {
         // No private side: converting to shared is a no-op, to private impossible (QEMU).
         return if to_private {
@@ -187,4 +196,29 @@ fn convert_inner(
         set_attributes: private.attributes == AttributeKeeper::Kvm,
         zap_shared,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_conversion_range_must_lie_inside_one_region() {
+        let regions = [(0u64, 0x10000u64), (0x10000, 0x10000), (1 << 32, 0x1000)];
+        let at = |gpa, size| locate(regions, gpa, size).map_err(|e| e.code());
+        assert_eq!(at(0, 0x10000), Ok(0));
+        assert_eq!(at(0x1f000, 0x1000), Ok(1));
+        assert_eq!(at(1 << 32, 0x1000), Ok(2));
+        // Adjacent regions are still two regions.
+        assert_eq!(at(0xf000, 0x2000), Err(codes::NOT_IN_ONE_REGION));
+        assert_eq!(at(0x20000, 0x1000), Err(codes::NOT_IN_ONE_REGION));
+        for (gpa, size) in [
+            (0, 0),
+            (0x800, 0x1000),
+            (0, 0x800),
+            (u64::MAX - 0xfff, 0x2000),
+        ] {
+            assert_eq!(at(gpa, size), Err(codes::INVALID), "{gpa:#x}+{size:#x}");
+        }
+    }
 }

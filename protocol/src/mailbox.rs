@@ -48,6 +48,9 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+mod fields;
+pub use fields::{slots_for_len, HeaderWords};
+
 /// `"VMPM"` as a little-endian u32.
 pub const MAILBOX_MAGIC: u32 = u32::from_le_bytes(*b"VMPM");
 /// Layout version (2: the `closed` word).
@@ -254,22 +257,16 @@ impl Mailbox {
     pub fn map(fd: BorrowedFd<'_>) -> Result<Mailbox, MailboxError> {
         let size = rustix::fs::fstat(fd).map_err(std::io::Error::from)?.st_size;
         let size = usize::try_from(size).map_err(|_| MailboxError::BadLayout)?;
-        if size < HEADER_SIZE {
-            return Err(MailboxError::BadLayout);
-        }
-        let slots = ((size - HEADER_SIZE) / SLOT_SIZE) as u32;
-        if slots == 0 || slots > MAX_SLOTS || size != len_for(slots) {
-            return Err(MailboxError::BadLayout);
-        }
+        let slots = slots_for_len(size)?;
         let mb = Self::map_raw(fd, size, slots)?;
         let h = mb.header();
-        if h.magic.load(Ordering::Acquire) != MAILBOX_MAGIC
-            || h.version.load(Ordering::Relaxed) != MAILBOX_VERSION
-            || h.slots.load(Ordering::Relaxed) != slots
-            || h.slot_size.load(Ordering::Relaxed) != SLOT_SIZE as u32
-        {
-            return Err(MailboxError::BadLayout);
-        }
+        let words = HeaderWords {
+            magic: h.magic.load(Ordering::Acquire),
+            version: h.version.load(Ordering::Relaxed),
+            slots: h.slots.load(Ordering::Relaxed),
+            slot_size: h.slot_size.load(Ordering::Relaxed),
+        };
+        words.check(slots)?;
         Ok(mb)
     }
 
@@ -355,28 +352,23 @@ impl Slot {
         if seq == answered {
             return None;
         }
-        let kind = match self.kind.load(Ordering::Relaxed) {
-            1 => RequestKind::MemoryFault,
-            2 => RequestKind::MapGpaRange,
-            other => return Some((seq, Err(other))),
-        };
-        let flags = self.flags.load(Ordering::Relaxed);
         Some((
             seq,
-            Ok(Request {
-                kind,
-                gpa: self.gpa.load(Ordering::Relaxed),
-                size: self.size.load(Ordering::Relaxed),
-                private: flags & REQ_PRIVATE != 0,
-            }),
+            Request::from_slot(
+                self.kind.load(Ordering::Relaxed),
+                self.flags.load(Ordering::Relaxed),
+                self.gpa.load(Ordering::Relaxed),
+                self.size.load(Ordering::Relaxed),
+            ),
         ))
     }
 
     /// Daemon side: answers request `seq` and wakes the vCPU if it sleeps.
     pub fn answer(&self, seq: u32, response: Response) {
-        self.status.store(response.status as u32, Ordering::Relaxed);
-        self.code.store(response.code, Ordering::Relaxed);
-        self.ret.store(response.ret, Ordering::Relaxed);
+        let (status, code, ret) = response.to_slot();
+        self.status.store(status, Ordering::Relaxed);
+        self.code.store(code, Ordering::Relaxed);
+        self.ret.store(ret, Ordering::Relaxed);
         self.resp_seq.store(seq, Ordering::Release);
         fence(Ordering::SeqCst);
         if self.vmm_waiting.load(Ordering::Relaxed) != 0 {
@@ -507,13 +499,11 @@ impl VcpuChannel {
             return Err(MailboxError::Closed);
         }
         let seq = self.seq;
-        slot.kind.store(request.kind as u32, Ordering::Relaxed);
-        slot.flags.store(
-            if request.private { REQ_PRIVATE } else { 0 },
-            Ordering::Relaxed,
-        );
-        slot.gpa.store(request.gpa, Ordering::Relaxed);
-        slot.size.store(request.size, Ordering::Relaxed);
+        let (kind, flags, gpa, size) = request.to_slot();
+        slot.kind.store(kind, Ordering::Relaxed);
+        slot.flags.store(flags, Ordering::Relaxed);
+        slot.gpa.store(gpa, Ordering::Relaxed);
+        slot.size.store(size, Ordering::Relaxed);
         slot.req_seq.store(seq, Ordering::Release);
         fence(Ordering::SeqCst);
         if self.mailbox.daemon_idle() {
@@ -521,17 +511,12 @@ impl VcpuChannel {
                 .map_err(std::io::Error::from)?;
         }
         self.wait(slot, seq)?;
-        let status = match slot.status.load(Ordering::Relaxed) {
-            1 => Status::Retry,
-            2 => Status::Denied,
-            3 => Status::Fatal,
-            _ => return Err(MailboxError::BadAnswer(self.index)),
-        };
-        Ok(Response {
-            status,
-            code: slot.code.load(Ordering::Relaxed),
-            ret: slot.ret.load(Ordering::Relaxed),
-        })
+        Response::from_slot(
+            slot.status.load(Ordering::Relaxed),
+            slot.code.load(Ordering::Relaxed),
+            slot.ret.load(Ordering::Relaxed),
+        )
+        .ok_or(MailboxError::BadAnswer(self.index))
     }
 
     fn wait(&self, slot: &Slot, seq: u32) -> Result<(), MailboxError> {

@@ -1,6 +1,7 @@
 //! Creating a VM: its memory, page source, policy and the uffd settings the VMM must use.
 
 use super::*;
+use vmpager_protocol::RegionSpec;
 
 /// Checks that `fd` is a guest_memfd of at least `size` bytes.
 fn check_guest_memfd(fd: OwnedFd, size: u64) -> Result<File, String> {
@@ -89,103 +90,127 @@ fn uffd_features(create: &CreateVm, populate: Populate) -> u64 {
     u64::from(f)
 }
 
-impl Reactor {
-    /// Checks what a `CreateVm` asks for against the negotiated features and the host, and
-    /// decides the populate method.
-    pub(super) fn check_create(
-        &self,
-        create: &CreateVm,
-        features: u64,
-    ) -> Result<Populate, Refusal> {
-        let need = |feature: u64, what: &str| {
-            if features & feature == 0 {
-                Err(refuse(
-                    ErrorCode::Unsupported,
-                    format!("{what} was not negotiated"),
-                ))
-            } else {
-                Ok(())
-            }
-        };
-        let populate = match create.populate {
-            PopulateMethod::Copy => Populate::Copy,
-            PopulateMethod::Continue => {
-                need(features::POPULATE_CONTINUE, "populate method continue")?;
-                Populate::Continue
-            }
-            PopulateMethod::Default
-                if self.config.populate == Populate::Continue
-                    && features & features::POPULATE_CONTINUE != 0
-                    && !create.memory_in_vmm() =>
-            {
-                Populate::Continue
-            }
-            PopulateMethod::Default => Populate::Copy,
-        };
-        if create.vm_type != VmType::Default {
-            need(features::PRIVATE_MEMORY, "a VM type other than default")?;
+/// Checks what a `CreateVm` asks for against the negotiated `features` and the `host`, and
+/// decides the populate method (`default_populate`: the daemon's `--populate`). Pure: the
+/// regions were validated by the decoder; this adds what depends on the connection and host.
+pub fn check_create(
+    create: &CreateVm,
+    features: u64,
+    default_populate: Populate,
+    host: &HostFeatures,
+) -> Result<Populate, Refusal> {
+    let need = |feature: u64, what: &str| {
+        if features & feature == 0 {
+            Err(refuse(
+                ErrorCode::Unsupported,
+                format!("{what} was not negotiated"),
+            ))
+        } else {
+            Ok(())
         }
-        if create.flags & VM_RECORD_WORKING_SET != 0 {
-            need(features::WORKING_SET, "recording a working set")?;
+    };
+    let populate = match create.populate {
+        PopulateMethod::Copy => Populate::Copy,
+        PopulateMethod::Continue => {
+            need(features::POPULATE_CONTINUE, "populate method continue")?;
+            Populate::Continue
         }
-        if create.regions.iter().any(|r| r.is_huge()) {
-            need(features::HUGE_PAGES, "a 2 MiB region")?;
-            if !self.host.has(k::UFFD_FEATURE_MISSING_HUGETLBFS) {
-                return Err(refuse(
-                    ErrorCode::Unsupported,
-                    "this host's userfaultfd cannot serve huge pages (UFFD_FEATURE_MISSING_HUGETLBFS)",
-                ));
-            }
-            if populate == Populate::Continue && !self.host.has(k::UFFD_FEATURE_MINOR_HUGETLBFS) {
-                return Err(refuse(
-                    ErrorCode::Unsupported,
-                    "populate method continue on huge pages needs UFFD_FEATURE_MINOR_HUGETLBFS",
-                ));
-            }
-            if create.regions.iter().any(|r| r.is_huge() && r.is_private()) {
-                return Err(refuse(
-                    ErrorCode::InvalidRegions,
-                    "private regions use 4 KiB pages",
-                ));
-            }
+        PopulateMethod::Default
+            if default_populate == Populate::Continue
+                && features & features::POPULATE_CONTINUE != 0
+                && !create.memory_in_vmm() =>
+        {
+            Populate::Continue
         }
-        if create.memory_in_vmm() {
-            need(features::VMM_MEMORY, "serving the VMM's own memory")?;
-            if populate == Populate::Continue {
-                return Err(refuse(
-                    ErrorCode::Unsupported,
-                    "the VMM's own private memory can only be populated with copy",
-                ));
-            }
-            if create.vm_type != VmType::Default || create.regions.iter().any(|r| r.is_private()) {
-                return Err(refuse(
-                    ErrorCode::InvalidRegions,
-                    "private memory needs memory the daemon owns",
-                ));
-            }
-            if create
-                .regions
-                .iter()
-                .any(|r| r.memfd_group() != 0 || r.file_offset() != 0)
-            {
-                return Err(refuse(
-                    ErrorCode::InvalidRegions,
-                    "the VMM's own memory has no memfd to place regions in",
-                ));
-            }
-        }
-        if !create.vm_type.has_private_memory() && create.regions.iter().any(|r| r.is_private()) {
+        PopulateMethod::Default => Populate::Copy,
+    };
+    if create.vm_type != VmType::Default {
+        need(features::PRIVATE_MEMORY, "a VM type other than default")?;
+    }
+    if create.flags & VM_RECORD_WORKING_SET != 0 {
+        need(features::WORKING_SET, "recording a working set")?;
+    }
+    if create.regions.iter().any(|r| r.is_huge()) {
+        need(features::HUGE_PAGES, "a 2 MiB region")?;
+        if !host.has(k::UFFD_FEATURE_MISSING_HUGETLBFS) {
             return Err(refuse(
-                ErrorCode::InvalidRegions,
-                format!(
-                    "VM type {} has no private memory: no region may be private",
-                    create.vm_type.name()
-                ),
+                ErrorCode::Unsupported,
+                "this host's userfaultfd cannot serve huge pages (UFFD_FEATURE_MISSING_HUGETLBFS)",
             ));
         }
-        Ok(populate)
+        if populate == Populate::Continue && !host.has(k::UFFD_FEATURE_MINOR_HUGETLBFS) {
+            return Err(refuse(
+                ErrorCode::Unsupported,
+                "populate method continue on huge pages needs UFFD_FEATURE_MINOR_HUGETLBFS",
+            ));
+        }
+        if create.regions.iter().any(|r| r.is_huge() && r.is_private()) {
+            return Err(refuse(
+                ErrorCode::InvalidRegions,
+                "private regions use 4 KiB pages",
+            ));
+        }
     }
+    if create.memory_in_vmm() {
+        need(features::VMM_MEMORY, "serving the VMM's own memory")?;
+        if populate == Populate::Continue {
+            return Err(refuse(
+                ErrorCode::Unsupported,
+                "the VMM's own private memory can only be populated with copy",
+            ));
+        }
+        if create.vm_type != VmType::Default || create.regions.iter().any(|r| r.is_private()) {
+            return Err(refuse(
+                ErrorCode::InvalidRegions,
+                "private memory needs memory the daemon owns",
+            ));
+        }
+        if create
+            .regions
+            .iter()
+            .any(|r| r.memfd_group() != 0 || r.file_offset() != 0)
+        {
+            return Err(refuse(
+                ErrorCode::InvalidRegions,
+                "the VMM's own memory has no memfd to place regions in",
+            ));
+        }
+    }
+    if !create.vm_type.has_private_memory() && create.regions.iter().any(|r| r.is_private()) {
+        return Err(refuse(
+            ErrorCode::InvalidRegions,
+            format!(
+                "VM type {} has no private memory: no region may be private",
+                create.vm_type.name()
+            ),
+        ));
+    }
+    Ok(populate)
+}
 
+/// The guest memory of `regions` and the bytes of the memfds that hold it (a memfd is as long
+/// as the furthest region in it, so regions at large file offsets make files larger than the
+/// memory they hold). For regions that passed `validate_regions`, neither sum overflows and
+/// the memfd bytes are at least the guest memory.
+pub fn memory_needed(regions: &[RegionSpec]) -> (u64, u64) {
+    let total: u64 = regions.iter().map(|r| r.size()).sum();
+    let mut files: HashMap<u32, u64> = HashMap::new();
+    let mut own_files = 0u64;
+    for r in regions {
+        let end = r.file_offset().saturating_add(r.size());
+        match r.memfd_group() {
+            0 => own_files = own_files.saturating_add(end),
+            g => {
+                let e = files.entry(g).or_insert(0);
+                *e = (*e).max(end);
+            }
+        }
+    }
+    let file_bytes = files.values().fold(own_files, |a, &b| a.saturating_add(b));
+    (total, file_bytes)
+}
+
+impl Reactor {
     pub(super) fn create_vm(
         &mut self,
         token: usize,
@@ -263,22 +288,7 @@ impl Reactor {
         create: &CreateVm,
         fds: &mut impl Iterator<Item = OwnedFd>,
     ) -> Result<VmParts, Refusal> {
-        let total: u64 = create.regions.iter().map(|r| r.size()).sum();
-        // A memfd is as long as the furthest region in it: regions at large file offsets make
-        // files larger than the memory they hold.
-        let mut files: HashMap<u32, u64> = HashMap::new();
-        let mut own_files = 0u64;
-        for r in &create.regions {
-            let end = r.file_offset().saturating_add(r.size());
-            match r.memfd_group() {
-                0 => own_files = own_files.saturating_add(end),
-                g => {
-                    let e = files.entry(g).or_insert(0);
-                    *e = (*e).max(end);
-                }
-            }
-        }
-        let file_bytes = files.values().fold(own_files, |a, &b| a.saturating_add(b));
+        let (total, file_bytes) = memory_needed(&create.regions);
         if total.max(file_bytes) > self.config.max_vm_memory {
             return Err(refuse(
                 ErrorCode::LimitExceeded,
@@ -288,7 +298,7 @@ impl Reactor {
                 ),
             ));
         }
-        let populate = self.check_create(create, features)?;
+        let populate = check_create(create, features, self.config.populate, &self.host)?;
         let policy = match &create.policy {
             Some(text) => self
                 .config
@@ -418,5 +428,66 @@ impl Reactor {
             ));
         };
         Ok(PrivateMemory { attributes })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const M: u64 = 1 << 20;
+
+    #[test]
+    fn memfds_are_as_long_as_their_furthest_region() {
+        let regions = [
+            RegionSpec::new(0, M, 0).in_memfd(0, 4 * M),
+            RegionSpec::new(M, M, 0).in_memfd(7, 0),
+            RegionSpec::new(4 * M, 2 * M, 0).in_memfd(7, 8 * M),
+        ];
+        assert_eq!(memory_needed(&regions), (4 * M, 5 * M + 10 * M));
+        assert_eq!(memory_needed(&[]), (0, 0));
+    }
+
+    #[test]
+    fn create_vm_needs_the_features_it_uses() {
+        let host = HostFeatures {
+            uffd: u64::from(k::UFFD_FEATURE_MISSING_HUGETLBFS),
+            memory_attributes: 0,
+        };
+        let mut create = CreateVm {
+            vm_type: VmType::Default,
+            policy: None,
+            source: PageSourceKind::Zero,
+            populate: PopulateMethod::Default,
+            flags: 0,
+            regions: vec![RegionSpec::new(0, 2 * M, 0).huge_2m()],
+        };
+        let check = |c: &CreateVm, f| check_create(c, f, Populate::Continue, &host);
+        assert!(check(&create, 0).is_err(), "2 MiB pages not negotiated");
+        assert!(matches!(
+            check(&create, features::HUGE_PAGES),
+            Ok(Populate::Copy)
+        ));
+        // Continue by default only when negotiated, and never on huge pages without MINOR.
+        assert!(
+            check(&create, features::HUGE_PAGES | features::POPULATE_CONTINUE).is_err(),
+            "no UFFD_FEATURE_MINOR_HUGETLBFS"
+        );
+        create.regions = vec![RegionSpec::new(0, M, 0)];
+        assert!(matches!(
+            check(&create, features::POPULATE_CONTINUE),
+            Ok(Populate::Continue)
+        ));
+        create.flags = vmpager_protocol::VM_MEMORY_IN_VMM;
+        assert!(matches!(
+            check(&create, features::POPULATE_CONTINUE | features::VMM_MEMORY),
+            Ok(Populate::Copy)
+        ));
+        create.regions = vec![RegionSpec::new(0, M, 0).private()];
+        create.flags = 0;
+        assert_eq!(
+            check(&create, features::ALL).map_err(|r| r.0).err(),
+            Some(ErrorCode::InvalidRegions)
+        );
     }
 }

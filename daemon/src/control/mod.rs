@@ -21,6 +21,7 @@ mod registry;
 mod session;
 mod working_set;
 
+pub use create::{check_create, memory_needed};
 use registry::{Owner, VmEntry};
 
 use crate::exits::ExitServer;
@@ -97,8 +98,9 @@ impl ControlError {
     }
 }
 
-/// A request refused with a typed code.
-struct Refusal(ErrorCode, String);
+/// A request refused with a typed code and the text of the `Error` reply.
+#[derive(Debug)]
+pub struct Refusal(pub ErrorCode, pub String);
 
 fn refuse(code: ErrorCode, text: impl Into<String>) -> Refusal {
     Refusal(code, text.into())

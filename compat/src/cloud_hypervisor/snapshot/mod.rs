@@ -23,7 +23,9 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 mod error;
+mod fields;
 pub use error::SnapshotError;
+use fields::{bad_field, opt_bool, opt_field, opt_u64, parse_json, req_u64};
 
 /// The VM configuration file in a snapshot directory.
 pub const CONFIG_FILE: &str = "config.json";
@@ -100,14 +102,9 @@ impl SnapshotDir {
         let state_path = dir.join(STATE_FILE);
         let memory_path = dir.join(MEMORY_FILE);
 
-        let config = parse_json(&config_path, &read_bounded(&config_path)?)?;
-        let zones = zones(&config, &config_path)?;
-
+        let (config, zones) = parse_config(&config_path, &read_bounded(&config_path)?)?;
         let state_bytes = read_bounded(&state_path)?;
-        let state = parse_json(&state_path, &state_bytes)?;
-        let memory_manager = memory_manager_state(&state, &state_path)?;
-        let ranges = ranges(&memory_manager, &state_path)?;
-        let slots = slots(&memory_manager, &ranges, &zones, &state_path)?;
+        let (memory_manager, slots) = parse_state(&state_path, &state_bytes, &zones)?;
 
         let meta = std::fs::metadata(&memory_path).map_err(|error| SnapshotError::Io {
             path: memory_path.clone(),
@@ -123,6 +120,27 @@ impl SnapshotDir {
             slots,
             memory_path,
             memory_len: meta.len(),
+        })
+    }
+
+    /// Checks a snapshot given as the bytes of its `config.json` and `state.json` and the
+    /// length of its `memory-ranges`, exactly as [`SnapshotDir::open`] does once it has read
+    /// them (`dir` only names the files, in errors and in `memory_path`).
+    pub fn from_bytes(
+        dir: &Path,
+        config_json: &[u8],
+        state_json: Vec<u8>,
+        memory_len: u64,
+    ) -> Result<SnapshotDir, SnapshotError> {
+        let (config, zones) = parse_config(&dir.join(CONFIG_FILE), config_json)?;
+        let (memory_manager, slots) = parse_state(&dir.join(STATE_FILE), &state_json, &zones)?;
+        Ok(SnapshotDir {
+            config,
+            state_bytes: state_json,
+            memory_manager,
+            slots,
+            memory_path: dir.join(MEMORY_FILE),
+            memory_len,
         })
     }
 
@@ -225,49 +243,25 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, SnapshotError> {
     Ok(bytes)
 }
 
-fn parse_json(path: &Path, bytes: &[u8]) -> Result<Value, SnapshotError> {
-    serde_json::from_slice(bytes).map_err(|e| SnapshotError::Json {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+/// `config.json`: the configuration and its memory zones.
+fn parse_config(path: &Path, bytes: &[u8]) -> Result<(Value, Vec<Zone>), SnapshotError> {
+    let config = parse_json(path, bytes)?;
+    let zones = zones(&config, path)?;
+    Ok((config, zones))
 }
 
-fn bad_field(path: &Path, field: String, expected: &'static str) -> SnapshotError {
-    SnapshotError::BadField {
-        path: path.to_path_buf(),
-        field,
-        expected,
-    }
-}
-
-fn req_u64(obj: &Value, key: &str, at: &str, path: &Path) -> Result<u64, SnapshotError> {
-    obj.get(key)
-        .and_then(Value::as_u64)
-        .ok_or_else(|| bad_field(path, format!("{at}.{key}"), "an unsigned integer"))
-}
-
-/// A field that may be missing or null (then `None`).
-fn opt_field<'v>(obj: &'v Value, key: &str) -> Option<&'v Value> {
-    obj.get(key).filter(|v| !v.is_null())
-}
-
-fn opt_bool(obj: &Value, key: &str, at: &str, path: &Path) -> Result<bool, SnapshotError> {
-    match opt_field(obj, key) {
-        None => Ok(false),
-        Some(v) => v
-            .as_bool()
-            .ok_or_else(|| bad_field(path, format!("{at}.{key}"), "a boolean")),
-    }
-}
-
-fn opt_u64(obj: &Value, key: &str, at: &str, path: &Path) -> Result<Option<u64>, SnapshotError> {
-    match opt_field(obj, key) {
-        None => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| bad_field(path, format!("{at}.{key}"), "an unsigned integer")),
-    }
+/// `state.json`: the memory manager's data and the guest RAM slots, checked against the
+/// memory range table and the `zones`.
+fn parse_state(
+    path: &Path,
+    bytes: &[u8],
+    zones: &[Zone],
+) -> Result<(Value, Vec<Slot>), SnapshotError> {
+    let state = parse_json(path, bytes)?;
+    let memory_manager = memory_manager_state(&state, path)?;
+    let ranges = ranges(&memory_manager, path)?;
+    let slots = slots(&memory_manager, &ranges, zones, path)?;
+    Ok((memory_manager, slots))
 }
 
 /// A memory zone: its id and backing page size.
