@@ -238,7 +238,20 @@ fn readiness_and_stopping_reach_notify_socket() {
         .unwrap();
     // READY=1 comes once the daemon serves: a client connects at once.
     assert_eq!(notify.next(), "READY=1\nSTATUS=serving 0 VMs");
+    // ... and once every thread it runs is started (the status reporter included): a
+    // supervisor's baseline of its threads, taken then, holds (tests/soak.rs).
+    let threads = || {
+        std::fs::read_dir(format!("/proc/{}/task", child.id()))
+            .unwrap()
+            .count()
+    };
+    let at_ready = threads();
     a_vm_is_served(&sock);
+    assert_eq!(
+        threads(),
+        at_ready,
+        "threads at READY=1 and after serving a VM"
+    );
     let status = terminate(&mut child);
     assert!(notify
         .until("STOPPING=1")

@@ -10,6 +10,7 @@ mod demo;
 mod firecracker;
 mod interrupt;
 mod restore;
+mod soak_vmm;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -116,6 +117,10 @@ enum Cmd {
         /// The memory snapshot file.
         mem_file: PathBuf,
     },
+    /// The VMM of the soak test (tests/soak.rs): one VM, its guest on host threads, its state
+    /// kept for a successor after a SIGKILL.
+    #[command(hide = true)]
+    SoakVmm(soak_vmm::SoakArgs),
     /// Serve a real KVM guest's memory from a snapshot through vmpagerd and verify every byte.
     Demo {
         /// Guest memory size, e.g. 256M, 1G (multiple of 4 KiB).
@@ -252,6 +257,7 @@ fn main() {
             only,
         } => bench_cmd(quick, json, markdown, only),
         Cmd::CocoGuest { socket_path } => coco_cmd(socket_path),
+        Cmd::SoakVmm(args) => soak_vmm::run(args),
         Cmd::FcExampleHandler { socket, mem_file } => {
             vmpager_bench::firecracker::example_handler(&socket, &mem_file)
                 .context("the example handler failed")

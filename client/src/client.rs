@@ -266,6 +266,18 @@ impl Client {
         self.link.restarts.load(Ordering::Relaxed)
     }
 
+    /// The process id of the daemon this client is connected to (`SO_PEERCRED` of the
+    /// connection), or `None` while the link is not up. Once the link is up again after a
+    /// restart, this is the daemon that took every VM of this client back, so a supervisor can
+    /// tell which daemon holds them.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        if *self.link.state() != LinkState::Up {
+            return None;
+        }
+        let cred = rustix::net::sockopt::socket_peercred(self.link.conn().as_fd()).ok()?;
+        u32::try_from(cred.pid.as_raw_nonzero().get()).ok()
+    }
+
     /// An fd that becomes readable once the link is lost (no daemon took the VMs back in
     /// time): poll it to fail or pause the VMs.
     pub fn lost_fd(&self) -> BorrowedFd<'_> {
@@ -627,6 +639,48 @@ impl Client {
                 "{:?} instead of Detached",
                 other.kind()
             ))),
+        }
+    }
+}
+
+impl Client {
+    /// Closes the connection and waits, at most `timeout`, until the daemon has let go of it:
+    /// the daemon closes its end once it has handled this client's departure (VMs the client
+    /// still holds are then kept for the grace period, or freed). Dropping a `Client` closes
+    /// the connection without waiting. False if the daemon did not close its end in time.
+    pub fn disconnect(mut self, timeout: Duration) -> bool {
+        // The supervisor first: this departure is not an outage to ride through.
+        let _ = rustix::io::write(&self.stop, &1u64.to_ne_bytes());
+        if let Some(t) = self.supervisor.take() {
+            let _ = t.join();
+        }
+        let conn = self.link.conn();
+        let fd = conn.as_fd();
+        if rustix::net::shutdown(fd, rustix::net::Shutdown::Write).is_err() {
+            return true; // Not connected: nothing holds it.
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let t = rustix::event::Timespec {
+                tv_sec: left.as_secs() as i64,
+                tv_nsec: i64::from(left.subsec_nanos()),
+            };
+            let flags = rustix::event::PollFlags::IN | rustix::event::PollFlags::RDHUP;
+            let mut fds = [rustix::event::PollFd::new(&fd, flags)];
+            match rustix::event::poll(&mut fds, Some(&t)) {
+                Ok(0) => return false,
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(_) => return true,
+            }
+            let gone = rustix::event::PollFlags::HUP
+                | rustix::event::PollFlags::RDHUP
+                | rustix::event::PollFlags::ERR;
+            // A message nobody waits for any more (a conversion event) is read and dropped.
+            if fds[0].revents().intersects(gone) || conn.recv().is_err() {
+                return true;
+            }
         }
     }
 }

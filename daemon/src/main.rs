@@ -351,10 +351,12 @@ fn run() -> anyhow::Result<()> {
             tracing::info!("metrics at http://{addr}/metrics");
         }
         if let Some(n) = &notifier {
+            // The status thread first: at READY=1 the daemon runs every thread it will run
+            // (a supervisor's baseline of its threads is taken then).
+            report_status(n.clone(), live.clone());
             if let Err(e) = n.ready(&systemd::serving_status(0)) {
                 tracing::warn!(error = %e, "cannot notify the service manager");
             }
-            report_status(n.clone(), live.clone());
         }
     });
     if let Some(n) = &notifier {
