@@ -314,16 +314,16 @@ fn sigterm_says_what_becomes_of_the_vms_and_a_restart_takes_them_back() {
     }
     let dir = TestDir::new("survive-sigterm");
     let socket = dir.join("vmpagerd.sock");
+    let notify = NotifySocket::new(dir.join("notify"));
     let daemon = Command::new(vmpagerd_binary())
         .arg("--socket-path")
         .arg(&socket)
         .env("VMPAGER_LOG", "warn")
+        .env("NOTIFY_SOCKET", &notify.path)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    while Client::connect(&socket).is_err() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    notify.until("READY=1");
     let client = Client::connect(&socket).unwrap();
     let snap = snapshot(4);
     let img = image(&dir, "img", (PAGES * PAGE) as u64, 4);

@@ -11,57 +11,12 @@ use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 use vmpager_client::{Client, PageSource, PopulateMethod, RegionSpec, VmSpec};
 
 const SOCKET_ACTIVATE: &str = "/usr/bin/systemd-socket-activate";
 const SYSTEMD_ANALYZE: &str = "/usr/bin/systemd-analyze";
-
-/// A bound datagram socket standing in for systemd's notification socket.
-struct NotifySocket {
-    fd: OwnedFd,
-    path: PathBuf,
-}
-
-impl NotifySocket {
-    fn new(path: PathBuf) -> NotifySocket {
-        let fd = rustix::net::socket_with(
-            AddressFamily::UNIX,
-            SocketType::DGRAM,
-            SocketFlags::CLOEXEC,
-            None,
-        )
-        .unwrap();
-        rustix::net::bind(&fd, &SocketAddrUnix::new(&path).unwrap()).unwrap();
-        // A bound on how long a broken daemon can make the test wait, not a timing assertion.
-        rustix::net::sockopt::set_socket_timeout(
-            &fd,
-            rustix::net::sockopt::Timeout::Recv,
-            Some(Duration::from_secs(60)),
-        )
-        .unwrap();
-        NotifySocket { fd, path }
-    }
-
-    /// The next datagram.
-    fn next(&self) -> String {
-        let mut buf = [0u8; 1024];
-        let n = rustix::io::read(&self.fd, &mut buf).expect("a notification from vmpagerd");
-        String::from_utf8(buf[..n].to_vec()).unwrap()
-    }
-
-    /// Datagrams until one contains `line`; returns that one.
-    fn until(&self, line: &str) -> String {
-        loop {
-            let m = self.next();
-            if m.lines().any(|l| l == line) {
-                return m;
-            }
-        }
-    }
-}
 
 fn listening_seqpacket(path: &Path) -> OwnedFd {
     let fd = rustix::net::socket_with(

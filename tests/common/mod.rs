@@ -138,29 +138,75 @@ pub fn number_after(text: &str, prefix: &str) -> u64 {
         .unwrap_or_else(|| panic!("no number after {prefix:?} in {text}"))
 }
 
-/// `vmpagerd --socket-path PATH ...`, as a supervisor would run it (again and again).
+/// A bound datagram socket standing in for systemd's notification socket.
+pub struct NotifySocket {
+    fd: std::os::fd::OwnedFd,
+    pub path: PathBuf,
+}
+
+impl NotifySocket {
+    pub fn new(path: PathBuf) -> NotifySocket {
+        let fd = rustix::net::socket_with(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::DGRAM,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        rustix::net::bind(&fd, &rustix::net::SocketAddrUnix::new(&path).unwrap()).unwrap();
+        // A bound on how long a broken daemon can make the test wait, not a timing assertion.
+        rustix::net::sockopt::set_socket_timeout(
+            &fd,
+            rustix::net::sockopt::Timeout::Recv,
+            Some(std::time::Duration::from_secs(60)),
+        )
+        .unwrap();
+        NotifySocket { fd, path }
+    }
+
+    /// The next datagram.
+    pub fn next(&self) -> String {
+        let mut buf = [0u8; 1024];
+        let n = rustix::io::read(&self.fd, &mut buf).expect("a notification from vmpagerd");
+        String::from_utf8(buf[..n].to_vec()).unwrap()
+    }
+
+    /// Datagrams until one contains `line`; returns that one.
+    pub fn until(&self, line: &str) -> String {
+        loop {
+            let m = self.next();
+            if m.lines().any(|l| l == line) {
+                return m;
+            }
+        }
+    }
+}
+
+/// `vmpagerd --socket-path PATH ...`, as a supervisor would run it (again and again), ready
+/// once it says `READY=1`.
 pub struct SocketDaemon {
     child: Child,
 }
 
 impl SocketDaemon {
     pub fn start(socket: &Path, extra: &[&str]) -> SocketDaemon {
+        let mut notify_path = socket.as_os_str().to_owned();
+        notify_path.push(".notify");
+        let notify_path = PathBuf::from(notify_path);
+        let _ = std::fs::remove_file(&notify_path);
+        let notify = NotifySocket::new(notify_path);
         let child = Command::new(vmpagerd_binary())
             .arg("--socket-path")
             .arg(socket)
             .args(["--workers", "1"])
             .args(extra)
             .env("VMPAGER_LOG", "warn")
+            .env("NOTIFY_SOCKET", &notify.path)
             .stdin(Stdio::null())
             .spawn()
             .expect("start vmpagerd");
-        // Ready once it accepts a connection that answers Hello.
-        let mut tries = 0;
-        while vmpager_client::Client::connect(socket).is_err() {
-            tries += 1;
-            assert!(tries < 6000, "vmpagerd did not start");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        notify.until("READY=1");
+        let _ = std::fs::remove_file(&notify.path);
         SocketDaemon { child }
     }
 
