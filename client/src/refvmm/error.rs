@@ -49,7 +49,7 @@ pub enum RefVmError {
     /// A region breaks the layout rules.
     #[error("Guest region {index} is rejected: {reason}")]
     BadRegion {
-        /// Index in the slice given to [`RefVm::new`].
+        /// Index in the slice given to [`RefVm::new`](super::RefVm::new).
         index: usize,
         /// What is wrong.
         reason: String,

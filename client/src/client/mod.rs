@@ -1,176 +1,30 @@
-//! The control connection to `vmpagerd`.
+//! The control connection to `vmpagerd`: [`Client`] and its requests. What a VM is created
+//! from is in `spec`, the errors in `error`, a VM's exits (mailbox) and conversion events in
+//! `exits`.
 
-use crate::link::{KeptVm, Link, LinkState, DEFAULT_RESTART_DEADLINE};
-use crate::memory::{MemoryError, VmMemory};
+mod error;
+mod exits;
+mod spec;
+
+pub use error::ClientError;
+pub use exits::{Subscription, VmExits};
+pub use spec::{ClientOptions, CreatedVm, PageSource, VmSpec};
+
+use crate::link::{KeptVm, Link, LinkState};
+use crate::memory::VmMemory;
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use vmpager_protocol::mailbox::{Liveness, Mailbox, VcpuChannel, WaitPolicy};
 use vmpager_protocol::message::MAX_REPLAY_PAGES;
 use vmpager_protocol::socket::Received;
 use vmpager_protocol::{
-    features, AttachChannel, AttachUffd, ChannelProtocol, Connection, ConversionEvent, CreateVm,
-    ErrorCode, Hello, Message, PageSourceKind, PopulateMethod, RegionSpec, ReplayWorkingSet,
-    SocketError, Stats, VmType, Welcome, WorkingSetEntry, PROTOCOL_VERSION,
-    VMCREATED_VMM_SETS_ATTRIBUTES, VM_MEMORY_IN_VMM, VM_RECORD_WORKING_SET,
+    features, AttachChannel, AttachUffd, ChannelProtocol, Connection, CreateVm, Hello, Message,
+    PageSourceKind, PopulateMethod, ReplayWorkingSet, Stats, Welcome, WorkingSetEntry,
+    PROTOCOL_VERSION, VMCREATED_VMM_SETS_ATTRIBUTES, VM_MEMORY_IN_VMM, VM_RECORD_WORKING_SET,
 };
-
-/// Errors talking to the daemon, classified with [`ClientError::peer_gone`] and
-/// [`ClientError::is_retryable`].
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// Transport failure.
-    #[error("control connection failed")]
-    Socket(#[from] SocketError),
-    /// The daemon refused the request.
-    #[error("vmpagerd refused the request ({code:?}): {text}")]
-    Refused {
-        /// Typed code.
-        code: ErrorCode,
-        /// The daemon's explanation.
-        text: String,
-    },
-    /// The daemon answered with something that is not the reply to the request.
-    #[error("unexpected reply from vmpagerd: {0}")]
-    Protocol(String),
-    /// Mapping or registering guest memory failed.
-    #[error("cannot set up guest memory")]
-    Memory(#[from] MemoryError),
-    /// Opening or reading a local file failed.
-    #[error("I/O error")]
-    Io(#[source] std::io::Error),
-    /// The daemon went away and no daemon took the VMs back in time: the VMs cannot be served
-    /// (pause or fail them).
-    #[error("vmpagerd is gone: {0}")]
-    DaemonLost(String),
-    /// The daemon went away while the request was in flight; a restarted daemon took the VMs
-    /// back, but whether it acted on this request is unknown.
-    #[error("vmpagerd restarted while the request was in flight")]
-    Interrupted,
-}
-
-impl ClientError {
-    /// The daemon went away (for good: [`ClientError::DaemonLost`]).
-    pub fn peer_gone(&self) -> bool {
-        match self {
-            ClientError::Socket(e) => e.is_peer_gone(),
-            ClientError::DaemonLost(_) => true,
-            _ => false,
-        }
-    }
-
-    /// The same request may succeed later.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            ClientError::Socket(e) => e.is_retryable(),
-            ClientError::Interrupted => true,
-            ClientError::Refused { code, .. } => {
-                matches!(code, ErrorCode::Internal | ErrorCode::LimitExceeded)
-            }
-            _ => false,
-        }
-    }
-}
-
-/// Where the VM's pages come from.
-#[derive(Debug)]
-pub enum PageSource {
-    /// Zeros.
-    Zero,
-    /// A raw snapshot image, read by the daemon on demand (the fd is passed, not the path).
-    File(File),
-}
-
-/// What to create.
-#[derive(Debug)]
-pub struct VmSpec {
-    /// Guest RAM regions (flag private-capable ones with `RegionSpec::private`).
-    pub regions: Vec<RegionSpec>,
-    /// Page source.
-    pub source: PageSource,
-    /// Populate method (`Default` lets the daemon choose).
-    pub populate: PopulateMethod,
-    /// KVM VM type the VMM created.
-    pub vm_type: VmType,
-    /// The VMM's KVM VM fd: required for private regions (the client creates their
-    /// guest_memfds through it and sets memory attributes when conversions say so).
-    pub vm_fd: Option<OwnedFd>,
-    /// Per-VM policy overrides (TOML with a `[policy]` table), if any.
-    pub policy: Option<String>,
-    /// The guest RAM is the VMM's own private memory (Firecracker's anonymous mappings): the
-    /// daemon creates no memfd and installs pages with `UFFDIO_COPY` only.
-    pub memory_in_vmm: bool,
-    /// Record the order in which pages are first needed (`Client::working_set`); the daemon
-    /// turns readahead off for this VM so every first touch is seen.
-    pub record_working_set: bool,
-}
-
-impl Default for VmSpec {
-    fn default() -> VmSpec {
-        VmSpec {
-            regions: Vec::new(),
-            source: PageSource::Zero,
-            populate: PopulateMethod::Default,
-            vm_type: VmType::Default,
-            vm_fd: None,
-            policy: None,
-            memory_in_vmm: false,
-            record_working_set: false,
-        }
-    }
-}
-
-/// A VM the daemon created, before the VMM maps it.
-#[derive(Debug)]
-pub struct CreatedVm {
-    /// VM id.
-    pub vm_id: u64,
-    /// Regions, as requested.
-    pub regions: Vec<RegionSpec>,
-    /// One memfd per region (regions sharing a memory file get copies of one memfd); none
-    /// when the memory is the VMM's own.
-    pub memfds: Vec<OwnedFd>,
-    /// One guest_memfd per private-capable region, in region order (`None` for the others);
-    /// created here (the daemon holds a copy).
-    pub guest_memfds: Vec<Option<OwnedFd>>,
-    /// The VMM's VM fd, for the memory attributes it must set (`vmm_sets_attributes`).
-    pub vm_fd: Option<OwnedFd>,
-    /// KVM keeps the attributes: the VMM sets them whenever a conversion answer says so.
-    pub vmm_sets_attributes: bool,
-    /// Secret for `Client::subscribe` (hand it to device backends that must see conversions;
-    /// they must run as this process's uid, or root) and `Client::reattach`.
-    pub token: u64,
-    /// `UFFDIO_REGISTER_MODE_*` to register the mappings with.
-    pub uffd_modes: u64,
-    /// `UFFD_FEATURE_*` to enable at `UFFDIO_API`.
-    pub uffd_features: u64,
-}
-
-/// How a [`Client`] behaves when the daemon goes away.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientOptions {
-    /// How long to wait for a restarted daemon to take the VMs back before giving up on them
-    /// ([`ClientError::DaemonLost`]).
-    pub restart_deadline: Duration,
-    /// Once the link is lost, answer every fault on the VMs' memory with `UFFDIO_POISON` (the
-    /// faulting thread gets SIGBUS; a vCPU, an error exit): the default, so nothing waits
-    /// forever. A VMM that acts on [`Client::lost_fd`] itself (pauses or exits) may turn it
-    /// off: faults then wait, and the client still reads the uffds' events so the VMM never
-    /// blocks in `madvise`/`munmap`.
-    pub poison_when_lost: bool,
-}
-
-impl Default for ClientOptions {
-    fn default() -> ClientOptions {
-        ClientOptions {
-            restart_deadline: DEFAULT_RESTART_DEADLINE,
-            poison_when_lost: true,
-        }
-    }
-}
 
 /// A connection to `vmpagerd`. Requests are synchronous; use one `Client` per thread that
 /// issues them (each VM belongs to the connection that created it).
@@ -526,74 +380,6 @@ impl Client {
         self.attach_uffd(vm_id, memory.uffd(), &memory.host_addrs())?;
         Ok(memory)
     }
-
-    /// Creates the VM's per-vCPU mailbox. Build one [`VcpuChannel`] per vCPU thread with
-    /// [`VmExits::channel`].
-    pub fn open_mailbox(&self, vm_id: u64, vcpus: u32) -> Result<VmExits, ClientError> {
-        let reply = self.call(&Message::OpenMailbox { vm_id, vcpus }, &[], false)?;
-        match reply.message {
-            Message::MailboxOpened {
-                vm_id: id,
-                vcpus: n,
-            } if id == vm_id && n == vcpus => {
-                let mut fds = reply.fds.into_iter();
-                let (Some(mailbox), Some(doorbell)) = (fds.next(), fds.next()) else {
-                    return Err(ClientError::Protocol(
-                        "MailboxOpened without its fds".into(),
-                    ));
-                };
-                if let Some(k) = self.link.kept().get_mut(&vm_id) {
-                    k.mailbox = Some((
-                        mailbox.try_clone().map_err(ClientError::Io)?,
-                        doorbell.try_clone().map_err(ClientError::Io)?,
-                        vcpus,
-                    ));
-                }
-                self.exits(mailbox, doorbell)
-            }
-            other => Err(ClientError::Protocol(format!(
-                "{:?} instead of MailboxOpened",
-                other.kind()
-            ))),
-        }
-    }
-
-    /// The mailbox `mailbox` (its doorbell `doorbell`) as vCPUs use it: waits go on while the
-    /// daemon is away, and fail once the link is lost.
-    pub(crate) fn exits(
-        &self,
-        mailbox: OwnedFd,
-        doorbell: OwnedFd,
-    ) -> Result<VmExits, ClientError> {
-        let mailbox = Mailbox::map(mailbox.as_fd())
-            .map_err(|e| ClientError::Protocol(format!("bad mailbox: {e}")))?;
-        Ok(VmExits {
-            mailbox: Arc::new(mailbox),
-            doorbell: Arc::new(doorbell),
-            liveness: self.link.clone(),
-        })
-    }
-
-    /// Turns this connection into a listener of `vm_id`'s conversion events (what a VFIO or
-    /// vhost-user backend needs). `token` comes from the VMM (`CreatedVm::token`), and this
-    /// process must run as the VMM's uid, or root: the daemon refuses anyone else as it
-    /// refuses an unknown VM. A subscription ends with an error when the daemon goes away
-    /// (subscribe again).
-    pub fn subscribe(self, vm_id: u64, token: u64) -> Result<Subscription, ClientError> {
-        match self
-            .call(&Message::Subscribe { vm_id, token }, &[], false)?
-            .message
-        {
-            Message::Subscribed { vm_id: id } if id == vm_id => Ok(Subscription {
-                link: self.link.clone(),
-            }),
-            other => Err(ClientError::Protocol(format!(
-                "{:?} instead of Subscribed",
-                other.kind()
-            ))),
-        }
-    }
-
     /// The VM's page-state table (the file the daemon keeps it in, which this client holds for
     /// a restarted daemon): which pages are untouched, populated, discarded or private. The
     /// daemon updates it as it serves the VM; a VMM reads it (to copy only populated pages, say)
@@ -716,47 +502,4 @@ pub(crate) fn request(
         });
     }
     Ok(reply)
-}
-
-/// A VM's mailbox, as the VMM holds it: hand one [`VcpuChannel`] to each vCPU thread. It
-/// (and each channel) keeps the client's link, so the connection, and the VM it holds, stay
-/// while one lives.
-#[derive(Debug, Clone)]
-pub struct VmExits {
-    mailbox: Arc<Mailbox>,
-    doorbell: Arc<OwnedFd>,
-    liveness: Arc<dyn Liveness>,
-}
-
-impl VmExits {
-    /// The channel of vCPU `index` (one per vCPU thread; never share one between threads).
-    pub fn channel(&self, index: u32, policy: WaitPolicy) -> Result<VcpuChannel, ClientError> {
-        VcpuChannel::new(
-            self.mailbox.clone(),
-            index,
-            self.doorbell.clone(),
-            self.liveness.clone(),
-            policy,
-        )
-        .map_err(|e| ClientError::Protocol(e.to_string()))
-    }
-}
-
-/// A connection that receives a VM's conversion events.
-#[derive(Debug)]
-pub struct Subscription {
-    link: Arc<Link>,
-}
-
-impl Subscription {
-    /// Waits for the next conversion event.
-    pub fn next_event(&self) -> Result<ConversionEvent, ClientError> {
-        match self.link.conn().recv()?.message {
-            Message::ConversionEvent(e) => Ok(e),
-            other => Err(ClientError::Protocol(format!(
-                "{:?} instead of ConversionEvent",
-                other.kind()
-            ))),
-        }
-    }
 }
