@@ -23,9 +23,10 @@ pub mod socket;
 pub use header::{Header, HEADER_LEN, MAGIC};
 pub use message::{
     AttachChannel, AttachUffd, ChannelProtocol, ConversionEvent, CreateVm, DecodeError, ErrorCode,
-    ErrorReply, Hello, Message, PageSourceKind, PopulateMethod, ReplayWorkingSet, Stats, VmCreated,
-    VmSession, VmType, Welcome, WorkingSet, WorkingSetEntry, VMCREATED_VMM_SETS_ATTRIBUTES,
-    VM_MEMORY_IN_VMM, VM_RECORD_WORKING_SET,
+    ErrorReply, Hello, Kind, Message, MigrateIn, MigrateOut, MigrationCounters, MigrationKey,
+    MigrationState, MigrationStatus, PageSourceKind, PopulateMethod, ReplayWorkingSet, Stats,
+    VmCreated, VmSession, VmType, Welcome, WorkingSet, WorkingSetEntry, MIGRATE_HYBRID,
+    MIGRATION_KEY_LEN, VMCREATED_VMM_SETS_ATTRIBUTES, VM_MEMORY_IN_VMM, VM_RECORD_WORKING_SET,
 };
 pub use region::{RegionError, RegionSpec, HUGE_PAGE_SIZE, REGION_HUGE_2M, REGION_PRIVATE};
 pub use socket::{Connection, SocketError};
@@ -76,6 +77,9 @@ pub mod features {
     pub const HUGE_PAGES: u64 = 1 << 9;
     /// Sessions that outlive connections: `ReleaseVm`, `ReattachVm`, `ReclaimVm`.
     pub const SESSIONS: u64 = 1 << 10;
+    /// Post-copy migration between daemons: page source `Remote`, `MigrateOut`, `MigrateIn`,
+    /// `GetMigration`, `AbandonMigration`, `MigrationStatus`.
+    pub const MIGRATION: u64 = 1 << 11;
     /// Every feature this version of the crate knows.
     pub const ALL: u64 = FILE_SOURCE
         | STATS
@@ -87,7 +91,8 @@ pub mod features {
         | FAULT_CHANNEL
         | WORKING_SET
         | HUGE_PAGES
-        | SESSIONS;
+        | SESSIONS
+        | MIGRATION;
 }
 
 /// Registration modes the daemon asks the VMM to use on its uffd (`VmCreated.uffd_modes`); the

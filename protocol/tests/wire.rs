@@ -58,7 +58,7 @@ fn message_strategy() -> impl Strategy<Value = Message> {
             ),
         (
             region_strategy(),
-            any::<bool>(),
+            0u32..3,
             0u32..3,
             0u32..6,
             prop::option::of("[a-z =\"\n]{1,200}"),
@@ -69,11 +69,11 @@ fn message_strategy() -> impl Strategy<Value = Message> {
                     vm_type: VmType::from_wire(t).unwrap(),
                     policy,
                     flags,
-                    source: if file {
-                        PageSourceKind::File
-                    } else {
-                        PageSourceKind::Zero
-                    },
+                    source: [
+                        PageSourceKind::Zero,
+                        PageSourceKind::File,
+                        PageSourceKind::Remote
+                    ][file as usize],
                     populate: [
                         PopulateMethod::Default,
                         PopulateMethod::Copy,
@@ -166,6 +166,49 @@ fn message_strategy() -> impl Strategy<Value = Message> {
                     entries,
                 })
             }),
+        (id.clone(), 1u64.., any::<[u8; 32]>(), 0..=MIGRATE_HYBRID).prop_map(
+            |(vm_id, migration_id, key, flags)| Message::MigrateOut(MigrateOut {
+                vm_id,
+                migration_id,
+                key: MigrationKey(key),
+                flags,
+            })
+        ),
+        (id.clone(), 1u64.., any::<[u8; 32]>(), "[a-z0-9.:\\[\\]]{1,255}").prop_map(
+            |(vm_id, migration_id, key, addr)| Message::MigrateIn(MigrateIn {
+                vm_id,
+                migration_id,
+                key: MigrationKey(key),
+                addr,
+            })
+        ),
+        (id.clone(), any::<u64>(), 0usize..4, any::<[u64; 11]>()).prop_map(
+            |(vm_id, migration_id, st, c)| Message::MigrationStatus(MigrationStatus {
+                vm_id,
+                migration_id,
+                state: [
+                    MigrationState::None,
+                    MigrationState::Running,
+                    MigrationState::Complete,
+                    MigrationState::Abandoned
+                ][st],
+                counters: MigrationCounters {
+                    total_pages: c[0],
+                    pages_done: c[1],
+                    pages_pulled: c[2],
+                    pages_pushed: c[3],
+                    pages_invalidated: c[4],
+                    pages_poisoned: c[5],
+                    reconnects: c[6],
+                    refused: c[7],
+                    bytes: c[8],
+                    fault_p50_ns: c[9],
+                    fault_p99_ns: c[10],
+                },
+            })
+        ),
+        id.clone().prop_map(|vm_id| Message::GetMigration { vm_id }),
+        id.clone().prop_map(|vm_id| Message::AbandonMigration { vm_id }),
         ("[a-zA-Z0-9 é]{0,300}", 0usize..10).prop_map(|(text, c)| {
             let code = [
                 ErrorCode::BadMessage,

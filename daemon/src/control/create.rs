@@ -324,6 +324,12 @@ impl Reactor {
                         .map_err(|e| refuse(ErrorCode::BadSource, error_chain(&e)))?,
                 )
             }
+            PageSourceKind::Remote => {
+                return Err(refuse(
+                    ErrorCode::Unsupported,
+                    "the remote page source is not supported by this daemon",
+                ))
+            }
         };
         let private = match create.vm_type.has_private_memory() {
             false => None,

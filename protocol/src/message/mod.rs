@@ -15,6 +15,8 @@
 pub mod conversion;
 pub mod error;
 pub mod handshake;
+mod kind;
+pub mod migration;
 pub mod session;
 pub mod stats;
 pub mod vm;
@@ -23,6 +25,11 @@ pub mod working_set;
 pub use conversion::ConversionEvent;
 pub use error::{ErrorCode, ErrorReply};
 pub use handshake::{Hello, Welcome};
+pub use kind::Kind;
+pub use migration::{
+    MigrateIn, MigrateOut, MigrationCounters, MigrationKey, MigrationState, MigrationStatus,
+    MAX_MIGRATION_ADDR, MIGRATE_FLAGS, MIGRATE_HYBRID, MIGRATION_KEY_LEN,
+};
 pub use session::VmSession;
 pub use stats::Stats;
 pub use vm::{
@@ -39,104 +46,6 @@ use crate::region::RegionError;
 use crate::{MAX_PAYLOAD, PROTOCOL_VERSION};
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
-
-/// Message kinds (`Header.kind`). `0` is reserved as invalid.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u16)]
-pub enum Kind {
-    /// Client → daemon: first message on a connection.
-    Hello = 1,
-    /// Daemon → client: answer to `Hello`.
-    Welcome = 2,
-    /// Client → daemon: create a VM and its memory.
-    CreateVm = 3,
-    /// Daemon → client: the VM's id and one memfd per region.
-    VmCreated = 4,
-    /// Client → daemon: the VMM's userfaultfd and its mapping addresses.
-    AttachUffd = 5,
-    /// Daemon → client: the daemon now serves the uffd (or the fault channel).
-    Attached = 6,
-    /// Client → daemon: stop serving and free a VM.
-    Detach = 7,
-    /// Daemon → client: the VM is gone.
-    Detached = 8,
-    /// Client → daemon: ask for a VM's counters.
-    GetStats = 9,
-    /// Daemon → client: a VM's counters and latency percentiles.
-    Stats = 10,
-    /// Daemon → client: a request failed.
-    Error = 11,
-    /// Client → daemon: create the VM's per-vCPU mailbox.
-    OpenMailbox = 12,
-    /// Daemon → client: the mailbox memfd and the doorbell eventfd.
-    MailboxOpened = 13,
-    /// Client → daemon: receive the VM's conversion events on this connection, which need not
-    /// hold the VM; its peer must be of the uid that created the VM, or root.
-    Subscribe = 14,
-    /// Daemon → client: subscribed.
-    Subscribed = 15,
-    /// Daemon → subscriber (unsolicited, request id 0): a range changed between private and
-    /// shared.
-    ConversionEvent = 16,
-    /// Client → daemon: serve a VMM's page requests on a stream socket (one fd).
-    AttachChannel = 17,
-    /// Client → daemon: pages to push into the VM ahead of its vCPUs.
-    ReplayWorkingSet = 18,
-    /// Daemon → client: the pages are queued.
-    ReplayQueued = 19,
-    /// Client → daemon: ask for the VM's recorded working set from an entry on.
-    GetWorkingSet = 20,
-    /// Daemon → client: a slice of the recorded working set.
-    WorkingSet = 21,
-    /// Client → daemon: stop serving the VM's uffd and keep the VM for a reattach.
-    ReleaseVm = 22,
-    /// Daemon → client: released; kept for the grace period.
-    Released = 23,
-    /// Client → daemon: take over a VM (by id and token) from a VMM that released it or died.
-    ReattachVm = 24,
-    /// Daemon → client: the VM and its fds.
-    Reattached = 25,
-    /// Client → daemon: serve this VM again (after a daemon restart or a lost connection).
-    ReclaimVm = 26,
-    /// Daemon → client: the VM is served again.
-    Reclaimed = 27,
-}
-
-impl Kind {
-    fn from_wire(v: u16) -> Option<Kind> {
-        use Kind::*;
-        Some(match v {
-            1 => Hello,
-            2 => Welcome,
-            3 => CreateVm,
-            4 => VmCreated,
-            5 => AttachUffd,
-            6 => Attached,
-            7 => Detach,
-            8 => Detached,
-            9 => GetStats,
-            10 => Stats,
-            11 => Error,
-            12 => OpenMailbox,
-            13 => MailboxOpened,
-            14 => Subscribe,
-            15 => Subscribed,
-            16 => ConversionEvent,
-            17 => AttachChannel,
-            18 => ReplayWorkingSet,
-            19 => ReplayQueued,
-            20 => GetWorkingSet,
-            21 => WorkingSet,
-            22 => ReleaseVm,
-            23 => Released,
-            24 => ReattachVm,
-            25 => Reattached,
-            26 => ReclaimVm,
-            27 => Reclaimed,
-            _ => return None,
-        })
-    }
-}
 
 /// Every message of this protocol version.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -253,6 +162,22 @@ pub enum Message {
         /// VM id.
         vm_id: u64,
     },
+    /// See [`MigrateOut`].
+    MigrateOut(MigrateOut),
+    /// See [`MigrateIn`].
+    MigrateIn(MigrateIn),
+    /// See [`MigrationStatus`].
+    MigrationStatus(MigrationStatus),
+    /// Ask how the VM's migration is going.
+    GetMigration {
+        /// VM id.
+        vm_id: u64,
+    },
+    /// Give up on the other side of the VM's migration.
+    AbandonMigration {
+        /// VM id.
+        vm_id: u64,
+    },
 }
 
 /// Why a received message was refused.
@@ -363,6 +288,11 @@ impl Message {
             Message::Reattached(_) => Kind::Reattached,
             Message::ReclaimVm(_) => Kind::ReclaimVm,
             Message::Reclaimed { .. } => Kind::Reclaimed,
+            Message::MigrateOut(_) => Kind::MigrateOut,
+            Message::MigrateIn(_) => Kind::MigrateIn,
+            Message::MigrationStatus(_) => Kind::MigrationStatus,
+            Message::GetMigration { .. } => Kind::GetMigration,
+            Message::AbandonMigration { .. } => Kind::AbandonMigration,
         }
     }
 
@@ -401,7 +331,12 @@ impl Message {
             | Message::GetStats { vm_id }
             | Message::Subscribed { vm_id }
             | Message::ReleaseVm { vm_id }
-            | Message::Reclaimed { vm_id } => words(&mut payload, &[*vm_id]),
+            | Message::Reclaimed { vm_id }
+            | Message::GetMigration { vm_id }
+            | Message::AbandonMigration { vm_id } => words(&mut payload, &[*vm_id]),
+            Message::MigrateOut(m) => m.encode(&mut payload),
+            Message::MigrateIn(m) => m.encode(&mut payload),
+            Message::MigrationStatus(m) => m.encode(&mut payload),
             Message::Released { vm_id, grace_ms } => words(&mut payload, &[*vm_id, *grace_ms]),
             Message::ReattachVm { vm_id, token } => words(&mut payload, &[*vm_id, *token]),
             Message::Reattached(s) | Message::ReclaimVm(s) => s.encode(&mut payload),
@@ -583,6 +518,15 @@ fn decode_payload(kind: Kind, p: &[u8]) -> Result<Message, DecodeError> {
         Kind::Reattached => Message::Reattached(VmSession::decode(kind, p)?),
         Kind::ReclaimVm => Message::ReclaimVm(VmSession::decode(kind, p)?),
         Kind::Reclaimed => Message::Reclaimed {
+            vm_id: id_words::<1>(kind, p)?[0],
+        },
+        Kind::MigrateOut => Message::MigrateOut(MigrateOut::decode(p)?),
+        Kind::MigrateIn => Message::MigrateIn(MigrateIn::decode(p)?),
+        Kind::MigrationStatus => Message::MigrationStatus(MigrationStatus::decode(p)?),
+        Kind::GetMigration => Message::GetMigration {
+            vm_id: id_words::<1>(kind, p)?[0],
+        },
+        Kind::AbandonMigration => Message::AbandonMigration {
             vm_id: id_words::<1>(kind, p)?[0],
         },
     })

@@ -15,6 +15,9 @@ pub enum PageSourceKind {
     Zero = 1,
     /// A raw snapshot image; its fd travels with `CreateVm`. Bytes past its end read as zeros.
     File = 2,
+    /// Another daemon, over the network (post-copy migration): nothing is served until a
+    /// `MigrateIn` names the source; faults wait meanwhile. Needs [`crate::features::MIGRATION`].
+    Remote = 3,
 }
 
 /// KVM VM type, as the VMM created it. Only KVM's notion of private memory counts: `sev` and
@@ -245,6 +248,7 @@ impl CreateVm {
         let source = match w.source_kind.get() {
             1 => PageSourceKind::Zero,
             2 => PageSourceKind::File,
+            3 => PageSourceKind::Remote,
             v => {
                 return Err(DecodeError::BadValue {
                     field: "source_kind",
