@@ -35,6 +35,7 @@ pub mod latency;
 pub mod listener;
 pub mod memory;
 pub mod metrics;
+pub mod migration;
 pub mod page_state;
 pub mod policy;
 pub mod prometheus;
