@@ -66,6 +66,8 @@ pub(crate) struct KeptVm {
     pub uffd: Option<(OwnedFd, Vec<u64>)>,
     pub mailbox: Option<(OwnedFd, OwnedFd, u32)>,
     pub channel: Option<(ChannelProtocol, OwnedFd)>,
+    /// The `MigrateOut` or `MigrateIn` of a migrating VM, made again after a reclaim.
+    pub migration: Option<Message>,
 }
 
 impl KeptVm {
@@ -363,6 +365,18 @@ fn reclaim_all(link: &Link, conn: &Connection) -> Result<(), ClientError> {
                     "{:?} instead of Reclaimed",
                     other.kind()
                 )))
+            }
+        }
+        if let Some(m) = &vm.migration {
+            // The restarted daemon resumes its side of the migration.
+            match request(conn, m, &[])?.message {
+                Message::MigrationStatus(_) => {}
+                other => {
+                    return Err(ClientError::Protocol(format!(
+                        "{:?} instead of MigrationStatus",
+                        other.kind()
+                    )))
+                }
             }
         }
     }

@@ -103,6 +103,7 @@ impl Client {
                 .flatten()
                 .map(dup)
                 .collect::<Result<_, _>>()?,
+            migration: None,
             uffd: None,
             mailbox: match &mailbox {
                 Some((m, d)) => Some((dup(m)?, dup(d)?, session.mailbox_vcpus)),

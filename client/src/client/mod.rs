@@ -4,6 +4,7 @@
 
 mod error;
 mod exits;
+mod migration;
 mod spec;
 
 pub use error::ClientError;
@@ -180,6 +181,7 @@ impl Client {
         let (source, file) = match spec.source {
             PageSource::Zero => (PageSourceKind::Zero, None),
             PageSource::File(f) => (PageSourceKind::File, Some(f)),
+            PageSource::Remote => (PageSourceKind::Remote, None),
         };
         let mut flags = 0;
         if spec.memory_in_vmm {
@@ -258,6 +260,7 @@ impl Client {
             uffd: None,
             mailbox: None,
             channel: None,
+            migration: None,
         };
         self.link.kept().insert(v.vm_id, kept);
         Ok(CreatedVm {

@@ -16,6 +16,9 @@ pub enum PageSource {
     Zero,
     /// A raw snapshot image, read by the daemon on demand (the fd is passed, not the path).
     File(File),
+    /// Another daemon (post-copy migration): faults wait until [`Client::migrate_in`] names
+    /// the source.
+    Remote,
 }
 
 /// What to create.
