@@ -71,7 +71,7 @@ impl RleBitmap {
             return false;
         };
         // The value of the last run: even index = clear, odd = set.
-        let last_set = self.runs.len() % 2 == 0;
+        let last_set = self.runs.len().is_multiple_of(2);
         match self.runs.last_mut() {
             Some(last) if last_set == set => *last += count,
             _ => {

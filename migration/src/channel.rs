@@ -6,7 +6,7 @@
 //! whose sent data stays unacknowledged that long) and TCP keepalive probes. A peer that
 //! sends nothing for `liveness` is declared dead ([`ChannelError::Dead`]), so each side must
 //! send something (a `Ping` when idle, [`Writer::ping_if_idle`]) at least every
-//! [`Timeouts::ping_interval`].
+//! `Timeouts::ping_interval`.
 
 use crate::auth::{self, AuthError, ChannelKind, Key, Session};
 use crate::frame::{seal_message, FrameError, FrameHeader, MacState, FRAME_HEADER_LEN, MAC_LEN};
@@ -107,6 +107,9 @@ pub struct Timeouts {
     /// Longest silence from the peer, and longest stall of a send, before the connection is
     /// declared dead; also `TCP_USER_TIMEOUT`. Default 10 s.
     pub liveness: Duration,
+    /// How long a side may stay silent before [`Writer::ping_if_idle`] sends a `Ping`;
+    /// keep it well under the peer's `liveness`. Default 2.5 s (a quarter of 10 s).
+    pub ping_interval: Duration,
 }
 
 impl Default for Timeouts {
@@ -115,14 +118,8 @@ impl Default for Timeouts {
             connect: Duration::from_secs(5),
             handshake: Duration::from_secs(5),
             liveness: Duration::from_secs(10),
+            ping_interval: Duration::from_millis(2500),
         }
-    }
-}
-
-impl Timeouts {
-    /// How often an idle side sends a `Ping`: a quarter of the liveness deadline.
-    pub fn ping_interval(&self) -> Duration {
-        self.liveness / 4
     }
 }
 
@@ -220,7 +217,7 @@ impl Channel {
                 buf: Vec::new(),
                 broken: false,
                 liveness: t.liveness,
-                ping_interval: t.ping_interval(),
+                ping_interval: t.ping_interval,
                 last_send: Instant::now(),
                 next_nonce: 1,
             },
@@ -408,7 +405,7 @@ impl Writer {
         Ok(())
     }
 
-    /// Sends a `Ping` if nothing was sent for [`Timeouts::ping_interval`]; returns its nonce.
+    /// Sends a `Ping` if nothing was sent for `Timeouts::ping_interval`; returns its nonce.
     /// Call it at least that often on a channel that may be idle.
     pub fn ping_if_idle(&mut self) -> Result<Option<u64>, ChannelError> {
         if self.last_send.elapsed() < self.ping_interval {

@@ -558,7 +558,7 @@ impl Message {
 /// The `count` of a `Pages` frame with `len` bytes of data from `first`, if it is a valid one.
 pub(crate) fn pages_header(first: u64, len: usize) -> Option<u32> {
     let count = len / PAGE;
-    if len % PAGE != 0 || count == 0 || count > MAX_PAGES_PER_FRAME {
+    if !len.is_multiple_of(PAGE) || count == 0 || count > MAX_PAGES_PER_FRAME {
         return None;
     }
     first.checked_add(count as u64 - 1)?;
