@@ -19,7 +19,9 @@ fn main() {
         let start = Instant::now();
         for f in 0..frames {
             let at = (f * pages % 1024) * 4096;
-            let tag = mac.seal(&header, &[&head, &data[at..at + pages * 4096]]).unwrap();
+            let tag = mac
+                .seal(&header, &[&head, &data[at..at + pages * 4096]])
+                .unwrap();
             sink ^= tag[0];
         }
         let secs = start.elapsed().as_secs_f64();
@@ -27,7 +29,7 @@ fn main() {
             "{pages:>5} page(s)/frame: {:.0} ns per 4 KiB page, {:.0} MB/s ({} MiB in {:.3} s) [{sink}]",
             secs * 1e9 / total_pages as f64,
             (total_pages * 4096) as f64 / secs / 1e6,
-            total_pages * 4096 >> 20,
+            (total_pages * 4096) >> 20,
             secs,
         );
     }
