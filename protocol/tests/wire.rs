@@ -72,7 +72,7 @@ fn message_strategy() -> impl Strategy<Value = Message> {
                     source: [
                         PageSourceKind::Zero,
                         PageSourceKind::File,
-                        PageSourceKind::Remote
+                        PageSourceKind::Remote,
                     ][file as usize],
                     populate: [
                         PopulateMethod::Default,
@@ -174,14 +174,20 @@ fn message_strategy() -> impl Strategy<Value = Message> {
                 flags,
             })
         ),
-        (id.clone(), 1u64.., any::<[u8; 32]>(), "[a-z0-9.:\\[\\]]{1,255}").prop_map(
-            |(vm_id, migration_id, key, addr)| Message::MigrateIn(MigrateIn {
-                vm_id,
-                migration_id,
-                key: MigrationKey(key),
-                addr,
-            })
-        ),
+        (
+            id.clone(),
+            1u64..,
+            any::<[u8; 32]>(),
+            "[a-z0-9.:\\[\\]]{1,255}"
+        )
+            .prop_map(
+                |(vm_id, migration_id, key, addr)| Message::MigrateIn(MigrateIn {
+                    vm_id,
+                    migration_id,
+                    key: MigrationKey(key),
+                    addr,
+                })
+            ),
         (id.clone(), any::<u64>(), 0usize..4, any::<[u64; 11]>()).prop_map(
             |(vm_id, migration_id, st, c)| Message::MigrationStatus(MigrationStatus {
                 vm_id,
@@ -208,7 +214,8 @@ fn message_strategy() -> impl Strategy<Value = Message> {
             })
         ),
         id.clone().prop_map(|vm_id| Message::GetMigration { vm_id }),
-        id.clone().prop_map(|vm_id| Message::AbandonMigration { vm_id }),
+        id.clone()
+            .prop_map(|vm_id| Message::AbandonMigration { vm_id }),
         ("[a-zA-Z0-9 é]{0,300}", 0usize..10).prop_map(|(text, c)| {
             let code = [
                 ErrorCode::BadMessage,
