@@ -92,6 +92,9 @@ pub struct Config {
     /// Serve Prometheus metrics over HTTP here (`GET /metrics`); port 0 picks a free port
     /// (see [`Ready::metrics_addr`]).
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve migrating VMs' memory to destination daemons here (TCP, `MigrateOut`); port 0
+    /// picks a free port (see [`Ready::migration_addr`]). `None`: no VM migrates out.
+    pub migration_listen: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -109,6 +112,7 @@ impl Default for Config {
             readahead: readahead::Readahead::default(),
             vm_grace: Duration::from_secs(60),
             metrics_listen: None,
+            migration_listen: None,
             allow: access::Allowlist::default(),
         }
     }
@@ -132,6 +136,9 @@ pub enum DaemonError {
     /// The metrics endpoint could not start.
     #[error("cannot start the metrics endpoint")]
     Metrics(#[from] exporter::ExportError),
+    /// The migration listener could not start.
+    #[error("cannot start the migration listener")]
+    Migration(#[from] migration::serve::ServeError),
 }
 
 /// The daemon's VMs as its other threads see them: their number (tests wait on it without
@@ -231,6 +238,8 @@ impl LiveVms {
 pub struct Ready {
     /// Where the metrics endpoint listens (`Config::metrics_listen` with its port resolved).
     pub metrics_addr: Option<SocketAddr>,
+    /// Where migrations are served (`Config::migration_listen` with its port resolved).
+    pub migration_addr: Option<SocketAddr>,
 }
 
 /// Probes the host and serves `listener` until `shutdown` becomes readable.
@@ -269,6 +278,18 @@ pub fn serve_with(
         .metrics_listen
         .map(|addr| exporter::Exporter::start(addr, live.clone()))
         .transpose()?;
+    let mut migrations = migration::Migrations::default();
+    let migration_listener = config
+        .migration_listen
+        .map(|addr| {
+            migration::serve::MigrationListener::start(
+                &addr.to_string(),
+                migrations.outgoing.clone(),
+            )
+        })
+        .transpose()?;
+    migrations.listening = migration_listener.as_ref().map(|l| l.addr());
+    let migration_addr = migrations.listening;
     let reactor = control::Reactor::new(
         listener,
         shutdown,
@@ -278,12 +299,15 @@ pub fn serve_with(
             memory_attributes: caps::memory_attributes(),
         },
         live,
+        Arc::new(migrations),
     )?;
     ready(&Ready {
         metrics_addr: exporter.as_ref().map(exporter::Exporter::local_addr),
+        migration_addr,
     });
     let served = reactor.run();
     drop(exporter);
+    drop(migration_listener);
     Ok(served?)
 }
 
@@ -312,6 +336,11 @@ impl DaemonHandle {
     /// Where the metrics endpoint listens, if `Config::metrics_listen` was set.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.ready.metrics_addr
+    }
+
+    /// Where migrations are served, if `Config::migration_listen` was set.
+    pub fn migration_addr(&self) -> Option<SocketAddr> {
+        self.ready.migration_addr
     }
 
     /// Stops the daemon and waits for it.

@@ -53,6 +53,10 @@ struct Args {
     /// 127.0.0.1:9464; anyone who can reach it can read them).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<String>,
+    /// Serve migrating VMs' memory to destination daemons on TCP at ADDR (HOST:PORT; port 0
+    /// picks a free one, logged). Peers must prove the migration's key (docs/migration.md).
+    #[arg(long, value_name = "ADDR")]
+    migration_listen: Option<String>,
     /// Print this host's capabilities as JSON and exit.
     #[arg(long)]
     print_capabilities: bool,
@@ -190,7 +194,12 @@ impl Args {
         c.metrics_listen = self
             .metrics_listen
             .as_deref()
-            .map(metrics_addr)
+            .map(|a| socket_addr("--metrics-listen", a))
+            .transpose()?;
+        c.migration_listen = self
+            .migration_listen
+            .as_deref()
+            .map(|a| socket_addr("--migration-listen", a))
             .transpose()?;
         Ok(c)
     }
@@ -246,11 +255,11 @@ fn check_worker_cpus(cpus: &[usize]) -> anyhow::Result<()> {
 }
 
 /// The address of `--metrics-listen` (a name resolves to its first address).
-fn metrics_addr(text: &str) -> anyhow::Result<SocketAddr> {
+fn socket_addr(option: &str, text: &str) -> anyhow::Result<SocketAddr> {
     text.to_socket_addrs()
-        .with_context(|| format!("--metrics-listen {text}: not a HOST:PORT address"))?
+        .with_context(|| format!("{option} {text}: not a HOST:PORT address"))?
         .next()
-        .with_context(|| format!("--metrics-listen {text}: the name has no address"))
+        .with_context(|| format!("{option} {text}: the name has no address"))
 }
 
 fn main() {
@@ -337,6 +346,7 @@ fn run() -> anyhow::Result<()> {
         allow_uids = ?config.allow.uids,
         allow_gids = ?config.allow.gids,
         metrics = ?config.metrics_listen,
+        migration = ?config.migration_listen,
         workers = config.workers,
         populate = ?config.populate,
         wait = config.wait.name(),
@@ -349,6 +359,9 @@ fn run() -> anyhow::Result<()> {
     let served = vmpagerd::serve_with(listener_fd, shutdown, config, live.clone(), |ready| {
         if let Some(addr) = ready.metrics_addr {
             tracing::info!("metrics at http://{addr}/metrics");
+        }
+        if let Some(addr) = ready.migration_addr {
+            tracing::info!("serving migrations on {addr}");
         }
         if let Some(n) = &notifier {
             // The status thread first: at READY=1 the daemon runs every thread it will run

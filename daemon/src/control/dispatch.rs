@@ -143,6 +143,24 @@ impl Reactor {
                     vec![],
                 ))
             }
+            (
+                State::Ready { features },
+                Message::MigrateOut(_)
+                | Message::MigrateIn(_)
+                | Message::GetMigration { .. }
+                | Message::AbandonMigration { .. },
+            ) if features & features::MIGRATION == 0 => Err(refuse(
+                ErrorCode::Unsupported,
+                "migration was not negotiated",
+            )),
+            (State::Ready { .. }, Message::MigrateOut(m)) => self.migrate_out(token, m),
+            (State::Ready { .. }, Message::MigrateIn(m)) => self.migrate_in(token, m),
+            (State::Ready { .. }, Message::GetMigration { vm_id }) => {
+                self.get_migration(token, vm_id)
+            }
+            (State::Ready { .. }, Message::AbandonMigration { vm_id }) => {
+                self.abandon_migration(token, vm_id)
+            }
             (State::Ready { .. }, m) => Err(refuse(
                 ErrorCode::BadState,
                 format!("{:?} is not a request the daemon serves here", m.kind()),

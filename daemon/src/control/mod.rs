@@ -17,6 +17,7 @@ mod accept;
 mod attach;
 mod create;
 mod dispatch;
+mod migration;
 mod registry;
 mod session;
 mod working_set;
@@ -153,6 +154,7 @@ pub struct Reactor {
     refused: RateLimitedWarning,
     events: EventQueue,
     event_rx: crossbeam::channel::Receiver<ConversionEvent>,
+    migrations: Arc<crate::migration::Migrations>,
 }
 
 /// A warning a client can trigger at will: logged at most once per second, with the number of
@@ -187,6 +189,7 @@ impl Reactor {
         config: Config,
         host: HostFeatures,
         live: Arc<LiveVms>,
+        migrations: Arc<crate::migration::Migrations>,
     ) -> Result<Reactor, ControlError> {
         let poll = Poll::new().map_err(ControlError::Poll)?;
         rustix::fs::fcntl_setfl(&listener, rustix::fs::OFlags::NONBLOCK)
@@ -233,6 +236,7 @@ impl Reactor {
             },
             events,
             event_rx,
+            migrations,
         })
     }
 
@@ -429,7 +433,8 @@ impl Reactor {
             | features::VMM_MEMORY
             | features::FAULT_CHANNEL
             | features::WORKING_SET
-            | features::SESSIONS;
+            | features::SESSIONS
+            | features::MIGRATION;
         if self.host.has(k::UFFD_FEATURE_MINOR_SHMEM) {
             f |= features::POPULATE_CONTINUE;
         }
