@@ -42,6 +42,8 @@ enum Command {
     Hold(u64),
     Release(u64),
     Fail(u64),
+    Heal(u64),
+    Flush(Sender<()>),
     Push { offset: u64, len: u64 },
     Deliver(Arrival),
     Lose,
@@ -96,6 +98,19 @@ impl DelayedSource {
     /// Requests covering byte `offset` are answered with `Failed`.
     pub fn fail(&self, offset: u64) {
         self.send(Command::Fail(offset));
+    }
+
+    /// Stops failing requests covering `offset`.
+    pub fn heal(&self, offset: u64) {
+        self.send(Command::Heal(offset));
+    }
+
+    /// Waits until every command sent before (fetches, pushes, releases) was answered: their
+    /// arrivals are in the VM's queue.
+    pub fn flush(&self) {
+        let (done, wait) = crossbeam::channel::bounded(1);
+        self.send(Command::Flush(done));
+        let _ = wait.recv();
     }
 
     /// Delivers `len` bytes at `offset` that nobody asked for (a bulk push).
@@ -168,6 +183,10 @@ impl Server {
                     }
                 }
                 Command::Fail(o) => self.failing.push(o),
+                Command::Heal(o) => self.failing.retain(|&f| f != o),
+                Command::Flush(done) => {
+                    let _ = done.send(());
+                }
                 Command::Push { offset, len } => self.answer(offset, len),
                 Command::Deliver(a) => self.completions.deliver(a),
                 Command::Lose => self.completions.lost(),
