@@ -95,6 +95,40 @@ pub struct Config {
     /// Serve migrating VMs' memory to destination daemons here (TCP, `MigrateOut`); port 0
     /// picks a free port (see [`Ready::migration_addr`]). `None`: no VM migrates out.
     pub migration_listen: Option<SocketAddr>,
+    /// An embedder's asynchronous page source (a network or object-store source, or the
+    /// tests' [`source::DelayedSource`]): consulted for every VM created with a zero source;
+    /// a VM it gives a source to is served from that source. Not settable from the command line.
+    pub async_source: Option<AsyncSourceFactory>,
+}
+
+/// Makes the asynchronous source of a new VM from the [`source::Completions`] it answers
+/// into, or declines (`None`: the VM keeps its own source).
+#[derive(Clone)]
+pub struct AsyncSourceFactory(
+    Arc<dyn Fn(source::Completions) -> Option<Arc<dyn source::AsyncSource>> + Send + Sync>,
+);
+
+impl AsyncSourceFactory {
+    /// A factory calling `make` for each new VM with a zero source.
+    pub fn new(
+        make: impl Fn(source::Completions) -> Option<Arc<dyn source::AsyncSource>>
+            + Send
+            + Sync
+            + 'static,
+    ) -> AsyncSourceFactory {
+        AsyncSourceFactory(Arc::new(make))
+    }
+
+    /// The source of a new VM answering into `completions`, if any.
+    pub fn make(&self, completions: source::Completions) -> Option<Arc<dyn source::AsyncSource>> {
+        (self.0)(completions)
+    }
+}
+
+impl std::fmt::Debug for AsyncSourceFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AsyncSourceFactory")
+    }
 }
 
 impl Default for Config {
@@ -114,6 +148,7 @@ impl Default for Config {
             metrics_listen: None,
             migration_listen: None,
             allow: access::Allowlist::default(),
+            async_source: None,
         }
     }
 }

@@ -45,6 +45,17 @@ impl Install {
     }
 }
 
+/// Names of [`VmMetrics::async_counts`] (Prometheus `event` label of `vmpager_vm_async_source`).
+pub const ASYNC_COUNTERS: [&str; 7] = [
+    "parked",
+    "joined",
+    "fetched",
+    "by_request",
+    "by_push",
+    "dropped_discarded",
+    "dropped_duplicate",
+];
+
 /// Counters of one VM. Written by the thread serving its uffd, read by the control thread.
 #[derive(Debug, Default)]
 pub struct VmMetrics {
@@ -96,6 +107,20 @@ pub struct VmMetrics {
     pub channel_requests: AtomicU64,
     /// Fault-channel requests refused.
     pub channel_errors: AtomicU64,
+    /// Faults parked on a page an asynchronous source was asked for.
+    pub parked_faults: AtomicU64,
+    /// Faults that joined a page already parked on (no second fetch).
+    pub joined_faults: AtomicU64,
+    /// Pages asked of an asynchronous source (urgent and background).
+    pub pages_fetched: AtomicU64,
+    /// Pages an asynchronous source delivered that had been asked for.
+    pub pages_by_request: AtomicU64,
+    /// Pages an asynchronous source delivered unasked (a bulk push).
+    pub pages_by_push: AtomicU64,
+    /// Arrived pages dropped because their range was discarded (removed, private) meanwhile.
+    pub arrivals_discarded: AtomicU64,
+    /// Arrived pages dropped because the page was installed already (a second arrival).
+    pub arrivals_duplicate: AtomicU64,
     /// Pages installed, by method ([`Install::ALL`] order; see [`VmMetrics::count_installed`]).
     installed: [AtomicU64; 4],
     denial_log: Mutex<DenialLog>,
@@ -183,6 +208,21 @@ impl VmMetrics {
     /// Bytes the latency histogram holds on the heap (0 before the first fault).
     pub fn latency_heap_bytes(&self) -> usize {
         self.latency.lock().map_or(0, |l| l.heap_bytes())
+    }
+
+    /// The asynchronous-source counters, in [`ASYNC_COUNTERS`] order (not in the wire
+    /// `Stats`: the Prometheus endpoint and in-process readers get them here).
+    pub fn async_counts(&self) -> [u64; 7] {
+        [
+            &self.parked_faults,
+            &self.joined_faults,
+            &self.pages_fetched,
+            &self.pages_by_request,
+            &self.pages_by_push,
+            &self.arrivals_discarded,
+            &self.arrivals_duplicate,
+        ]
+        .map(|c| c.load(Relaxed))
     }
 
     /// A consistent-enough snapshot for a `Stats` reply.

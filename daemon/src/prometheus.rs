@@ -5,7 +5,7 @@
 //! format 0.0.4. Every family and label: docs/operations.md.
 
 use crate::latency::{Buckets, BUCKET_BOUNDS_NS};
-use crate::metrics::Install;
+use crate::metrics::{Install, ASYNC_COUNTERS};
 use crate::session::{AttributeKeeper, Populate, Vm};
 use crate::LiveVms;
 use prometheus_client::collector::Collector;
@@ -82,6 +82,7 @@ struct VmSnapshot {
     id: String,
     stats: Stats,
     installed: [u64; 4],
+    asynchronous: [u64; 7],
     latency: Buckets,
     source: &'static str,
     populate: &'static str,
@@ -96,6 +97,7 @@ impl VmSnapshot {
             id: vm.id.to_string(),
             stats: vm.metrics.snapshot(vm.id, vm.populate.wire() as u64),
             installed: Install::ALL.map(|m| vm.metrics.installed(m)),
+            asynchronous: vm.metrics.async_counts(),
             latency: vm.metrics.latency_buckets(),
             source: vm.source.name(),
             populate: match vm.populate {
@@ -262,6 +264,22 @@ impl Collector for VmCollector {
             "Pages pushed from a replayed working set.",
             None,
             &per_vm(&vms, |s| s.pages_replayed),
+        )?;
+        let asynchronous: Vec<(Labels, u64)> = vms
+            .iter()
+            .flat_map(|s| {
+                ASYNC_COUNTERS
+                    .iter()
+                    .zip(s.asynchronous)
+                    .map(move |(e, n)| (with(s, "event", e), n))
+            })
+            .collect();
+        counters(
+            &mut enc,
+            "async_source",
+            "Asynchronous page source, by event: parked (faults waiting on a fetch), joined (faults on a page already waited on), fetched (pages asked), by_request / by_push (pages delivered asked / unasked), dropped_discarded / dropped_duplicate (arrivals dropped: range discarded meanwhile, page there already).",
+            None,
+            &asynchronous,
         )?;
         counters(
             &mut enc,

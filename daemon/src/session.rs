@@ -4,7 +4,7 @@ use crate::memory::{GuestMemory, PageDst};
 use crate::metrics::VmMetrics;
 use crate::policy::{Policy, RateLimit};
 use crate::readahead::Readahead;
-use crate::source::{Fill, PageSource, SourceError};
+use crate::source::{Fill, Source, SourceError};
 use crate::uffd::UffdError;
 use crate::working_set::{Recorder, ReplayQueue};
 use rustix::io::Errno;
@@ -68,7 +68,7 @@ pub struct Vm {
     /// Guest memory the daemon owns.
     pub memory: GuestMemory,
     /// Where first-touch content comes from.
-    pub source: Box<dyn PageSource>,
+    pub source: Source,
     /// How pages are installed.
     pub populate: Populate,
     /// Counters and latency.
@@ -105,13 +105,20 @@ impl Vm {
     /// Fills `dst` from the page source at `source_offset`, retrying transient errors; counts
     /// the source bytes read.
     pub fn fill(&self, source_offset: u64, dst: &mut PageDst<'_>) -> Result<Fill, SourceError> {
+        let source = match &self.source {
+            Source::Sync(s) => s,
+            // The fault path asks an asynchronous source instead; nothing fills from it.
+            Source::Async(_) => {
+                return Err(SourceError::Unusable("the source is asynchronous".into()))
+            }
+        };
         let mut last = None;
         for _ in 0..SOURCE_ATTEMPTS {
-            match self.source.fill(source_offset, dst) {
+            match source.fill(source_offset, dst) {
                 Ok(f) => {
                     if f == Fill::Data {
-                        let read = (self.source.data_end().saturating_sub(source_offset))
-                            .min(dst.len() as u64);
+                        let read =
+                            (source.data_end().saturating_sub(source_offset)).min(dst.len() as u64);
                         VmMetrics::add(&self.metrics.source_bytes_read, read);
                     }
                     return Ok(f);

@@ -200,9 +200,23 @@ impl Drop for Worker {
     }
 }
 
-/// Poll keys: a VM's uffd (or fault channel) is `2 * id`, its mailbox doorbell `2 * id + 1`.
+/// Poll keys: a VM's uffd (or fault channel) is `4 * id`, its mailbox doorbell `4 * id + 1`,
+/// its asynchronous source's doorbell `4 * id + 2` ([`bell_key`]).
 fn key(vm_id: u64, exits: bool) -> usize {
-    (vm_id as usize) * 2 + usize::from(exits)
+    (vm_id as usize) * 4 + usize::from(exits)
+}
+
+/// The poll key of a VM's asynchronous-source doorbell: it drains the VM's fault server.
+fn bell_key(vm_id: u64) -> usize {
+    (vm_id as usize) * 4 + 2
+}
+
+/// The source a poll key drains.
+fn source_key(token: usize) -> usize {
+    match token % 4 {
+        2 => token - 2,
+        _ => token,
+    }
 }
 
 enum Source {
@@ -212,6 +226,37 @@ enum Source {
 }
 
 impl Source {
+    /// Stops polling the source's fds.
+    fn deregister(&self, poll: &Poll) {
+        let _ = poll.registry().deregister(&mut SourceFd(&self.fd()));
+        if let Source::Faults(s) = self {
+            if let Some(bell) = s.arrivals_bell() {
+                let _ = poll.registry().deregister(&mut SourceFd(&bell.as_raw_fd()));
+            }
+        }
+    }
+
+    /// Starts polling the source's fds under key `k`.
+    fn register(&self, poll: &Poll, k: usize) -> std::io::Result<()> {
+        poll.registry()
+            .register(&mut SourceFd(&self.fd()), Token(k), Interest::READABLE)?;
+        if let Source::Faults(s) = self {
+            if let Some(bell) = s.arrivals_bell() {
+                let token = Token(bell_key(s.vm().id));
+                let r = poll.registry().register(
+                    &mut SourceFd(&bell.as_raw_fd()),
+                    token,
+                    Interest::READABLE,
+                );
+                if let Err(e) = r {
+                    let _ = poll.registry().deregister(&mut SourceFd(&self.fd()));
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn fd(&self) -> i32 {
         match self {
             Source::Faults(s) => s.uffd().as_fd().as_raw_fd(),
@@ -271,13 +316,12 @@ fn run(mut poll: Poll, commands: Receiver<Command>, wait: WaitMode) {
             std::thread::yield_now();
         }
         due.clear();
-        due.extend(
-            events
-                .iter()
-                .map(|e| e.token())
-                .filter(|&t| t != WAKER)
-                .map(|t| t.0),
-        );
+        for t in events.iter().map(|e| e.token()).filter(|&t| t != WAKER) {
+            let k = source_key(t.0);
+            if !due.contains(&k) {
+                due.push(k);
+            }
+        }
         for k in more.drain(..) {
             if !due.contains(&k) {
                 due.push(k);
@@ -287,7 +331,7 @@ fn run(mut poll: Poll, commands: Receiver<Command>, wait: WaitMode) {
             match sources.get_mut(&k).map(|s| s.drain(&mut scratch)) {
                 Some(Drained::Closed) => {
                     if let Some(s) = sources.remove(&k) {
-                        let _ = poll.registry().deregister(&mut SourceFd(&s.fd()));
+                        s.deregister(&poll);
                         tracing::debug!(key = k, "uffd closed");
                     }
                 }
@@ -323,7 +367,7 @@ fn run(mut poll: Poll, commands: Receiver<Command>, wait: WaitMode) {
                 }
                 Ok(Command::StopFaults { vm_id, done }) => {
                     if let Some(s) = sources.remove(&key(vm_id, false)) {
-                        let _ = poll.registry().deregister(&mut SourceFd(&s.fd()));
+                        s.deregister(&poll);
                     }
                     more.retain(|&k| k != key(vm_id, false));
                     let _ = done.send(());
@@ -333,7 +377,7 @@ fn run(mut poll: Poll, commands: Receiver<Command>, wait: WaitMode) {
                     more.retain(|&k| k != key(vm_id, false));
                     for k in [key(vm_id, false), key(vm_id, true)] {
                         if let Some(s) = sources.remove(&k) {
-                            let _ = poll.registry().deregister(&mut SourceFd(&s.fd()));
+                            s.deregister(&poll);
                         }
                     }
                     let _ = done.send(());
@@ -342,9 +386,7 @@ fn run(mut poll: Poll, commands: Receiver<Command>, wait: WaitMode) {
                 Err(crossbeam::channel::TryRecvError::Empty) => break,
                 Err(crossbeam::channel::TryRecvError::Disconnected) => return,
             };
-            let registered =
-                poll.registry()
-                    .register(&mut SourceFd(&source.fd()), Token(k), Interest::READABLE);
+            let registered = source.register(&poll, k);
             let failed = registered.is_err();
             let _ = done.send(registered);
             if failed {

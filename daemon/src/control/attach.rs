@@ -154,6 +154,12 @@ impl Reactor {
                 "a fault channel serves memory the daemon owns, not the VMM's",
             ));
         }
+        if entry.vm.source.fetcher().is_some() {
+            return Err(refuse(
+                ErrorCode::Unsupported,
+                "a fault channel needs a synchronous page source",
+            ));
+        }
         let fd = fds
             .pop()
             .ok_or_else(|| refuse(ErrorCode::BadMessage, "AttachChannel without its socket"))?;

@@ -27,7 +27,7 @@ fn check_guest_memfd(fd: OwnedFd, size: u64) -> Result<File, String> {
 pub(super) struct VmParts {
     populate: Populate,
     policy: crate::policy::Policy,
-    source: Box<dyn PageSource>,
+    source: Source,
     private: Option<PrivateMemory>,
 }
 
@@ -308,7 +308,17 @@ impl Reactor {
             None => self.config.policy.clone(),
         };
         let source: Box<dyn PageSource> = match create.source {
-            PageSourceKind::Zero => Box::new(ZeroSource),
+            PageSourceKind::Zero => match self.async_source()? {
+                Some(fetcher) => {
+                    return Ok(VmParts {
+                        populate,
+                        policy,
+                        source: Source::Async(fetcher),
+                        private: self.private_parts(create)?,
+                    })
+                }
+                None => Box::new(ZeroSource),
+            },
             PageSourceKind::File => {
                 if features & features::FILE_SOURCE == 0 {
                     return Err(refuse(
@@ -331,16 +341,33 @@ impl Reactor {
                 ))
             }
         };
-        let private = match create.vm_type.has_private_memory() {
-            false => None,
-            true => Some(self.private_memory(create.vm_type)?),
-        };
         Ok(VmParts {
             populate,
             policy,
-            source,
-            private,
+            source: Source::Sync(source),
+            private: self.private_parts(create)?,
         })
+    }
+
+    fn private_parts(&self, create: &CreateVm) -> Result<Option<PrivateMemory>, Refusal> {
+        Ok(match create.vm_type.has_private_memory() {
+            false => None,
+            true => Some(self.private_memory(create.vm_type)?),
+        })
+    }
+
+    /// The embedder's asynchronous source for a new VM with a zero source
+    /// ([`crate::Config::async_source`]), if it gives one.
+    fn async_source(&self) -> Result<Option<Fetcher>, Refusal> {
+        let Some(factory) = &self.config.async_source else {
+            return Ok(None);
+        };
+        let completions =
+            Completions::new().map_err(|e| refuse(ErrorCode::Internal, error_chain(&e)))?;
+        Ok(factory.make(completions.clone()).map(|source| Fetcher {
+            source,
+            completions,
+        }))
     }
 
     /// The VM `id` with secret `secret` over `memory`, held by connection `owner`.

@@ -38,7 +38,7 @@ use vmpager_protocol::{
     ConversionEvent, VmType, VMCREATED_VMM_SETS_ATTRIBUTES, VM_RECORD_WORKING_SET,
 };
 
-use crate::source::{FileSource, PageSource, ZeroSource};
+use crate::source::{Completions, Fetcher, FileSource, PageSource, Source, ZeroSource};
 use crate::uffd::Uffd;
 use crate::worker::Worker;
 use crate::{Config, LiveVms};

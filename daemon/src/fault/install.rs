@@ -20,6 +20,10 @@ impl FaultServer {
         let Some((region, chunk)) = self.plan.next_ahead(&self.vm) else {
             return;
         };
+        if self.vm.source.fetcher().is_some() {
+            self.request(region, chunk);
+            return;
+        }
         let run = self.without_resident(region, chunk.clone(), chunk.start);
         // Whatever part was installed is marked; on failure (a page raced in, the source
         // failed) the rest of the chunk is left to ordinary faults.
@@ -87,6 +91,10 @@ impl FaultServer {
             r.start..end
         };
         if run.is_empty() {
+            return;
+        }
+        if vm.source.fetcher().is_some() {
+            self.request(ri, run);
             return;
         }
         if !region.is_owned() {

@@ -11,9 +11,13 @@
 //!
 //! * this module: the event loop and the decisions per fault;
 //! * [`install`]: what is installed for a fault, ahead of a stream, and from a replayed
-//!   working set.
+//!   working set;
+//! * [`parked`]: faults waiting on an asynchronous source, and what it is asked for;
+//! * [`arrive`]: installing what an asynchronous source delivered.
 
+mod arrive;
 mod install;
+mod parked;
 
 use crate::ahead::{Planner, AHEAD_CHUNK};
 use crate::metrics::{Install, VmMetrics};
@@ -87,6 +91,12 @@ pub struct FaultServer {
     residency: Vec<u8>,
     /// Source pages taken from the replay queue.
     replay: Vec<u64>,
+    /// Pages asked of an asynchronous source, and the faults waiting on them.
+    parked: parked::Parked,
+    /// Arrivals taken from the source's queue (kept for its capacity).
+    arrivals: Vec<crate::source::Arrival>,
+    /// Arrived pages to install again after `EAGAIN`.
+    late: VecDeque<arrive::Late>,
 }
 
 impl FaultServer {
@@ -118,6 +128,9 @@ impl FaultServer {
             latencies: Vec::new(),
             residency: Vec::new(),
             replay: Vec::new(),
+            parked: parked::Parked::default(),
+            arrivals: Vec::new(),
+            late: VecDeque::new(),
             vm,
         }
     }
@@ -130,6 +143,12 @@ impl FaultServer {
     /// The uffd (for registration with a poller).
     pub fn uffd(&self) -> &Uffd {
         &self.uffd
+    }
+
+    /// The doorbell an asynchronous source rings when pages arrive (for registration with
+    /// the same poller), if the VM has such a source.
+    pub fn arrivals_bell(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.vm.source.fetcher().map(|f| f.completions.bell())
     }
 
     /// Wakes every thread waiting on the VM's memory: each retries its access, and faults
@@ -147,6 +166,9 @@ impl FaultServer {
     /// looking for new faults between chunks. `scratch` lends the buffers for it.
     pub fn drain(&mut self, scratch: &mut Scratch) -> Drained {
         self.borrow(scratch);
+        if self.vm.source.fetcher().is_some() {
+            self.take_arrivals();
+        }
         let drained = self.serve_pending();
         self.flush_latencies();
         self.give_back(scratch);
@@ -212,10 +234,11 @@ impl FaultServer {
                     return Drained::Closed;
                 }
             }
-            if !self.retry.is_empty() {
+            if !self.retry.is_empty() || !self.late.is_empty() {
                 // The events that caused EAGAIN may not be queued yet: retry, and read again.
                 self.run_retries();
-                if !self.retry.is_empty() {
+                self.run_late();
+                if !self.retry.is_empty() || !self.late.is_empty() {
                     std::thread::yield_now();
                 }
                 continue;
@@ -295,6 +318,8 @@ impl FaultServer {
     }
 
     fn discard(&mut self, start: u64, end: u64) {
+        let asynchronous = self.vm.source.fetcher().is_some();
+        let mut ranges = Vec::new();
         for (i, h) in self.host.iter().enumerate() {
             let lo = start.max(h.start);
             let hi = end.min(h.start.saturating_add(h.len));
@@ -304,7 +329,13 @@ impl FaultServer {
                 let first = ((lo - h.start) / ps) as usize;
                 let last = (hi - h.start).div_ceil(ps) as usize;
                 region.state.discard(first, last);
+                if asynchronous {
+                    ranges.push((i, first..last));
+                }
             }
+        }
+        for (i, pages) in ranges {
+            self.forget(i, pages);
         }
     }
 
@@ -375,6 +406,11 @@ impl FaultServer {
                 self.latencies.push(p.read_at.elapsed());
                 return;
             }
+        }
+        if self.vm.source.fetcher().is_some() && !p.minor && region.state.is_untouched(page) {
+            // An asynchronous source provides it: the fault waits, the worker goes on.
+            self.park(ri, page, page_addr, p);
+            return;
         }
         let run = if p.minor {
             page..page

@@ -1,8 +1,12 @@
 //! Page sources: where a page's content comes from the first time the guest touches it.
 
+pub mod delayed;
+pub mod fetch;
 mod file;
 mod zero;
 
+pub use delayed::{DelayedOptions, DelayedSource};
+pub use fetch::{Arrival, AsyncSource, Completions, Fetcher, Payload};
 pub use file::FileSource;
 pub use zero::ZeroSource;
 
@@ -62,5 +66,50 @@ pub trait PageSource: Send + Sync + std::fmt::Debug {
     /// hand to a restarted daemon).
     fn file(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         None
+    }
+}
+
+/// A VM's page source: synchronous (filled on the worker thread) or asynchronous (asked, and
+/// answered later through [`Completions`]).
+#[derive(Debug)]
+pub enum Source {
+    /// Filled on the worker thread (zero, file).
+    Sync(Box<dyn PageSource>),
+    /// Answers later (network, object store).
+    Async(Fetcher),
+}
+
+impl Source {
+    /// Short name for stats and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Source::Sync(s) => s.name(),
+            Source::Async(f) => f.source.name(),
+        }
+    }
+
+    /// Where the source's data ends (see [`PageSource::data_end`]); unknown for asynchronous
+    /// sources.
+    pub fn data_end(&self) -> u64 {
+        match self {
+            Source::Sync(s) => s.data_end(),
+            Source::Async(_) => u64::MAX,
+        }
+    }
+
+    /// The file the source reads, if it has one.
+    pub fn file(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        match self {
+            Source::Sync(s) => s.file(),
+            Source::Async(_) => None,
+        }
+    }
+
+    /// The asynchronous source and its queue, if the source is one.
+    pub fn fetcher(&self) -> Option<&Fetcher> {
+        match self {
+            Source::Sync(_) => None,
+            Source::Async(f) => Some(f),
+        }
     }
 }
