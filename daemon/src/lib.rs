@@ -95,6 +95,12 @@ pub struct Config {
     /// Serve migrating VMs' memory to destination daemons here (TCP, `MigrateOut`); port 0
     /// picks a free port (see [`Ready::migration_addr`]). `None`: no VM migrates out.
     pub migration_listen: Option<SocketAddr>,
+    /// How long a migration connection may stay silent before it is made again (the
+    /// destination pings every quarter of it).
+    pub migration_liveness: Duration,
+    /// How long a destination waits for an unreachable source before it gives up on it and
+    /// poisons the pages it lacks.
+    pub migration_deadline: Duration,
     /// An embedder's asynchronous page source (a network or object-store source, or the
     /// tests' [`source::DelayedSource`]): consulted for every VM created with a zero source;
     /// a VM it gives a source to is served from that source. Not settable from the command line.
@@ -147,6 +153,8 @@ impl Default for Config {
             vm_grace: Duration::from_secs(60),
             metrics_listen: None,
             migration_listen: None,
+            migration_liveness: Duration::from_secs(10),
+            migration_deadline: migration::DEFAULT_DEADLINE,
             allow: access::Allowlist::default(),
             async_source: None,
         }
@@ -313,13 +321,22 @@ pub fn serve_with(
         .metrics_listen
         .map(|addr| exporter::Exporter::start(addr, live.clone()))
         .transpose()?;
-    let mut migrations = migration::Migrations::default();
+    let mut migrations = migration::Migrations {
+        timeouts: vmpager_migration::Timeouts {
+            liveness: config.migration_liveness,
+            ping_interval: config.migration_liveness / 4,
+            ..vmpager_migration::Timeouts::default()
+        },
+        deadline: config.migration_deadline,
+        ..migration::Migrations::default()
+    };
     let migration_listener = config
         .migration_listen
         .map(|addr| {
             migration::serve::MigrationListener::start(
                 &addr.to_string(),
                 migrations.outgoing.clone(),
+                migrations.timeouts,
             )
         })
         .transpose()?;

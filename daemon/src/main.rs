@@ -57,6 +57,14 @@ struct Args {
     /// picks a free one, logged). Peers must prove the migration's key (docs/migration.md).
     #[arg(long, value_name = "ADDR")]
     migration_listen: Option<String>,
+    /// How long a migration connection may stay silent (a dead or black-holed network path)
+    /// before it is made again, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    migration_liveness_ms: u64,
+    /// How long a destination waits for an unreachable migration source before it gives up
+    /// and poisons the pages it lacks (SIGBUS in the guest, never zeros), in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    migration_deadline: u64,
     /// Print this host's capabilities as JSON and exit.
     #[arg(long)]
     print_capabilities: bool,
@@ -196,6 +204,11 @@ impl Args {
             .as_deref()
             .map(|a| socket_addr("--metrics-listen", a))
             .transpose()?;
+        if self.migration_liveness_ms < 100 {
+            bail!("--migration-liveness-ms must be at least 100");
+        }
+        c.migration_liveness = Duration::from_millis(self.migration_liveness_ms);
+        c.migration_deadline = Duration::from_secs(self.migration_deadline);
         c.migration_listen = self
             .migration_listen
             .as_deref()

@@ -27,6 +27,7 @@ pub mod bitmap;
 pub mod channel;
 pub mod frame;
 pub mod message;
+pub mod netem;
 
 pub use auth::{AuthError, ChannelKind, Key};
 pub use backoff::Backoff;
@@ -36,6 +37,7 @@ pub use channel::{
 };
 pub use frame::FrameError;
 pub use message::{DecodeError, ErrorCode, Message, MissingReason, PageRange};
+pub use netem::{FaultyLink, LinkError};
 
 /// The protocol version both sides must speak (handshake records carry it).
 pub const PROTOCOL_VERSION: u16 = 1;

@@ -335,10 +335,24 @@ impl Reactor {
                 )
             }
             PageSourceKind::Remote => {
-                return Err(refuse(
-                    ErrorCode::Unsupported,
-                    "the remote page source is not supported by this daemon",
-                ))
+                if features & features::MIGRATION == 0 {
+                    return Err(refuse(
+                        ErrorCode::Unsupported,
+                        "migration was not negotiated",
+                    ));
+                }
+                if create.memory_in_vmm() {
+                    return Err(refuse(
+                        ErrorCode::Unsupported,
+                        "a VM pulled from a source daemon needs memory the daemon owns",
+                    ));
+                }
+                return Ok(VmParts {
+                    populate,
+                    policy,
+                    source: Source::Async(remote_source(create)?),
+                    private: self.private_parts(create)?,
+                });
             }
         };
         Ok(VmParts {
@@ -462,6 +476,27 @@ impl Reactor {
         };
         Ok(PrivateMemory { attributes })
     }
+}
+
+/// The source of a VM pulled from a source daemon: idle until `MigrateIn` names the source.
+/// Its pages are the remote address space up to the end of the furthest region.
+fn remote_source(create: &CreateVm) -> Result<Fetcher, Refusal> {
+    let end = create
+        .regions
+        .iter()
+        .map(|r| r.source_offset().saturating_add(r.size()))
+        .max()
+        .unwrap_or(0);
+    let completions =
+        Completions::new().map_err(|e| refuse(ErrorCode::Internal, error_chain(&e)))?;
+    let remote = crate::migration::remote::Remote::new(
+        completions.clone(),
+        end.div_ceil(vmpager_protocol::PAGE_SIZE),
+    );
+    Ok(Fetcher {
+        source: Arc::new(crate::migration::remote::RemoteSource(remote)),
+        completions,
+    })
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 use super::*;
 use crate::migration::outgoing::Outgoing;
 use crate::migration::reader::VmReader;
+use crate::migration::remote::{Remote, RemoteParams, RemoteSource};
 use vmpager_migration::Key;
 use vmpager_protocol::message::{MigrateIn, MigrateOut, MigrationState, MigrationStatus};
 
@@ -37,16 +38,48 @@ impl Reactor {
     }
 
     pub(super) fn migrate_in(&mut self, token: usize, m: MigrateIn) -> Reply {
-        self.owned(token, m.vm_id)?;
-        Err(refuse(
-            ErrorCode::Unsupported,
-            "pulling a VM from a source daemon is not supported yet",
-        ))
+        let entry = self.owned(token, m.vm_id)?;
+        let vm = entry.vm.clone();
+        let Some(remote) = RemoteSource::of(&vm.source).cloned() else {
+            return Err(refuse(
+                ErrorCode::BadState,
+                "the VM was not created with the remote page source",
+            ));
+        };
+        if remote.state() == MigrationState::None {
+            // What the VM has already (a restarted daemon's VM: its page-state file) is not
+            // asked for again.
+            for region in vm.memory.regions() {
+                let ps = region.page_size();
+                let first = region.spec.source_offset() / vmpager_protocol::PAGE_SIZE;
+                for page in 0..region.pages() {
+                    if !region.state.is_untouched(page) {
+                        let sub = ps / vmpager_protocol::PAGE_SIZE;
+                        for k in 0..sub {
+                            remote.mark_present(first + page as u64 * sub + k);
+                        }
+                    }
+                }
+            }
+        }
+        remote
+            .start(RemoteParams {
+                addr: m.addr,
+                migration_id: m.migration_id,
+                key: Key::from_bytes(m.key.0),
+                timeouts: self.migrations.timeouts,
+                deadline: self.migrations.deadline,
+            })
+            .map_err(|e| refuse(ErrorCode::Internal, format!("cannot start pulling: {e}")))?;
+        Ok((Message::MigrationStatus(remote.status(m.vm_id)), vec![]))
     }
 
     pub(super) fn get_migration(&mut self, token: usize, vm_id: u64) -> Reply {
         self.owned(token, vm_id)?;
-        Ok((Message::MigrationStatus(self.migration_status(vm_id)), vec![]))
+        Ok((
+            Message::MigrationStatus(self.migration_status(vm_id)),
+            vec![],
+        ))
     }
 
     pub(super) fn abandon_migration(&mut self, token: usize, vm_id: u64) -> Reply {
@@ -60,10 +93,25 @@ impl Reactor {
             status.state = MigrationState::Abandoned;
             return Ok((Message::MigrationStatus(status), vec![]));
         }
-        Ok((Message::MigrationStatus(self.migration_status(vm_id)), vec![]))
+        if let Some(remote) = self.remote_of(vm_id) {
+            remote.abandon();
+            return Ok((Message::MigrationStatus(remote.status(vm_id)), vec![]));
+        }
+        Ok((
+            Message::MigrationStatus(self.migration_status(vm_id)),
+            vec![],
+        ))
+    }
+
+    fn remote_of(&self, vm_id: u64) -> Option<Arc<Remote>> {
+        let entry = self.vms.get(&vm_id)?;
+        RemoteSource::of(&entry.vm.source).cloned()
     }
 
     fn migration_status(&self, vm_id: u64) -> MigrationStatus {
+        if let Some(remote) = self.remote_of(vm_id) {
+            return remote.status(vm_id);
+        }
         match self.migrations.outgoing.of_vm(vm_id) {
             Some(out) => out.status(),
             None => MigrationStatus {

@@ -392,6 +392,9 @@ impl Reactor {
             }
         }
         drop(entry);
+        // A VM being served to a destination keeps its memory (the migration holds it) until
+        // the destination has every page; a finished migration lets go now.
+        self.migrations.outgoing.vm_freed(id);
         self.live.remove(id);
     }
 

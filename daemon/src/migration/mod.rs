@@ -3,10 +3,12 @@
 //! * [`reader`]: the source side's view of a VM's pages;
 //! * [`sent`]: a lock-free page bitmap (what a destination has);
 //! * [`outgoing`]: the migrations this daemon serves, as a source;
-//! * [`serve`]: the source's listener and its urgent and bulk channels.
+//! * [`serve`]: the source's listener and its urgent and bulk channels;
+//! * [`remote`]: the destination's source, pulling from a source daemon.
 
 pub mod outgoing;
 pub mod reader;
+pub mod remote;
 pub mod sent;
 pub mod serve;
 
@@ -14,11 +16,30 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// The daemon's migrations, shared by the control thread and the network threads.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Migrations {
     /// VMs served to destinations.
     pub outgoing: Arc<outgoing::Outgoings>,
     /// Where `--migration-listen` listens (`None`: this daemon serves no migration as a
     /// source).
     pub listening: Option<SocketAddr>,
+    /// Connection timeouts of the destination side.
+    pub timeouts: vmpager_migration::Timeouts,
+    /// How long a destination waits for an unreachable source before it gives up on it (and
+    /// poisons the pages it lacks).
+    pub deadline: std::time::Duration,
 }
+
+impl Default for Migrations {
+    fn default() -> Migrations {
+        Migrations {
+            outgoing: Arc::default(),
+            listening: None,
+            timeouts: vmpager_migration::Timeouts::default(),
+            deadline: DEFAULT_DEADLINE,
+        }
+    }
+}
+
+/// How long a destination waits for an unreachable source by default.
+pub const DEFAULT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);

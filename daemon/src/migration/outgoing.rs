@@ -35,6 +35,9 @@ pub struct Outgoing {
     pub(super) connections: AtomicU64,
     /// Pages the destination said it had at its last `Resume`.
     pub(super) resumed_with: AtomicU64,
+    /// The daemon freed the VM (its VMM detached or died): the migration is forgotten once it
+    /// ends, and the VM's memory with it.
+    orphaned: std::sync::atomic::AtomicBool,
 }
 
 impl Outgoing {
@@ -55,6 +58,7 @@ impl Outgoing {
             bytes: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             resumed_with: AtomicU64::new(0),
+            orphaned: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -140,6 +144,40 @@ impl Outgoings {
     /// last connection that still holds it.
     pub fn remove(&self, migration_id: u64) {
         self.map().remove(&migration_id);
+    }
+
+    /// The daemon freed VM `vm_id`: its finished migration is forgotten; a running one keeps
+    /// the memory until it finishes ([`Outgoings::finished`]).
+    pub fn vm_freed(&self, vm_id: u64) {
+        let mut map = self.map();
+        let ids: Vec<u64> = map
+            .values()
+            .filter(|o| o.vm_id == vm_id)
+            .map(|o| o.migration_id)
+            .collect();
+        for id in ids {
+            let running = map
+                .get(&id)
+                .is_some_and(|o| o.state() == MigrationState::Running);
+            match running {
+                true => {
+                    if let Some(o) = map.get(&id) {
+                        o.orphaned.store(true, Ordering::Release);
+                    }
+                }
+                false => {
+                    map.remove(&id);
+                }
+            }
+        }
+    }
+
+    /// Migration `o` ended (done): forgotten if its VM was freed meanwhile; otherwise kept
+    /// (for its status) until the VM is.
+    pub fn finished(&self, o: &Outgoing) {
+        if o.orphaned.load(Ordering::Acquire) {
+            self.remove(o.migration_id);
+        }
     }
 
     /// Migrations served now.

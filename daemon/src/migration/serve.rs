@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vmpager_migration::{
-    accept_and_authenticate, ChannelKind, Message, Reader, Timeouts, Writer,
-    MAX_PAGES_PER_FRAME, PAGE_SIZE,
+    accept_and_authenticate, ChannelKind, Message, Reader, Timeouts, Writer, MAX_PAGES_PER_FRAME,
+    PAGE_SIZE,
 };
 use vmpager_protocol::message::MigrationState;
 
@@ -60,7 +60,11 @@ pub struct MigrationListener {
 
 impl MigrationListener {
     /// Listens on `addr` (`host:port`) and serves the migrations of `outgoings`.
-    pub fn start(addr: &str, outgoings: Arc<Outgoings>) -> Result<MigrationListener, ServeError> {
+    pub fn start(
+        addr: &str,
+        outgoings: Arc<Outgoings>,
+        timeouts: Timeouts,
+    ) -> Result<MigrationListener, ServeError> {
         let err = |source| ServeError::Listen {
             addr: addr.to_owned(),
             source,
@@ -71,7 +75,7 @@ impl MigrationListener {
         let s = stop.clone();
         std::thread::Builder::new()
             .name("vmpager-migr".into())
-            .spawn(move || accept_loop(listener, outgoings, s))
+            .spawn(move || accept_loop(listener, outgoings, timeouts, s))
             .map_err(err)?;
         Ok(MigrationListener { addr: bound, stop })
     }
@@ -89,7 +93,12 @@ impl Drop for MigrationListener {
     }
 }
 
-fn accept_loop(listener: TcpListener, outgoings: Arc<Outgoings>, stop: Arc<AtomicBool>) {
+fn accept_loop(
+    listener: TcpListener,
+    outgoings: Arc<Outgoings>,
+    timeouts: Timeouts,
+    stop: Arc<AtomicBool>,
+) {
     let live = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
         if stop.load(Ordering::Relaxed) {
@@ -101,11 +110,11 @@ fn accept_loop(listener: TcpListener, outgoings: Arc<Outgoings>, stop: Arc<Atomi
             continue; // Dropped: closed.
         }
         live.fetch_add(1, Ordering::Relaxed);
-        let (o, l) = (outgoings.clone(), live.clone());
+        let (o, l, t) = (outgoings.clone(), live.clone(), timeouts);
         let spawned = std::thread::Builder::new()
             .name("vmpager-migr-c".into())
             .spawn(move || {
-                serve_connection(stream, &o);
+                serve_connection(stream, &o, &t);
                 l.fetch_sub(1, Ordering::Relaxed);
             });
         if spawned.is_err() {
@@ -115,9 +124,8 @@ fn accept_loop(listener: TcpListener, outgoings: Arc<Outgoings>, stop: Arc<Atomi
 }
 
 /// Authenticates a connection and serves its channel until it ends.
-fn serve_connection(stream: TcpStream, outgoings: &Outgoings) {
-    let timeouts = Timeouts::default();
-    let channel = match accept_and_authenticate(stream, |id| outgoings.key(id), &timeouts) {
+fn serve_connection(stream: TcpStream, outgoings: &Outgoings, timeouts: &Timeouts) {
+    let channel = match accept_and_authenticate(stream, |id| outgoings.key(id), timeouts) {
         Ok(c) => c,
         Err(e) => {
             // Garbage, a wrong key or an unknown migration: counted, never fatal.
@@ -140,7 +148,7 @@ fn serve_connection(stream: TcpStream, outgoings: &Outgoings) {
         tracing::debug!(migration = out.migration_id, ?kind, error = %e, "migration channel ended");
     }
     if matches!(out.state(), MigrationState::Complete) {
-        outgoings.remove(out.migration_id);
+        outgoings.finished(&out);
     }
 }
 
@@ -201,7 +209,10 @@ fn send_run(
             for page in at..first + j as u64 {
                 sent += u64::from(out.sent.set(page));
             }
-            counter.fetch_add(if urgent { (j - i) as u64 } else { sent }, Ordering::Relaxed);
+            counter.fetch_add(
+                if urgent { (j - i) as u64 } else { sent },
+                Ordering::Relaxed,
+            );
         }
         i = j;
     }
@@ -230,13 +241,12 @@ fn serve_urgent(
                 while i < pages.len() {
                     let first = pages[i];
                     if first >= total {
-                        writer
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .send(&Message::Missing {
+                        writer.lock().unwrap_or_else(|p| p.into_inner()).send(
+                            &Message::Missing {
                                 page: first,
                                 reason: vmpager_migration::MissingReason::OutOfRange,
-                            })?;
+                            },
+                        )?;
                         i += 1;
                         continue;
                     }

@@ -146,6 +146,10 @@ impl AsyncSource for DelayedSource {
             urgent,
         }));
     }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }
 
 struct Server {

@@ -41,6 +41,10 @@ pub trait AsyncSource: Send + Sync + std::fmt::Debug {
     /// The range was discarded (removed, converted to private): data for it is dropped when
     /// it arrives, so the source may stop sending it.
     fn discarded(&self, _offset: u64, _len: u64) {}
+
+    /// The source as `Any`, for the daemon to find its own kinds of source behind a VM's
+    /// (a migration's, to start or ask about it).
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 /// The content of an arrival.

@@ -1,0 +1,526 @@
+//! The destination side: a VM created with the `Remote` page source pulls its memory from the
+//! source daemon named by `MigrateIn` (docs/migration.md).
+//!
+//! [`RemoteSource`] is the VM's asynchronous source ([`crate::source::AsyncSource`]): a fault's
+//! urgent request goes out on the **urgent** channel at once (batched with whatever else is
+//! waiting), background requests only steer the **bulk** push (`Hint`), and every page that
+//! comes back on either channel is delivered to the VM's worker ([`Completions`]).
+//!
+//! Failures: a connection that breaks (or falls silent past the liveness deadline) is made
+//! again with back-off; the bulk channel then says again what is here (`Resume`) and the
+//! urgent one asks again for every page still awaited. Faults meanwhile stay parked. If no
+//! connection can be made for the migration deadline, or the VMM abandons the migration, the
+//! source is *lost*: every page not here is poisoned when touched, never zero-filled.
+
+use super::sent::PageBits;
+use crate::source::{Arrival, AsyncSource, Completions, Payload, SourceError};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use vmpager_migration::{
+    connect, Backoff, ChannelError, ChannelKind, Key, Message, Reader, Timeouts, Writer, PAGE_SIZE,
+};
+use vmpager_protocol::message::{MigrationCounters, MigrationState, MigrationStatus};
+
+/// Pages of one `Resume` frame's bitmap (its runs stay far below the frame limit).
+const RESUME_CHUNK: u64 = 1 << 20;
+
+/// Where the source is and how to prove who we are.
+#[derive(Debug, Clone)]
+pub struct RemoteParams {
+    /// `host:port` of the source daemon's `--migration-listen`.
+    pub addr: String,
+    /// The migration's id.
+    pub migration_id: u64,
+    /// Its key.
+    pub key: Key,
+    /// Connection timeouts (liveness: how long a silent connection is trusted).
+    pub timeouts: Timeouts,
+    /// How long the source may stay unreachable before it is declared lost.
+    pub deadline: Duration,
+}
+
+#[derive(Debug, Default)]
+struct Requests {
+    /// Urgent pages asked for and not yet here (asked again after a reconnect).
+    pending: BTreeSet<u64>,
+    /// Pages to ask for on the next send.
+    queue: Vec<u64>,
+    /// When each pending page was first asked for (the remote fault latency).
+    asked: std::collections::HashMap<u64, Instant>,
+}
+
+/// The state shared by the VM's source and the migration's threads.
+#[derive(Debug)]
+pub struct Remote {
+    completions: Completions,
+    /// Pages here (arrived, or here before the migration began).
+    received: PageBits,
+    requests: Mutex<Requests>,
+    wake: Condvar,
+    /// The latest background request: where the bulk push should go on.
+    hint: AtomicU64,
+    hint_sent: AtomicU64,
+    started: AtomicBool,
+    stop: AtomicBool,
+    state: AtomicU32,
+    migration_id: AtomicU64,
+    pulled: AtomicU64,
+    pushed: AtomicU64,
+    bytes: AtomicU64,
+    reconnects: AtomicU64,
+    refused: AtomicU64,
+    poisoned: AtomicU64,
+    /// Request to arrival of urgent pages, in nanoseconds (`None` if it could not be made).
+    latency: Mutex<Option<hdrhistogram::Histogram<u64>>>,
+}
+
+impl Remote {
+    /// The state of a VM of `total_pages` pages (4 KiB, the remote address space) whose pages
+    /// go to `completions`.
+    pub fn new(completions: Completions, total_pages: u64) -> Arc<Remote> {
+        Arc::new(Remote {
+            completions,
+            received: PageBits::new(total_pages),
+            requests: Mutex::new(Requests::default()),
+            wake: Condvar::new(),
+            hint: AtomicU64::new(u64::MAX),
+            hint_sent: AtomicU64::new(u64::MAX),
+            started: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            state: AtomicU32::new(MigrationState::None as u32),
+            migration_id: AtomicU64::new(0),
+            pulled: AtomicU64::new(0),
+            pushed: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            poisoned: AtomicU64::new(0),
+            latency: Mutex::new(
+                hdrhistogram::Histogram::new_with_bounds(1_000, 60_000_000_000, 2).ok(),
+            ),
+        })
+    }
+
+    fn requests(&self) -> std::sync::MutexGuard<'_, Requests> {
+        self.requests.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Where it is.
+    pub fn state(&self) -> MigrationState {
+        match self.state.load(Ordering::Acquire) {
+            1 => MigrationState::Running,
+            2 => MigrationState::Complete,
+            3 => MigrationState::Abandoned,
+            _ => MigrationState::None,
+        }
+    }
+
+    fn set_state(&self, s: MigrationState) {
+        self.state.store(s as u32, Ordering::Release);
+    }
+
+    /// Marks page `page` as here before the migration starts (a page the VM already has: after
+    /// a daemon restart, from its page-state file).
+    pub fn mark_present(&self, page: u64) {
+        self.received.set(page);
+    }
+
+    /// Its counters.
+    pub fn status(&self, vm_id: u64) -> MigrationStatus {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let (p50, p99) = {
+            let h = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+            match h.as_ref() {
+                Some(h) if !h.is_empty() => (h.value_at_quantile(0.5), h.value_at_quantile(0.99)),
+                _ => (0, 0),
+            }
+        };
+        let missing = self.received.total() - self.received.count();
+        MigrationStatus {
+            vm_id,
+            migration_id: get(&self.migration_id),
+            state: self.state(),
+            counters: MigrationCounters {
+                total_pages: self.received.total(),
+                pages_done: self.received.count(),
+                pages_pulled: get(&self.pulled),
+                pages_pushed: get(&self.pushed),
+                pages_poisoned: match self.state() {
+                    MigrationState::Abandoned => missing,
+                    _ => get(&self.poisoned),
+                },
+                reconnects: get(&self.reconnects),
+                refused: get(&self.refused),
+                bytes: get(&self.bytes),
+                fault_p50_ns: p50,
+                fault_p99_ns: p99,
+                ..MigrationCounters::default()
+            },
+        }
+    }
+
+    /// Starts pulling from the source (once; a second call with the same migration is a
+    /// no-op).
+    pub fn start(self: &Arc<Remote>, params: RemoteParams) -> std::io::Result<()> {
+        if self.started.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.migration_id
+            .store(params.migration_id, Ordering::Relaxed);
+        self.set_state(if self.received.is_full() {
+            MigrationState::Complete
+        } else {
+            MigrationState::Running
+        });
+        if self.received.is_full() {
+            return Ok(());
+        }
+        let params = Arc::new(params);
+        for kind in [ChannelKind::Urgent, ChannelKind::Bulk] {
+            let (r, p) = (self.clone(), params.clone());
+            std::thread::Builder::new()
+                .name(match kind {
+                    ChannelKind::Urgent => "vmpager-pull-u".into(),
+                    ChannelKind::Bulk => "vmpager-pull-b".into(),
+                })
+                .spawn(move || r.run_channel(kind, &p))?;
+        }
+        Ok(())
+    }
+
+    /// Gives up on the source: every page not here is poisoned when touched.
+    pub fn abandon(&self) {
+        if self.state() == MigrationState::Complete {
+            return;
+        }
+        self.set_state(MigrationState::Abandoned);
+        self.stop.store(true, Ordering::Release);
+        self.completions.lost();
+        self.wake.notify_all();
+    }
+
+    /// Stops the threads (the VM is freed).
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.wake.notify_all();
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Connects, serves, reconnects, until the migration ends or the source is lost.
+    fn run_channel(self: Arc<Remote>, kind: ChannelKind, p: &RemoteParams) {
+        let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
+        let mut unreachable_since = Instant::now();
+        let mut connected_before = false;
+        while !self.stopped() {
+            match connect(p.addr.as_str(), kind, p.migration_id, &p.key, &p.timeouts) {
+                Ok(channel) => {
+                    if connected_before {
+                        self.reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    connected_before = true;
+                    backoff.reset();
+                    let (reader, writer) = channel.split();
+                    let r = match kind {
+                        ChannelKind::Urgent => self.serve_urgent(reader, writer),
+                        ChannelKind::Bulk => self.serve_bulk(reader, writer),
+                    };
+                    if let Err(e) = r {
+                        if e.is_bad_input() {
+                            self.refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                        tracing::debug!(?kind, error = %e, "migration channel broke");
+                    }
+                    unreachable_since = Instant::now();
+                }
+                Err(e) => {
+                    if e.is_bad_input() {
+                        self.refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::trace!(?kind, error = %e, "cannot reach the migration source");
+                }
+            }
+            if self.stopped() || self.state() != MigrationState::Running {
+                return;
+            }
+            if unreachable_since.elapsed() > p.deadline {
+                tracing::warn!(
+                    migration = p.migration_id,
+                    "the migration source is lost: pages not here are poisoned"
+                );
+                self.abandon();
+                return;
+            }
+            let delay = backoff.next_delay();
+            let r = self.requests();
+            let _ = self.wake.wait_timeout(r, delay);
+        }
+    }
+
+    /// The urgent channel: a reader thread takes pages in; this thread sends requests.
+    fn serve_urgent(
+        self: &Arc<Remote>,
+        reader: Reader,
+        mut writer: Writer,
+    ) -> Result<(), ChannelError> {
+        // Everything still awaited is asked again on a new connection.
+        {
+            let mut r = self.requests();
+            let again: Vec<u64> = r.pending.iter().copied().collect();
+            r.queue = again;
+        }
+        let broken = Arc::new(AtomicBool::new(false));
+        let reading = {
+            let (me, broken) = (self.clone(), broken.clone());
+            std::thread::Builder::new()
+                .name("vmpager-pull-ur".into())
+                .spawn(move || {
+                    let r = me.read_pages(reader, true);
+                    broken.store(true, Ordering::Release);
+                    me.wake.notify_all();
+                    r
+                })
+                .map_err(ChannelError::Io)?
+        };
+        let result = loop {
+            let batch = {
+                let mut r = self.requests();
+                while r.queue.is_empty() && !self.stopped() && !broken.load(Ordering::Acquire) {
+                    let (guard, _) = self
+                        .wake
+                        .wait_timeout(r, Duration::from_millis(500))
+                        .unwrap_or_else(|p| p.into_inner());
+                    r = guard;
+                    if r.queue.is_empty() {
+                        break;
+                    }
+                }
+                std::mem::take(&mut r.queue)
+            };
+            if self.stopped()
+                || broken.load(Ordering::Acquire)
+                || self.state() != MigrationState::Running
+            {
+                break Ok(());
+            }
+            if !batch.is_empty() {
+                if let Err(e) = writer.send_requests(&batch) {
+                    break Err(e);
+                }
+            }
+            if let Err(e) = writer.ping_if_idle() {
+                break Err(e);
+            }
+        };
+        writer.shutdown();
+        let read = reading.join().unwrap_or(Ok(()));
+        result.and(read)
+    }
+
+    /// The bulk channel: says what is here, then takes pushed pages in; this thread sends
+    /// hints and pings, and `Done` once every page is here.
+    fn serve_bulk(self: &Arc<Remote>, reader: Reader, writer: Writer) -> Result<(), ChannelError> {
+        let mut writer = writer;
+        let total = self.received.total();
+        let mut first = 0;
+        loop {
+            let len = RESUME_CHUNK.min(total - first);
+            writer.send(&Message::Resume {
+                total_pages: total,
+                first,
+                received: self.received.to_rle(first, len),
+            })?;
+            first += len;
+            if first >= total {
+                break;
+            }
+        }
+        let broken = Arc::new(AtomicBool::new(false));
+        let reading = {
+            let (me, broken) = (self.clone(), broken.clone());
+            std::thread::Builder::new()
+                .name("vmpager-pull-br".into())
+                .spawn(move || {
+                    let r = me.read_pages(reader, false);
+                    broken.store(true, Ordering::Release);
+                    me.wake.notify_all();
+                    r
+                })
+                .map_err(ChannelError::Io)?
+        };
+        let mut done_sent = false;
+        let result = loop {
+            if self.stopped() || broken.load(Ordering::Acquire) {
+                break Ok(());
+            }
+            if self.state() == MigrationState::Complete {
+                break Ok(());
+            }
+            if self.received.is_full() && !done_sent {
+                if let Err(e) = writer.send(&Message::Done) {
+                    break Err(e);
+                }
+                done_sent = true;
+            }
+            let hint = self.hint.load(Ordering::Relaxed);
+            if hint != u64::MAX && hint != self.hint_sent.swap(hint, Ordering::Relaxed) {
+                if let Err(e) = writer.send(&Message::Hint { page: hint }) {
+                    break Err(e);
+                }
+            }
+            if let Err(e) = writer.ping_if_idle() {
+                break Err(e);
+            }
+            let r = self.requests();
+            let _ = self.wake.wait_timeout(r, Duration::from_millis(20));
+        };
+        writer.shutdown();
+        let read = reading.join().unwrap_or(Ok(()));
+        result.and(read)
+    }
+
+    /// Reads pages (and the source's other messages) until the connection ends.
+    fn read_pages(&self, mut reader: Reader, urgent: bool) -> Result<(), ChannelError> {
+        loop {
+            let msg = reader.recv()?;
+            if self.stopped() {
+                return Ok(());
+            }
+            match msg {
+                Message::Pages { first, data } => {
+                    let count = data.len() as u64 / PAGE_SIZE;
+                    self.arrived(first, count, urgent, Payload::Data(data));
+                }
+                Message::Zeros { first, count } => {
+                    let len = u64::from(count) * PAGE_SIZE;
+                    self.arrived(first, u64::from(count), urgent, Payload::Zero { len });
+                }
+                Message::Missing { page, reason } => {
+                    self.poisoned.fetch_add(1, Ordering::Relaxed);
+                    self.completions.deliver(Arrival {
+                        offset: page.saturating_mul(PAGE_SIZE),
+                        data: Payload::Failed {
+                            len: PAGE_SIZE,
+                            error: SourceError::Unusable(format!(
+                                "the migration source cannot send page {page}: {reason:?}"
+                            )),
+                        },
+                    });
+                    let mut r = self.requests();
+                    r.pending.remove(&page);
+                    r.asked.remove(&page);
+                }
+                Message::DoneAck => {
+                    self.set_state(MigrationState::Complete);
+                    self.stop.store(true, Ordering::Release);
+                    self.wake.notify_all();
+                    return Ok(());
+                }
+                Message::SentAll | Message::Pong { .. } | Message::Ping { .. } => {}
+                Message::Error { code, text } => {
+                    tracing::debug!(?code, %text, "the migration source refused");
+                    return Err(ChannelError::Broken);
+                }
+                _ => return Err(ChannelError::Broken),
+            }
+        }
+    }
+
+    /// `count` pages from `first` arrived: counted, marked here, handed to the worker.
+    fn arrived(&self, first: u64, count: u64, urgent: bool, data: Payload) {
+        let total = self.received.total();
+        if first >= total || count == 0 || first + count > total {
+            return; // Not pages of this VM: never installed.
+        }
+        let now = Instant::now();
+        let mut fresh = 0;
+        for page in first..first + count {
+            fresh += u64::from(self.received.set(page));
+        }
+        {
+            let mut r = self.requests();
+            let mut h = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+            for page in first..first + count {
+                if r.pending.remove(&page) {
+                    if let (Some(t), Some(h)) = (r.asked.remove(&page), h.as_mut()) {
+                        h.saturating_record((now - t).as_nanos() as u64);
+                    }
+                }
+            }
+        }
+        let counter = if urgent { &self.pulled } else { &self.pushed };
+        counter.fetch_add(fresh, Ordering::Relaxed);
+        if let Payload::Data(d) = &data {
+            self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        self.completions.deliver(Arrival {
+            offset: first * PAGE_SIZE,
+            data,
+        });
+        if self.received.is_full() {
+            self.wake.notify_all();
+        }
+    }
+}
+
+/// The VM's asynchronous source: requests go to the migration's threads.
+#[derive(Debug)]
+pub struct RemoteSource(pub Arc<Remote>);
+
+impl AsyncSource for RemoteSource {
+    fn name(&self) -> &'static str {
+        "remote"
+    }
+
+    fn fetch(&self, offset: u64, len: u64, urgent: bool) {
+        let remote = &self.0;
+        let first = offset / PAGE_SIZE;
+        let end = offset.saturating_add(len).div_ceil(PAGE_SIZE);
+        if remote.state() == MigrationState::Abandoned {
+            return; // Lost: the worker poisons (`Completions::lost`).
+        }
+        if !urgent {
+            // The bulk push brings every page; a background request only says where to push.
+            remote.hint.store(first, Ordering::Relaxed);
+            remote.wake.notify_all();
+            return;
+        }
+        let now = Instant::now();
+        let mut r = remote.requests();
+        for page in first..end {
+            if !remote.received.get(page) && r.pending.insert(page) {
+                r.queue.push(page);
+                r.asked.insert(page, now);
+            }
+        }
+        remote.hint.store(first, Ordering::Relaxed);
+        drop(r);
+        remote.wake.notify_all();
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl Drop for RemoteSource {
+    fn drop(&mut self) {
+        // The VM is freed: its migration's threads end.
+        self.0.shutdown();
+    }
+}
+
+impl RemoteSource {
+    /// The remote source behind `source`, if it is one.
+    pub fn of(source: &crate::source::Source) -> Option<&Arc<Remote>> {
+        let f = source.fetcher()?;
+        f.source
+            .as_any()
+            .downcast_ref::<RemoteSource>()
+            .map(|r| &r.0)
+    }
+}
