@@ -325,6 +325,8 @@ pub fn serve_with(
         timeouts: vmpager_migration::Timeouts {
             liveness: config.migration_liveness,
             ping_interval: config.migration_liveness / 4,
+            handshake: config.migration_liveness,
+            connect: config.migration_liveness,
             ..vmpager_migration::Timeouts::default()
         },
         deadline: config.migration_deadline,

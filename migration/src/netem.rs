@@ -29,6 +29,8 @@ pub enum LinkError {
 struct Control {
     /// Each direction's delay, in microseconds.
     one_way_us: AtomicU64,
+    /// Bytes per second each connection's direction may carry (0: no limit).
+    rate: AtomicU64,
     /// Bytes read are dropped, nothing is forwarded or closed.
     blackhole: AtomicBool,
     /// Connections accepted (both ends of each), to cut them.
@@ -95,6 +97,12 @@ impl FaultyLink {
     /// closed, and new connections are accepted but lead nowhere.
     pub fn set_blackhole(&self, on: bool) {
         self.control.blackhole.store(on, Ordering::Relaxed);
+    }
+
+    /// Limits each direction of each connection to `bytes_per_sec` (0: no limit): a slow
+    /// link, which a bulk push fills.
+    pub fn set_rate(&self, bytes_per_sec: u64) {
+        self.control.rate.store(bytes_per_sec, Ordering::Relaxed);
     }
 
     /// Connections accepted so far.
@@ -168,7 +176,8 @@ fn swallow(mut s: TcpStream) {
 /// Forwards `from` → `to`: each chunk is delivered `one_way` after it was read, in order, by a
 /// second thread; in a black hole it is dropped.
 fn pump(mut from: TcpStream, to: TcpStream, control: Arc<Control>) {
-    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    // Bounded: a slow link pushes back on its sender, as TCP does.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(Instant, Vec<u8>)>(16);
     let c = control.clone();
     let writer = std::thread::Builder::new()
         .name("faulty-link-out".into())
@@ -185,10 +194,14 @@ fn pump(mut from: TcpStream, to: TcpStream, control: Arc<Control>) {
                 if to.write_all(&bytes).is_err() {
                     break;
                 }
+                let rate = c.rate.load(Ordering::Relaxed);
+                if rate > 0 {
+                    std::thread::sleep(Duration::from_secs_f64(bytes.len() as f64 / rate as f64));
+                }
             }
             let _ = to.shutdown(Shutdown::Write);
         });
-    let mut buf = vec![0u8; 256 * 1024];
+    let mut buf = vec![0u8; 64 * 1024];
     loop {
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
