@@ -327,7 +327,6 @@ pub fn serve_with(
             ping_interval: config.migration_liveness / 4,
             handshake: config.migration_liveness,
             connect: config.migration_liveness,
-            ..vmpager_migration::Timeouts::default()
         },
         deadline: config.migration_deadline,
         ..migration::Migrations::default()
