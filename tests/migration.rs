@@ -239,6 +239,10 @@ fn a_destination_without_the_key_gets_no_page_and_poisons_never_zeros() {
     assert_eq!(s.counters.pages_poisoned, PAGES as u64);
     let out = src.migration(src_mem.vm_id()).unwrap();
     assert_eq!(out.counters.pages_pulled + out.counters.pages_pushed, 0);
+    assert!(
+        out.counters.refused > 0,
+        "the source counted the refusals: {out:?}"
+    );
 }
 
 #[test]
@@ -274,4 +278,9 @@ fn garbage_on_the_migration_port_harms_no_migration() {
         assert_eq!(read_page(r, page), want[p * PAGE..(p + 1) * PAGE]);
     }
     wait_state(&dst, dst_mem.vm_id(), MigrationState::Complete);
+    let out = src.migration(src_mem.vm_id()).unwrap();
+    assert!(
+        out.counters.refused >= 3,
+        "each junk connection counted: {out:?}"
+    );
 }

@@ -113,7 +113,17 @@ impl Reactor {
             return remote.status(vm_id);
         }
         match self.migrations.outgoing.of_vm(vm_id) {
-            Some(out) => out.status(),
+            Some(out) => {
+                let mut status = out.status();
+                // Connections refused by this daemon's listener, whichever migration they
+                // claimed to be.
+                status.counters.refused = self
+                    .migrations
+                    .outgoing
+                    .refused
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                status
+            }
             None => MigrationStatus {
                 vm_id,
                 migration_id: 0,

@@ -40,14 +40,20 @@ impl PageBits {
 
     /// Whether page `page` is set (false beyond the end).
     pub fn get(&self, page: u64) -> bool {
-        self.words
-            .get((page / 64) as usize)
-            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (page % 64)) != 0)
+        page < self.total
+            && self
+                .words
+                .get((page / 64) as usize)
+                .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (page % 64)) != 0)
     }
 
     /// Sets page `page`; true if this call set it (false if it was set, or beyond the end).
     pub fn set(&self, page: u64) -> bool {
-        let Some(w) = self.words.get((page / 64) as usize) else {
+        let Some(w) = self
+            .words
+            .get((page / 64) as usize)
+            .filter(|_| page < self.total)
+        else {
             return false;
         };
         let bit = 1 << (page % 64);
@@ -61,7 +67,11 @@ impl PageBits {
 
     /// Clears page `page`; true if it was set.
     pub fn clear(&self, page: u64) -> bool {
-        let Some(w) = self.words.get((page / 64) as usize) else {
+        let Some(w) = self
+            .words
+            .get((page / 64) as usize)
+            .filter(|_| page < self.total)
+        else {
             return false;
         };
         let bit = 1 << (page % 64);
