@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use vmpager_client::demo::PatternGen;
-use vmpager_client::{Client, MappedRegion, PageSource, RegionSpec, VmMemory, VmSpec};
+use vmpager_client::{Client, PageSource, RegionSpec, VmMemory, VmSpec};
 use vmpager_protocol::ErrorCode;
 
 fn have_root_and_uffd() -> bool {
@@ -92,16 +92,6 @@ impl Drop for Daemon {
         let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         let _ = self.child.wait();
     }
-}
-
-fn read_page(r: &MappedRegion, page: usize) -> Vec<u8> {
-    let mut out = vec![0u8; PAGE];
-    for (i, b) in out.iter_mut().enumerate() {
-        // SAFETY: inside the live mapping of `r`; a read of shared memory that the daemon
-        // populates on first touch.
-        *b = unsafe { r.host_addr().as_ptr().add(page * PAGE + i).read_volatile() };
-    }
-    out
 }
 
 fn assert_every_page(memory: &VmMemory, snapshot: &[u8]) {

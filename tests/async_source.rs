@@ -93,16 +93,6 @@ impl Rig {
     }
 }
 
-fn read_page(r: &MappedRegion, page: usize) -> Vec<u8> {
-    let mut out = vec![0u8; PAGE];
-    for (i, b) in out.iter_mut().enumerate() {
-        // SAFETY: inside the live mapping of `r`; a read of shared memory that the daemon
-        // populates on first touch (the read blocks in the fault until then).
-        *b = unsafe { r.host_addr().as_ptr().add(page * PAGE + i).read_volatile() };
-    }
-    out
-}
-
 fn write_page(r: &MappedRegion, page: usize, byte: u8) {
     for i in 0..PAGE {
         // SAFETY: inside the live mapping of `r`; nothing else borrows this memory.
@@ -112,29 +102,6 @@ fn write_page(r: &MappedRegion, page: usize, byte: u8) {
                 .add(page * PAGE + i)
                 .write_volatile(byte)
         };
-    }
-}
-
-/// Reads one byte with process_vm_readv: the kernel's own access, which a poisoned page fails
-/// with EFAULT instead of raising SIGBUS in the test.
-fn probe(r: &MappedRegion, page: usize) -> Result<u8, std::io::Error> {
-    let mut b = [0u8; 1];
-    let local = libc::iovec {
-        iov_base: b.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let remote = libc::iovec {
-        // SAFETY: only an address computed inside the mapping; the kernel validates it.
-        iov_base: unsafe { r.host_addr().as_ptr().add(page * PAGE) }.cast(),
-        iov_len: 1,
-    };
-    // SAFETY: `local` points at a live 1-byte buffer; the remote side is only read by the
-    // kernel, which validates it.
-    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-    if n == 1 {
-        Ok(b[0])
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }
 

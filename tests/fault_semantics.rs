@@ -9,7 +9,7 @@ mod common;
 
 use common::*;
 use vmpager_client::demo::PatternGen;
-use vmpager_client::{Client, MappedRegion, PageSource, PopulateMethod, RegionSpec, VmSpec};
+use vmpager_client::{Client, PageSource, PopulateMethod, RegionSpec, VmSpec};
 use vmpagerd::readahead::Readahead;
 use vmpagerd::wait::WaitMode;
 use vmpagerd::{Config, DaemonHandle};
@@ -48,16 +48,6 @@ fn snapshot_vm(
         })
         .unwrap();
     (vm, image_bytes(pages * PAGE, seed))
-}
-
-fn read_page(r: &MappedRegion, page: usize) -> Vec<u8> {
-    let mut out = vec![0u8; PAGE];
-    for (i, b) in out.iter_mut().enumerate() {
-        // SAFETY: inside the live mapping of `r`; a read of shared memory that the daemon
-        // populates on first touch (the read blocks in the fault until then).
-        *b = unsafe { r.host_addr().as_ptr().add(page * PAGE + i).read_volatile() };
-    }
-    out
 }
 
 fn image_bytes(len: usize, seed: u64) -> Vec<u8> {

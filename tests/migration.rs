@@ -59,50 +59,6 @@ fn locate(memory: &vmpager_client::VmMemory, p: usize) -> (&MappedRegion, usize)
     unreachable!("page beyond the VM")
 }
 
-fn read_page(r: &MappedRegion, page: usize) -> Vec<u8> {
-    let mut out = vec![0u8; PAGE];
-    for (i, b) in out.iter_mut().enumerate() {
-        // SAFETY: inside the live mapping of `r`; a read of shared memory that the daemon
-        // populates on first touch (the read waits in the fault until then).
-        *b = unsafe { r.host_addr().as_ptr().add(page * PAGE + i).read_volatile() };
-    }
-    out
-}
-
-fn write_word(r: &MappedRegion, page: usize, word: u64) {
-    // SAFETY: inside the live mapping of `r`, 8-byte aligned; nothing else borrows it.
-    unsafe {
-        r.host_addr()
-            .as_ptr()
-            .add(page * PAGE)
-            .cast::<u64>()
-            .write_volatile(word)
-    };
-}
-
-/// Reads one byte with process_vm_readv: a poisoned page fails with EFAULT instead of raising
-/// SIGBUS in the test.
-fn probe(r: &MappedRegion, page: usize) -> std::io::Result<u8> {
-    let mut b = [0u8; 1];
-    let local = libc::iovec {
-        iov_base: b.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let remote = libc::iovec {
-        // SAFETY: only an address computed inside the mapping; the kernel validates it.
-        iov_base: unsafe { r.host_addr().as_ptr().add(page * PAGE) }.cast(),
-        iov_len: 1,
-    };
-    // SAFETY: `local` points at a live 1-byte buffer; the remote side is only read by the
-    // kernel, which validates it.
-    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-    if n == 1 {
-        Ok(b[0])
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 fn key(byte: u8) -> MigrationKey {
     MigrationKey([byte; 32])
 }

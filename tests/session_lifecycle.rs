@@ -10,20 +10,10 @@ mod common;
 use common::*;
 use std::time::Duration;
 use vmpager_client::demo::PatternGen;
-use vmpager_client::{Client, MappedRegion, PageSource, PopulateMethod, RegionSpec, VmSpec};
+use vmpager_client::{Client, PageSource, PopulateMethod, RegionSpec, VmSpec};
 use vmpagerd::Config;
 
 const PAGE: usize = 4096;
-
-fn read_page(r: &MappedRegion, page: usize) -> Vec<u8> {
-    let mut out = vec![0u8; PAGE];
-    for (i, b) in out.iter_mut().enumerate() {
-        // SAFETY: inside the live mapping of `r`; a read of shared memory that the daemon
-        // populates on first touch.
-        *b = unsafe { r.host_addr().as_ptr().add(page * PAGE + i).read_volatile() };
-    }
-    out
-}
 
 #[test]
 fn a_vmm_that_disconnects_leaves_nothing_behind_and_disturbs_no_other() {

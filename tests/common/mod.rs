@@ -228,3 +228,58 @@ impl Drop for SocketDaemon {
         let _ = self.child.wait();
     }
 }
+
+/// Bytes of a guest page in the tests' helpers.
+const GUEST_PAGE: usize = 4096;
+
+/// Page `page` (4 KiB) of `r` as the guest sees it: a first touch waits in the fault until the
+/// daemon installs the page.
+pub fn read_page(r: &vmpager_client::MappedRegion, page: usize) -> Vec<u8> {
+    let mut out = vec![0u8; GUEST_PAGE];
+    for (i, b) in out.iter_mut().enumerate() {
+        // SAFETY: inside the live mapping of `r` (callers pass pages of the region); a read of
+        // shared memory that the daemon populates on first touch.
+        *b = unsafe {
+            r.host_addr()
+                .as_ptr()
+                .add(page * GUEST_PAGE + i)
+                .read_volatile()
+        };
+    }
+    out
+}
+
+/// Writes `word` at the start of page `page` of `r`, as a guest store would.
+pub fn write_word(r: &vmpager_client::MappedRegion, page: usize, word: u64) {
+    // SAFETY: inside the live mapping of `r`, 8-byte aligned; nothing else borrows it.
+    unsafe {
+        r.host_addr()
+            .as_ptr()
+            .add(page * GUEST_PAGE)
+            .cast::<u64>()
+            .write_volatile(word)
+    };
+}
+
+/// Reads the first byte of page `page` of `r` with process_vm_readv: the kernel's own access,
+/// which a poisoned page fails with EFAULT instead of raising SIGBUS in the test.
+pub fn probe(r: &vmpager_client::MappedRegion, page: usize) -> std::io::Result<u8> {
+    let mut b = [0u8; 1];
+    let local = libc::iovec {
+        iov_base: b.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let remote = libc::iovec {
+        // SAFETY: only an address computed inside the mapping; the kernel validates it.
+        iov_base: unsafe { r.host_addr().as_ptr().add(page * GUEST_PAGE) }.cast(),
+        iov_len: 1,
+    };
+    // SAFETY: `local` points at a live 1-byte buffer; the remote side is only read by the
+    // kernel, which validates it.
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    if n == 1 {
+        Ok(b[0])
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
