@@ -143,3 +143,59 @@ fn bad_options_fail_before_anything_starts() {
         assert!(!out.contains("verified"), "{args:?}: {out}");
     }
 }
+
+/// SIGTERM in the middle of a migration (held in a black hole) stops both daemons and removes
+/// the work directory; the exit status says which signal.
+#[test]
+fn sigterm_mid_migration_stops_both_daemons() {
+    use std::io::{BufRead, BufReader};
+    if !have_kvm() {
+        return;
+    }
+    let dir = TestDir::new("migrate-cli-term");
+    let mut child = Command::new(vmpager_binary())
+        .args([
+            "migrate",
+            "--memory",
+            "64M",
+            "--delay",
+            "5",
+            "--blackhole-at",
+            "1",
+            "--blackhole-ms",
+            "60000",
+            "--workdir",
+        ])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let pids = [
+        number_after(&first, "source vmpagerd (pid "),
+        number_after(&first, "destination vmpagerd (pid "),
+    ];
+    // Wait until the destination's vCPUs are about to run: the link is (or will shortly be)
+    // a black hole for a minute.
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("switchover: ") {
+            break;
+        }
+    }
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
+    for pid in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "vmpagerd {pid} is still there"
+        );
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}

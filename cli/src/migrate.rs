@@ -1,14 +1,16 @@
 //! `vmpager migrate`: a post-copy migration of a running guest between two `vmpagerd`
 //! processes started here, through a loopback link that can add latency, cut its connections
 //! or turn into a black hole; every byte is verified at the destination
-//! ([`vmpager_client::demo::migrate`]).
+//! ([`vmpager_client::demo::migrate`]). SIGTERM and SIGINT stop both daemons and remove the
+//! work directory ([`crate::interrupt`]).
 
+use crate::interrupt::{Interrupts, Leftovers};
 use crate::{parse_size, PopulateArg, RemoveDir};
 use anyhow::{bail, Context};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use vmpager_client::demo::migrate::{run_migration, MigrateConfig, MigrateReport};
-use vmpager_client::demo::{self, ScenarioConfig};
+use vmpager_client::demo::{self, DaemonProcess, ScenarioConfig};
 use vmpager_client::refvmm::HostLimits;
 use vmpager_client::PopulateMethod;
 
@@ -62,6 +64,8 @@ pub struct MigrateArgs {
 }
 
 pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
+    // First, before any thread starts: every thread inherits the blocked signals.
+    let interrupts = Interrupts::install()?;
     let scenario = ScenarioConfig {
         write_pattern: true,
         ..ScenarioConfig::new(
@@ -97,9 +101,29 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(std::env::temp_dir)
         .join(format!("vmpager-migrate-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    interrupts.register(|left| {
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        left.dir = Some(dir.clone());
+        anyhow::Ok(())
+    })?;
     let _cleanup = RemoveDir(dir.clone());
-    let report = run_migration(&bin, &dir, &cfg, &|line| println!("{line}"))?;
+    // Each daemon is registered as it starts, so a signal stops whatever has started.
+    let spawn = |socket: &Path, extra: &[&str]| {
+        interrupts.register(|left| {
+            let d = DaemonProcess::spawn(&bin, socket, extra)?;
+            left.daemons.push(d.pid());
+            Ok(d)
+        })
+    };
+    let result = run_migration(&spawn, &dir, &cfg, &|line| println!("{line}"));
+    // The daemons are stopped (or being stopped by the drops of a failed run): nothing is
+    // left for a signal to clean up but the directory.
+    interrupts.register(|left| {
+        *left = Leftovers::default();
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+    let report = result?;
     print_report(&cfg, &report);
     if let Some(path) = &args.json {
         std::fs::write(path, to_json(&cfg, &report).to_string())

@@ -101,9 +101,14 @@ fn plans(memory: &VmMemory, vcpus: usize) -> Vec<Vec<Task>> {
         .collect()
 }
 
-/// Runs the migration with `vmpagerd` binaries in `dir`; `say` gets progress lines.
+/// Starts a `vmpagerd` serving the socket at the path, with the extra arguments (usually
+/// [`DaemonProcess::spawn`] of a binary, perhaps registering the child for cleanup).
+pub type SpawnDaemon<'a> = &'a dyn Fn(&Path, &[&str]) -> Result<DaemonProcess, DemoError>;
+
+/// Runs the migration with daemons from `spawn`, sockets and image in `dir`; `say` gets
+/// progress lines.
 pub fn run_migration(
-    vmpagerd: &Path,
+    spawn: SpawnDaemon<'_>,
     dir: &Path,
     cfg: &MigrateConfig,
     say: &dyn Fn(String),
@@ -112,8 +117,7 @@ pub fn run_migration(
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let liveness = cfg.liveness.as_millis().to_string();
     let deadline = cfg.deadline.as_secs().max(1).to_string();
-    let src_d = DaemonProcess::spawn(
-        vmpagerd,
+    let src_d = spawn(
         &dir.join("source.sock"),
         &[
             "--migration-listen",
@@ -122,8 +126,7 @@ pub fn run_migration(
             &liveness,
         ],
     )?;
-    let dst_d = DaemonProcess::spawn(
-        vmpagerd,
+    let dst_d = spawn(
         &dir.join("destination.sock"),
         &[
             "--migration-liveness-ms",
