@@ -134,7 +134,7 @@ fn scenario(
             let path = dir.join("vmpagerd.sock");
             let d = interrupts.register(|left| {
                 let d = DaemonProcess::spawn(&bin, &path, &[])?;
-                left.daemon = Some(d.pid());
+                left.daemons.push(d.pid());
                 anyhow::Ok(d)
             })?;
             println!("started vmpagerd (pid {}) from {}", d.pid(), bin.display());

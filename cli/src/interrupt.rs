@@ -1,5 +1,5 @@
-//! SIGTERM and SIGINT during `vmpager demo`: whatever the demo is doing (writing its image,
-//! waiting for the daemon, running vCPUs), it stops the vmpagerd it started, removes its work
+//! SIGTERM and SIGINT during `vmpager demo` (and `vmpager migrate`): whatever the demo is doing
+//! (writing its image, waiting for the daemon, running vCPUs), it stops the vmpagerds it started, removes its work
 //! directory and exits with status 128 + the signal's number.
 //!
 //! The signals are blocked in every thread and read from a signalfd by a thread of their own,
@@ -29,8 +29,8 @@ const DAEMON_EXIT_TIMEOUT: Timespec = Timespec {
 pub struct Leftovers {
     /// The work directory (snapshot image, daemon socket).
     pub dir: Option<PathBuf>,
-    /// The vmpagerd child process.
-    pub daemon: Option<u32>,
+    /// The vmpagerd child processes.
+    pub daemons: Vec<u32>,
 }
 
 /// Cleanup on SIGTERM and SIGINT; see the module documentation.
@@ -66,10 +66,10 @@ impl Interrupts {
     }
 }
 
-/// Stops the daemon and removes the directory registered in `left`; says what it did.
+/// Stops the daemons and removes the directory registered in `left`; says what it did.
 fn clean_up(left: &Leftovers) -> Vec<String> {
     let mut done = Vec::new();
-    if let Some(pid) = left.daemon {
+    for &pid in &left.daemons {
         stop_daemon(pid);
         done.push(format!("stopped vmpagerd (pid {pid})"));
     }

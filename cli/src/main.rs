@@ -9,6 +9,7 @@ mod ch_restore;
 mod demo;
 mod firecracker;
 mod interrupt;
+mod migrate;
 mod restore;
 mod soak_vmm;
 
@@ -161,6 +162,9 @@ enum Cmd {
         #[arg(long, value_name = "PCT", value_parser = clap::value_parser!(u32).range(1..=99))]
         update_at: Option<u32>,
     },
+    /// Migrate a running KVM guest post-copy between two vmpagerd processes started here
+    /// (through a loopback link that can add latency or be cut) and verify every byte.
+    Migrate(migrate::MigrateArgs),
     /// The new VMM process of `vmpager demo --update-at` (internal).
     #[command(hide = true)]
     DemoResume {
@@ -286,6 +290,7 @@ fn main() {
             update_at,
         }),
         Cmd::DemoResume { state } => demo::resume(&state),
+        Cmd::Migrate(args) => migrate::run(args),
     };
     if let Err(e) = result {
         eprintln!("vmpager: {e:#}");

@@ -3,7 +3,9 @@
 //! daemon-served faults.
 //!
 //! * [`update`]: the same scenario with a VMM live update in the middle (`--update-at`).
+//! * [`migrate`]: the same guest migrated post-copy between two daemons (`vmpager migrate`).
 
+pub mod migrate;
 pub mod update;
 use crate::client::{Client, ClientError, PageSource, VmSpec};
 use crate::refvmm::{split_evenly, GuestRegion, RefVm, RefVmError, Workload};
@@ -38,6 +40,15 @@ pub enum DemoError {
     /// The scenario can never run as configured.
     #[error("{0}")]
     Config(String),
+    /// A migration did not complete.
+    #[error("migration failed: {0}")]
+    Migration(String),
+    /// The faulty link between the daemons could not start.
+    #[error("cannot start the link between the daemons")]
+    Link(#[from] vmpager_migration::LinkError),
+    /// No migration key could be drawn.
+    #[error("cannot draw a migration key")]
+    Key(#[from] vmpager_migration::AuthError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DemoError {
@@ -89,6 +100,16 @@ pub fn write_image(path: &Path, size: u64, seed: u64) -> Result<(), DemoError> {
 /// on the host in 1 MiB chunks (bytes past the end of the file count as zeros, as the daemon
 /// serves them).
 pub fn expected_checksum(file: &File, offset: u64, len: u64) -> Result<u64, DemoError> {
+    checksum_with(file, offset, len, |_, word| word)
+}
+
+/// As [`expected_checksum`], with each word replaced by `word_at(position in the range, word)`.
+pub(crate) fn checksum_with(
+    file: &File,
+    offset: u64,
+    len: u64,
+    word_at: impl Fn(u64, u64) -> u64,
+) -> Result<u64, DemoError> {
     let mut buf = vec![0u8; (len as usize).min(1 << 20)];
     let mut h = 0u64;
     let mut done = 0u64;
@@ -106,10 +127,11 @@ pub fn expected_checksum(file: &File, offset: u64, len: u64) -> Result<u64, Demo
         }
         chunk[got..].fill(0);
         // Continue the same rolling checksum across chunks: h = rol(h, 7) ^ word.
-        for w in chunk.chunks_exact(8) {
+        for (i, w) in chunk.chunks_exact(8).enumerate() {
             let mut word = [0u8; 8];
             word.copy_from_slice(w);
-            h = h.rotate_left(7) ^ u64::from_le_bytes(word);
+            let word = word_at(done + 8 * i as u64, u64::from_le_bytes(word));
+            h = h.rotate_left(7) ^ word;
         }
         done += n as u64;
     }
