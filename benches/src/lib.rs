@@ -15,6 +15,7 @@ pub mod footprint;
 pub mod handler;
 pub mod ipc;
 pub mod mailbox;
+pub mod migration;
 pub mod plot;
 pub mod report;
 pub mod row;
@@ -88,8 +89,8 @@ pub struct Options {
 
 /// The sections of a run, in order: IPC round trips, populate ioctls, host-thread faults,
 /// vCPU demand paging, Firecracker's protocol, the restore benchmark, conversions, daemon
-/// memory.
-pub const SECTIONS: [&str; 8] = [
+/// memory, post-copy migration between two daemons.
+pub const SECTIONS: [&str; 9] = [
     "ipc",
     "ioctl",
     "faults",
@@ -98,6 +99,7 @@ pub const SECTIONS: [&str; 8] = [
     "restore",
     "conversion",
     "memory",
+    "migration",
 ];
 
 impl Options {
@@ -264,6 +266,12 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Report, BenchErr
         log("daemon memory");
         rows.extend(memory_rows(&vmpagerd, &dir)?);
     }
+    let mut migration_targets = Vec::new();
+    if opts.wants("migration") {
+        let m = migration::run(opts.quick, &dir, log)?;
+        rows.extend(m.rows);
+        migration_targets = m.targets;
+    }
 
     let mut report = Report {
         quick: opts.quick,
@@ -333,6 +341,7 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Report, BenchErr
         at_most: true,
         met: spin.map(|ns| ns / 1e3 <= 0.5),
     });
+    report.targets.extend(migration_targets);
     report.elapsed_s = started.elapsed().as_secs_f64();
     if let Some(json) = &opts.json {
         write_outputs(&report, json)?;

@@ -77,7 +77,11 @@ impl Report {
     /// The table, as printed by `vmpager bench`.
     pub fn table(&self) -> String {
         let mut out = String::new();
-        let us = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}", v / 1e3));
+        // Not-a-number: a figure the row does not have (the daemon keeps no p99.9).
+        let us = |v: Option<f64>| {
+            v.filter(|v| v.is_finite())
+                .map_or("-".to_string(), |v| format!("{:.2}", v / 1e3))
+        };
         let mut group = "";
         for r in &self.rows {
             if r.group != group {
@@ -154,7 +158,10 @@ impl Report {
         );
         for r in &self.rows {
             let l = r.latency.as_ref();
-            let f = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{:.2}", v / 1e3));
+            let f = |v: Option<f64>| {
+                v.filter(|v| v.is_finite())
+                    .map_or("–".to_string(), |v| format!("{:.2}", v / 1e3))
+            };
             out += &format!(
                 "| {} | {} | {} | {} | {} | {} | {} |\n",
                 r.group,

@@ -55,7 +55,7 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         markdown: Option<PathBuf>,
         /// Run only these sections (comma-separated): ipc, ioctl, faults, vcpu, firecracker,
-        /// restore, conversion, memory.
+        /// restore, conversion, memory, migration.
         #[arg(long, value_name = "SECTIONS", value_delimiter = ',')]
         only: Vec<String>,
     },

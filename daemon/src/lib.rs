@@ -101,6 +101,11 @@ pub struct Config {
     /// How long a destination waits for an unreachable source before it gives up on it and
     /// poisons the pages it lacks.
     pub migration_deadline: Duration,
+    /// A destination's source pushes every page in the background (`true`, the default), or
+    /// only the pages faults and readahead ask for move (`false`, pull only: for benchmarks
+    /// that time remote faults alone, and for links too slow to carry the whole VM); a
+    /// pull-only migration is `Complete` once every page was asked for.
+    pub migration_push: bool,
     /// An embedder's asynchronous page source (a network or object-store source, or the
     /// tests' [`source::DelayedSource`]): consulted for every VM created with a zero source;
     /// a VM it gives a source to is served from that source. Not settable from the command line.
@@ -155,6 +160,7 @@ impl Default for Config {
             migration_listen: None,
             migration_liveness: Duration::from_secs(10),
             migration_deadline: migration::DEFAULT_DEADLINE,
+            migration_push: true,
             allow: access::Allowlist::default(),
             async_source: None,
         }
@@ -329,6 +335,7 @@ pub fn serve_with(
             connect: config.migration_liveness,
         },
         deadline: config.migration_deadline,
+        push: config.migration_push,
         ..migration::Migrations::default()
     };
     let migration_listener = config

@@ -65,6 +65,11 @@ struct Args {
     /// and poisons the pages it lacks (SIGBUS in the guest, never zeros), in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     migration_deadline: u64,
+    /// Migrations into this daemon pull only the pages faults and readahead ask for, with no
+    /// background push; such a migration completes once the guest has touched every page
+    /// (docs/migration.md, "Pull only").
+    #[arg(long)]
+    migration_pull_only: bool,
     /// Print this host's capabilities as JSON and exit.
     #[arg(long)]
     print_capabilities: bool,
@@ -209,6 +214,7 @@ impl Args {
         }
         c.migration_liveness = Duration::from_millis(self.migration_liveness_ms);
         c.migration_deadline = Duration::from_secs(self.migration_deadline);
+        c.migration_push = !self.migration_pull_only;
         c.migration_listen = self
             .migration_listen
             .as_deref()

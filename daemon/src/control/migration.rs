@@ -69,6 +69,7 @@ impl Reactor {
                 key: Key::from_bytes(m.key.0),
                 timeouts: self.migrations.timeouts,
                 deadline: self.migrations.deadline,
+                push: self.migrations.push,
             })
             .map_err(|e| refuse(ErrorCode::Internal, format!("cannot start pulling: {e}")))?;
         Ok((Message::MigrationStatus(remote.status(m.vm_id)), vec![]))

@@ -28,6 +28,8 @@ pub struct Migrations {
     /// How long a destination waits for an unreachable source before it gives up on it (and
     /// poisons the pages it lacks).
     pub deadline: std::time::Duration,
+    /// Whether a destination's source pushes the pages nobody asked for (`false`: pull only).
+    pub push: bool,
 }
 
 impl Default for Migrations {
@@ -37,6 +39,7 @@ impl Default for Migrations {
             listening: None,
             timeouts: vmpager_migration::Timeouts::default(),
             deadline: DEFAULT_DEADLINE,
+            push: true,
         }
     }
 }

@@ -4,7 +4,9 @@
 //! [`RemoteSource`] is the VM's asynchronous source ([`crate::source::AsyncSource`]): a fault's
 //! urgent request goes out on the **urgent** channel at once (batched with whatever else is
 //! waiting), background requests only steer the **bulk** push (`Hint`), and every page that
-//! comes back on either channel is delivered to the VM's worker ([`Completions`]).
+//! comes back on either channel is delivered to the VM's worker ([`Completions`]). Pull only
+//! ([`RemoteParams::push`] false): background requests are pulled on the urgent channel too,
+//! and the bulk channel is opened only once every page is here, to say `Done`.
 //!
 //! Failures: a connection that breaks (or falls silent past the liveness deadline) is made
 //! again with back-off; the bulk channel then says again what is here (`Resume`) and the
@@ -39,6 +41,9 @@ pub struct RemoteParams {
     pub timeouts: Timeouts,
     /// How long the source may stay unreachable before it is declared lost.
     pub deadline: Duration,
+    /// The source pushes every page nobody asked for (`false`: pull only, see
+    /// [`crate::Config::migration_push`]).
+    pub push: bool,
 }
 
 #[derive(Debug, Default)]
@@ -63,6 +68,8 @@ pub struct Remote {
     hint: AtomicU64,
     hint_sent: AtomicU64,
     started: AtomicBool,
+    /// `false`: pull only (background requests are pulled too, nothing is pushed).
+    push: AtomicBool,
     stop: AtomicBool,
     state: AtomicU32,
     migration_id: AtomicU64,
@@ -88,6 +95,7 @@ impl Remote {
             hint: AtomicU64::new(u64::MAX),
             hint_sent: AtomicU64::new(u64::MAX),
             started: AtomicBool::new(false),
+            push: AtomicBool::new(true),
             stop: AtomicBool::new(false),
             state: AtomicU32::new(MigrationState::None as u32),
             migration_id: AtomicU64::new(0),
@@ -169,6 +177,7 @@ impl Remote {
         }
         self.migration_id
             .store(params.migration_id, Ordering::Relaxed);
+        self.push.store(params.push, Ordering::Relaxed);
         self.set_state(if self.received.is_full() {
             MigrationState::Complete
         } else {
@@ -213,6 +222,9 @@ impl Remote {
 
     /// Connects, serves, reconnects, until the migration ends or the source is lost.
     fn run_channel(self: Arc<Remote>, kind: ChannelKind, p: &RemoteParams) {
+        if kind == ChannelKind::Bulk && !p.push && !self.wait_until_full() {
+            return;
+        }
         let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
         let mut unreachable_since = Instant::now();
         let mut connected_before = false;
@@ -259,6 +271,20 @@ impl Remote {
             let r = self.requests();
             let _ = self.wake.wait_timeout(r, delay);
         }
+    }
+
+    /// Pull only: the bulk channel is opened once every page is here, only to say so
+    /// (`Resume` with nothing missing, then `Done`). `false` if the migration stopped first.
+    fn wait_until_full(&self) -> bool {
+        let mut r = self.requests();
+        while !self.received.is_full() && !self.stopped() {
+            r = self
+                .wake
+                .wait_timeout(r, Duration::from_millis(100))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        !self.stopped()
     }
 
     /// The urgent channel: a reader thread takes pages in; this thread sends requests.
@@ -483,7 +509,7 @@ impl AsyncSource for RemoteSource {
         if remote.state() == MigrationState::Abandoned {
             return; // Lost: the worker poisons (`Completions::lost`).
         }
-        if !urgent {
+        if !urgent && remote.push.load(Ordering::Relaxed) {
             // The bulk push brings every page; a background request only says where to push.
             remote.hint.store(first, Ordering::Relaxed);
             remote.wake.notify_all();
@@ -494,7 +520,11 @@ impl AsyncSource for RemoteSource {
         for page in first..end {
             if !remote.received.get(page) && r.pending.insert(page) {
                 r.queue.push(page);
-                r.asked.insert(page, now);
+                // Only faults count in the remote fault latency (pull only: readahead is
+                // pulled too).
+                if urgent {
+                    r.asked.insert(page, now);
+                }
             }
         }
         remote.hint.store(first, Ordering::Relaxed);
