@@ -190,6 +190,9 @@ fn a_populated_page_that_faults_again_is_a_removed_page_and_reads_as_zeros() {
     let anon = AnonVm::new(&sizes, false);
     let vm = attach(&client, &anon, img, &[0], false);
     assert_eq!(anon.read(0, 0, PAGE), bytes[..PAGE]);
+    // The page is marked once the ioctl that woke the reader returned: wait for the worker to
+    // finish what it read (GetStats syncs with it).
+    client.stats(vm).unwrap();
     // Page 20: marked populated as if installed and then removed without a record.
     let state = client.page_state(vm).unwrap();
     let table = state.table(0).unwrap();
