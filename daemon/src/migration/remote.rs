@@ -79,6 +79,15 @@ pub struct Remote {
     reconnects: AtomicU64,
     refused: AtomicU64,
     poisoned: AtomicU64,
+    /// Hybrid: pages invalidated by the source.
+    invalidated: AtomicU64,
+    /// Hybrid: the source's `Switchover` marker was received (later `Invalidate`s are
+    /// ignored: the vCPUs may run from then on).
+    marker_seen: AtomicBool,
+    /// Hybrid: the worker applied every invalidation before the marker (state `Switched`).
+    switched: Arc<AtomicBool>,
+    /// Hybrid: the marker is to be acknowledged (a `Switchover` to the source).
+    ack_pending: AtomicBool,
     /// Request to arrival of urgent pages, in nanoseconds (`None` if it could not be made).
     latency: Mutex<Option<hdrhistogram::Histogram<u64>>>,
 }
@@ -105,6 +114,10 @@ impl Remote {
             reconnects: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             poisoned: AtomicU64::new(0),
+            invalidated: AtomicU64::new(0),
+            marker_seen: AtomicBool::new(false),
+            switched: Arc::new(AtomicBool::new(false)),
+            ack_pending: AtomicBool::new(false),
             latency: Mutex::new(
                 hdrhistogram::Histogram::new_with_bounds(1_000, 60_000_000_000, 2).ok(),
             ),
@@ -146,10 +159,16 @@ impl Remote {
             }
         };
         let missing = self.received.total() - self.received.count();
+        let state = match self.state() {
+            MigrationState::Running if self.switched.load(Ordering::Acquire) => {
+                MigrationState::Switched
+            }
+            s => s,
+        };
         MigrationStatus {
             vm_id,
             migration_id: get(&self.migration_id),
-            state: self.state(),
+            state,
             counters: MigrationCounters {
                 total_pages: self.received.total(),
                 pages_done: self.received.count(),
@@ -161,6 +180,7 @@ impl Remote {
                 },
                 reconnects: get(&self.reconnects),
                 refused: get(&self.refused),
+                pages_invalidated: get(&self.invalidated),
                 bytes: get(&self.bytes),
                 fault_p50_ns: p50,
                 fault_p99_ns: p99,
@@ -352,6 +372,11 @@ impl Remote {
     fn serve_bulk(self: &Arc<Remote>, reader: Reader, writer: Writer) -> Result<(), ChannelError> {
         let mut writer = writer;
         let total = self.received.total();
+        if self.marker_seen.load(Ordering::Acquire) {
+            // Hybrid, switched over on an earlier connection: the source must not invalidate
+            // (and may believe our `Done`).
+            writer.send(&Message::Switchover)?;
+        }
         let mut first = 0;
         loop {
             let len = RESUME_CHUNK.min(total - first);
@@ -385,6 +410,16 @@ impl Remote {
             }
             if self.state() == MigrationState::Complete {
                 break Ok(());
+            }
+            if self.ack_pending.swap(false, Ordering::AcqRel) {
+                if let Err(e) = writer.send(&Message::Switchover) {
+                    break Err(e);
+                }
+                // A `Done` sent before the switchover was not believed: sent again.
+                done_sent = false;
+            }
+            if !self.received.is_full() {
+                done_sent = false; // Invalidated pages (hybrid) are missing again.
             }
             if self.received.is_full() && !done_sent {
                 if let Err(e) = writer.send(&Message::Done) {
@@ -446,6 +481,20 @@ impl Remote {
                     self.wake.notify_all();
                     return Ok(());
                 }
+                Message::Invalidate { ranges } if !urgent => self.invalidate(&ranges),
+                Message::Switchover if !urgent => {
+                    if !self.marker_seen.swap(true, Ordering::AcqRel) {
+                        // In order after every invalidation before it.
+                        self.completions.deliver(Arrival {
+                            offset: 0,
+                            data: Payload::Marker {
+                                reached: self.switched.clone(),
+                            },
+                        });
+                    }
+                    self.ack_pending.store(true, Ordering::Release);
+                    self.wake.notify_all();
+                }
                 Message::SentAll | Message::Pong { .. } | Message::Ping { .. } => {}
                 Message::Error { code, text } => {
                     tracing::debug!(?code, %text, "the migration source refused");
@@ -454,6 +503,34 @@ impl Remote {
                 _ => return Err(ChannelError::Broken),
             }
         }
+    }
+
+    /// Hybrid: the source wrote these pages after it sent them. Before the switchover they are
+    /// no longer here (asked for or pushed again) and the worker drops its copy, in order with
+    /// the arrivals; after it (a source that cannot know we switched, on a new connection),
+    /// ignored: the vCPUs run, and every page here is the frozen source's already.
+    fn invalidate(&self, ranges: &[vmpager_migration::PageRange]) {
+        if self.marker_seen.load(Ordering::Acquire) {
+            return;
+        }
+        let total = self.received.total();
+        let arrivals = ranges.iter().filter_map(|r| {
+            let end = r.first.saturating_add(r.count).min(total);
+            if r.first >= end {
+                return None; // Not pages of this VM.
+            }
+            for page in r.first..end {
+                self.received.clear(page);
+            }
+            self.invalidated.fetch_add(end - r.first, Ordering::Relaxed);
+            Some(Arrival {
+                offset: r.first * PAGE_SIZE,
+                data: Payload::Invalidate {
+                    len: (end - r.first) * PAGE_SIZE,
+                },
+            })
+        });
+        self.completions.deliver_all(arrivals.collect::<Vec<_>>());
     }
 
     /// `count` pages from `first` arrived: counted, marked here, handed to the worker.
