@@ -404,13 +404,13 @@ impl Uffd {
     /// writable again and the threads waiting on it are woken. Fails (`PeerGone`, the
     /// kernel's `ENOENT`) where the range is not registered for write-protect.
     pub fn write_protect(&self, start: u64, len: u64, protect: bool) -> Result<(), UffdError> {
-        // From the kernel's uapi header (linux-raw-sys lacks them).
+        // From the kernel's uapi header (linux-raw-sys lacks it). (DONTWAKE is refused with
+        // WP: protecting wakes nobody anyway.)
         const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
-        const UFFDIO_WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
         let mut arg = uffdio_writeprotect {
             range: uffdio_range { start, len },
             mode: match protect {
-                true => UFFDIO_WRITEPROTECT_MODE_WP | UFFDIO_WRITEPROTECT_MODE_DONTWAKE,
+                true => UFFDIO_WRITEPROTECT_MODE_WP,
                 false => 0,
             },
         };

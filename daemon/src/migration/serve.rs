@@ -168,7 +168,15 @@ fn send_run(
         // Hybrid, the guest still runs: a write after this point is seen (and the page sent
         // again); one racing with the read below is seen too.
         if let Err(e) = t.protect(first, pages as u64) {
-            tracing::trace!(first, pages, error = %e, "cannot write-protect pages to push");
+            // Writes there would go unseen: nothing is sent that could be stale unnoticed.
+            // The VMM is gone or broke its registration; the migration cannot go on.
+            tracing::warn!(
+                migration = out.migration_id,
+                error = %e,
+                "cannot write-protect the guest's memory: the hybrid migration is abandoned"
+            );
+            out.set_abandoned();
+            return Err(vmpager_migration::ChannelError::Broken);
         }
     }
     let mut kinds = Vec::with_capacity(pages);
