@@ -14,6 +14,8 @@
 //! connection can be made for the migration deadline, or the VMM abandons the migration, the
 //! source is *lost*: every page not here is poisoned when touched, never zero-filled.
 
+mod hybrid;
+
 use super::sent::PageBits;
 use crate::source::{Arrival, AsyncSource, Completions, Payload, SourceError};
 use std::collections::BTreeSet;
@@ -184,7 +186,6 @@ impl Remote {
                 bytes: get(&self.bytes),
                 fault_p50_ns: p50,
                 fault_p99_ns: p99,
-                ..MigrationCounters::default()
             },
         }
     }
@@ -482,19 +483,7 @@ impl Remote {
                     return Ok(());
                 }
                 Message::Invalidate { ranges } if !urgent => self.invalidate(&ranges),
-                Message::Switchover if !urgent => {
-                    if !self.marker_seen.swap(true, Ordering::AcqRel) {
-                        // In order after every invalidation before it.
-                        self.completions.deliver(Arrival {
-                            offset: 0,
-                            data: Payload::Marker {
-                                reached: self.switched.clone(),
-                            },
-                        });
-                    }
-                    self.ack_pending.store(true, Ordering::Release);
-                    self.wake.notify_all();
-                }
+                Message::Switchover if !urgent => self.switchover(),
                 Message::SentAll | Message::Pong { .. } | Message::Ping { .. } => {}
                 Message::Error { code, text } => {
                     tracing::debug!(?code, %text, "the migration source refused");
@@ -503,34 +492,6 @@ impl Remote {
                 _ => return Err(ChannelError::Broken),
             }
         }
-    }
-
-    /// Hybrid: the source wrote these pages after it sent them. Before the switchover they are
-    /// no longer here (asked for or pushed again) and the worker drops its copy, in order with
-    /// the arrivals; after it (a source that cannot know we switched, on a new connection),
-    /// ignored: the vCPUs run, and every page here is the frozen source's already.
-    fn invalidate(&self, ranges: &[vmpager_migration::PageRange]) {
-        if self.marker_seen.load(Ordering::Acquire) {
-            return;
-        }
-        let total = self.received.total();
-        let arrivals = ranges.iter().filter_map(|r| {
-            let end = r.first.saturating_add(r.count).min(total);
-            if r.first >= end {
-                return None; // Not pages of this VM.
-            }
-            for page in r.first..end {
-                self.received.clear(page);
-            }
-            self.invalidated.fetch_add(end - r.first, Ordering::Relaxed);
-            Some(Arrival {
-                offset: r.first * PAGE_SIZE,
-                data: Payload::Invalidate {
-                    len: (end - r.first) * PAGE_SIZE,
-                },
-            })
-        });
-        self.completions.deliver_all(arrivals.collect::<Vec<_>>());
     }
 
     /// `count` pages from `first` arrived: counted, marked here, handed to the worker.
