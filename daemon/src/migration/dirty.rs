@@ -218,15 +218,6 @@ impl Tracker {
         self.frozen.store(true, Ordering::Release);
     }
 
-    /// Whether it is the tracking in force for its VM.
-    pub fn is_tracking(&self) -> bool {
-        self.vm.upgrade().is_some_and(|vm| {
-            vm.hybrid
-                .tracker()
-                .is_some_and(|t| std::ptr::eq(Arc::as_ptr(&t), self))
-        })
-    }
-
     /// Ends tracking (also when the migration is abandoned): no fault is marked any more, and
     /// every page is un-protected (waking any writer still waiting).
     /// A tracker that replaced this one (a `MigrateOut` made again) is left alone.
