@@ -65,6 +65,10 @@ pub enum MemoryError {
     /// The exit channel failed (the daemon is gone, or answered out of protocol).
     #[error("exit channel failed")]
     Channel(#[source] vmpager_protocol::mailbox::MailboxError),
+    /// The uffd was created without write-protect on shared memory (the daemon did not ask
+    /// for it: this host's kernel lacks `UFFD_FEATURE_WP_HUGETLBFS_SHMEM`).
+    #[error("this VM's userfaultfd cannot write-protect its memory (no UFFD_FEATURE_WP_HUGETLBFS_SHMEM)")]
+    NoWriteProtect,
     /// The daemon sent a different number of memfds than regions.
     #[error("{memfds} memfds for {regions} regions")]
     Mismatch {
@@ -128,6 +132,8 @@ pub struct VmMemory {
     // Field order matters: the uffd is dropped after the regions are unmapped.
     regions: Vec<MappedRegion>,
     uffd: Uffd,
+    mode: RegisterMode,
+    features: u64,
 }
 
 impl VmMemory {
@@ -187,7 +193,29 @@ impl VmMemory {
             vmm_sets_attributes,
             regions,
             uffd,
+            mode,
+            features: created.uffd_features,
         })
+    }
+
+    /// Registers every region for write-protect as well (a range registered again on the same
+    /// uffd takes the new modes), so that the daemon can track what the guest writes during a
+    /// hybrid migration: call it before `Client::migrate_out(.., hybrid = true)`. The daemon
+    /// write-protects and un-protects; a write to a protected page waits on the uffd until
+    /// the daemon noted it.
+    pub fn track_writes(&mut self) -> Result<(), MemoryError> {
+        let wp = u64::from(linux_raw_sys::general::UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
+        if self.features & wp == 0 {
+            return Err(MemoryError::NoWriteProtect);
+        }
+        let mode = self.mode | RegisterMode::WRITE_PROTECT;
+        for (i, r) in self.regions.iter().enumerate() {
+            self.uffd
+                .register_with_mode(r.host_addr().as_ptr().cast(), r.len(), mode)
+                .map_err(|source| MemoryError::Register { region: i, source })?;
+        }
+        self.mode = mode;
+        Ok(())
     }
 
     /// VM id.

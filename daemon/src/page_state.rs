@@ -76,6 +76,18 @@ impl PageState {
         });
     }
 
+    /// Makes an installed (or removed) `page` untouched again: a hybrid migration's destination
+    /// dropped it (`Invalidate`), its memfd page was punched, and its content is the source's
+    /// again, to be asked for. The one transition back to untouched, safe only because no
+    /// vCPU runs at a hybrid destination before the switchover, so no fault and no request can
+    /// be pending on the page (docs/migration.md, "Hybrid"). Private pages stay private.
+    pub fn reset_untouched(&self, page: usize) {
+        self.table.update(page, page + 1, |s| match s {
+            Page::Private => Page::Private,
+            _ => Page::Untouched,
+        });
+    }
+
     /// Records that pages `[first, end)` were removed: not populated any more, and never to be
     /// filled from the source again. Private pages stay private.
     pub fn discard(&self, first: usize, end: usize) {

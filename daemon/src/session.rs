@@ -91,6 +91,9 @@ pub struct Vm {
     pub recorder: Option<Recorder>,
     /// Pages to push ahead of the vCPUs (`ReplayWorkingSet`).
     pub replay: ReplayQueue,
+    /// The VMM's uffd for write-protecting its mapping, and a hybrid migration's dirty
+    /// tracking (`migration::dirty`).
+    pub hybrid: crate::migration::dirty::HybridSlot,
 }
 
 /// Attempts to fetch a page from the source before giving up on it.

@@ -8,8 +8,9 @@
 
 use linux_raw_sys::general::{
     uffdio_api, uffdio_continue, uffdio_copy, uffdio_poison, uffdio_range, uffdio_register,
-    uffdio_zeropage, UFFD_API, UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMAP, UFFD_EVENT_REMOVE,
-    UFFD_EVENT_UNMAP, UFFD_PAGEFAULT_FLAG_MINOR, UFFD_PAGEFAULT_FLAG_WRITE,
+    uffdio_writeprotect, uffdio_zeropage, UFFD_API, UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMAP,
+    UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP, UFFD_PAGEFAULT_FLAG_MINOR, UFFD_PAGEFAULT_FLAG_WP,
+    UFFD_PAGEFAULT_FLAG_WRITE,
 };
 use rustix::io::Errno;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -67,6 +68,7 @@ const UFFDIO_COPY: u32 = iowr(0x03, core::mem::size_of::<uffdio_copy>());
 const UFFDIO_ZEROPAGE: u32 = iowr(0x04, core::mem::size_of::<uffdio_zeropage>());
 const UFFDIO_CONTINUE: u32 = iowr(0x07, core::mem::size_of::<uffdio_continue>());
 const UFFDIO_POISON: u32 = iowr(0x08, core::mem::size_of::<uffdio_poison>());
+const UFFDIO_WRITEPROTECT: u32 = iowr(0x06, core::mem::size_of::<uffdio_writeprotect>());
 const _: () = {
     use linux_raw_sys::ioctl as k;
     assert!(UFFDIO_API == k::UFFDIO_API);
@@ -76,6 +78,7 @@ const _: () = {
     assert!(UFFDIO_ZEROPAGE == k::UFFDIO_ZEROPAGE);
     assert!(UFFDIO_CONTINUE == k::UFFDIO_CONTINUE);
     assert!(UFFDIO_POISON == 0xC020_AA08);
+    assert!(UFFDIO_WRITEPROTECT == k::UFFDIO_WRITEPROTECT);
 };
 
 /// Errors of uffd operations, classified the way the kernel means them.
@@ -145,6 +148,9 @@ pub enum Event {
         write: bool,
         /// A MINOR fault: the page is in the page cache but not mapped.
         minor: bool,
+        /// A write to a write-protected page (`UFFDIO_WRITEPROTECT`): the page is there;
+        /// un-protecting it wakes the thread.
+        wp: bool,
     },
     /// `[start, end)` was discarded (`MADV_DONTNEED` / `MADV_REMOVE`).
     Remove {
@@ -189,6 +195,7 @@ impl Event {
                     address: le64(m, 16),
                     write: flags & u64::from(UFFD_PAGEFAULT_FLAG_WRITE) != 0,
                     minor: flags & u64::from(UFFD_PAGEFAULT_FLAG_MINOR) != 0,
+                    wp: flags & u64::from(UFFD_PAGEFAULT_FLAG_WP) != 0,
                 }
             }
             UFFD_EVENT_REMOVE => Event::Remove {
@@ -392,6 +399,32 @@ impl Uffd {
         self.ioctl(UFFDIO_POISON, &mut arg)
     }
 
+    /// `UFFDIO_WRITEPROTECT` of `[start, start + len)`: with `protect`, later writes there
+    /// fault (`Event::PageFault { wp: true, .. }`) and nobody is woken; without, the range is
+    /// writable again and the threads waiting on it are woken. Fails (`PeerGone`, the
+    /// kernel's `ENOENT`) where the range is not registered for write-protect.
+    pub fn write_protect(&self, start: u64, len: u64, protect: bool) -> Result<(), UffdError> {
+        // From the kernel's uapi header (linux-raw-sys lacks it). (DONTWAKE is refused with
+        // WP: protecting wakes nobody anyway.)
+        const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+        let mut arg = uffdio_writeprotect {
+            range: uffdio_range { start, len },
+            mode: match protect {
+                true => UFFDIO_WRITEPROTECT_MODE_WP,
+                false => 0,
+            },
+        };
+        self.ioctl(UFFDIO_WRITEPROTECT, &mut arg)
+    }
+
+    /// Another handle on the same userfaultfd (for ioctls from another thread; only one
+    /// handle reads events).
+    pub fn try_clone(&self) -> Result<Uffd, Errno> {
+        Ok(Uffd {
+            fd: rustix::io::fcntl_dupfd_cloexec(&self.fd, 0)?,
+        })
+    }
+
     /// `UFFDIO_WAKE` the threads waiting on `[start, start + len)`.
     pub fn wake(&self, start: u64, len: u64) -> Result<(), UffdError> {
         let mut arg = uffdio_range { start, len };
@@ -424,7 +457,8 @@ mod tests {
             Event::PageFault {
                 address: 0x7000_0000_1000,
                 write: true,
-                minor: false
+                minor: false,
+                wp: false
             }
         );
         m[0] = UFFD_EVENT_REMOVE as u8;

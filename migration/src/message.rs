@@ -93,6 +93,8 @@ pub enum Kind {
     Pong = 12,
     /// [`Message::Error`].
     Error = 13,
+    /// [`Message::Switchover`].
+    Switchover = 14,
 }
 
 impl Kind {
@@ -113,6 +115,7 @@ impl Kind {
             11 => Ping,
             12 => Pong,
             13 => Error,
+            14 => Switchover,
             _ => return None,
         })
     }
@@ -239,6 +242,12 @@ pub enum Message {
     Done,
     /// Source → destination: answer to `Done`.
     DoneAck,
+    /// Hybrid migration, on the bulk channel. Source → destination: the source VM is frozen;
+    /// every `Invalidate` it will ever need came before this (the destination may run its
+    /// vCPUs once it has applied them). Destination → source: the marker was received (the
+    /// source accepts `Done` only after it); also sent by a destination that switched over
+    /// before, on a new connection.
+    Switchover,
     /// Either way: are you there? The peer answers `Pong` with the same nonce.
     Ping {
         /// Echoed in the `Pong`.
@@ -305,6 +314,7 @@ impl Message {
             Message::SentAll => Kind::SentAll,
             Message::Done => Kind::Done,
             Message::DoneAck => Kind::DoneAck,
+            Message::Switchover => Kind::Switchover,
             Message::Ping { .. } => Kind::Ping,
             Message::Pong { .. } => Kind::Pong,
             Message::Error { .. } => Kind::Error,
@@ -391,7 +401,7 @@ impl Message {
                     out.extend_from_slice(w.as_bytes());
                 }
             }
-            Message::SentAll | Message::Done | Message::DoneAck => {}
+            Message::SentAll | Message::Done | Message::DoneAck | Message::Switchover => {}
             Message::Ping { nonce } | Message::Pong { nonce } => {
                 out.extend_from_slice(&nonce.to_le_bytes())
             }
@@ -513,13 +523,14 @@ impl Message {
                 }
                 Message::Invalidate { ranges }
             }
-            Kind::SentAll | Kind::Done | Kind::DoneAck => {
+            Kind::SentAll | Kind::Done | Kind::DoneAck | Kind::Switchover => {
                 if !p.is_empty() {
                     return Err(len_err());
                 }
                 match k {
                     Kind::SentAll => Message::SentAll,
                     Kind::Done => Message::Done,
+                    Kind::Switchover => Message::Switchover,
                     _ => Message::DoneAck,
                 }
             }

@@ -124,6 +124,10 @@ impl Reactor {
             )
         })?;
         let server = FaultServer::new(vm.clone(), uffd, host_addrs);
+        if let Ok(handle) = server.uffd().try_clone() {
+            // For a hybrid migration's write-protect (without it, hybrid is refused).
+            vm.hybrid.attached(vm.memory.regions(), handle, host_addrs);
+        }
         if wake_all {
             server.wake_all();
         }

@@ -67,8 +67,10 @@ fn random_token() -> u64 {
 }
 
 /// The `UFFD_FEATURE_*` bits the VMM must enable for a VM: the events that keep the page
-/// state true, POISON (`serve` refused to start without it), and the fault kinds of its memory.
-fn uffd_features(create: &CreateVm, populate: Populate) -> u64 {
+/// state true, POISON (`serve` refused to start without it), and the fault kinds of its memory;
+/// and, where the host has them, write-protect on shared memory (a hybrid migration's dirty
+/// tracking: `VmMemory::track_writes`), which changes nothing until the VMM registers for it.
+fn uffd_features(create: &CreateVm, populate: Populate, host: &HostFeatures) -> u64 {
     let mut f = k::UFFD_FEATURE_EVENT_REMOVE
         | k::UFFD_FEATURE_EVENT_UNMAP
         | k::UFFD_FEATURE_EVENT_REMAP
@@ -85,6 +87,12 @@ fn uffd_features(create: &CreateVm, populate: Populate) -> u64 {
                 true => k::UFFD_FEATURE_MINOR_HUGETLBFS,
                 false => k::UFFD_FEATURE_MINOR_SHMEM,
             };
+        }
+    }
+    if owned && host.has(k::UFFD_FEATURE_WP_HUGETLBFS_SHMEM) {
+        f |= k::UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+        if host.has(k::UFFD_FEATURE_WP_UNPOPULATED) {
+            f |= k::UFFD_FEATURE_WP_UNPOPULATED;
         }
     }
     u64::from(f)
@@ -404,7 +412,7 @@ impl Reactor {
             Some(p) if p.attributes == AttributeKeeper::Kvm => VMCREATED_VMM_SETS_ATTRIBUTES,
             _ => 0,
         };
-        let uffd_features = uffd_features(&create, populate);
+        let uffd_features = uffd_features(&create, populate, &self.host);
         let metrics = VmMetrics::new();
         if private
             .as_ref()
@@ -434,6 +442,7 @@ impl Reactor {
             },
             recorder,
             replay: ReplayQueue::default(),
+            hybrid: Default::default(),
         });
         create.populate = populate.wire();
         let uid = self

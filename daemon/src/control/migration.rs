@@ -2,6 +2,7 @@
 //! VM from a source daemon), `GetMigration` and `AbandonMigration` (docs/migration.md).
 
 use super::*;
+use crate::migration::dirty::Tracker;
 use crate::migration::outgoing::Outgoing;
 use crate::migration::reader::VmReader;
 use crate::migration::remote::{Remote, RemoteParams, RemoteSource};
@@ -19,18 +20,37 @@ impl Reactor {
                 "this vmpagerd serves no migration (start it with --migration-listen ADDR)",
             ));
         }
-        if m.flags & vmpager_protocol::MIGRATE_HYBRID != 0 {
-            return Err(refuse(
-                ErrorCode::Unsupported,
-                "hybrid migration is not supported yet",
-            ));
+        let hybrid = m.flags & vmpager_protocol::MIGRATE_HYBRID != 0;
+        if let Some(out) = self.migrations.outgoing.get(m.migration_id) {
+            if !hybrid && out.vm_id == m.vm_id && out.is_live() {
+                // The switchover of a hybrid migration: the VMM paused every vCPU.
+                out.freeze();
+                return Ok((Message::MigrationStatus(out.status()), vec![]));
+            }
         }
-        let reader = VmReader::new(entry.vm.clone())
-            .map_err(|e| refuse(ErrorCode::BadState, error_chain(&e)))?;
+        let vm = entry.vm.clone();
+        let uffd_features = entry.uffd_features;
+        let reader =
+            VmReader::new(vm.clone()).map_err(|e| refuse(ErrorCode::BadState, error_chain(&e)))?;
+        let tracker =
+            match hybrid {
+                false => None,
+                true if vm.source.fetcher().is_some() => return Err(refuse(
+                    ErrorCode::Unsupported,
+                    "hybrid migration of a VM with an asynchronous page source is not supported",
+                )),
+                true => Some(Tracker::start(&vm, uffd_features).map_err(|e| {
+                    refuse(
+                        ErrorCode::Unsupported,
+                        format!("hybrid migration: {}", error_chain(&e)),
+                    )
+                })?),
+            };
         let out = Arc::new(Outgoing::new(
             m.migration_id,
             Key::from_bytes(m.key.0),
             reader,
+            tracker,
         ));
         let status = out.status();
         self.migrations.outgoing.add(out);

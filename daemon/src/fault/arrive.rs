@@ -74,6 +74,10 @@ impl FaultServer {
 
     /// Splits an arrival into the region pages it covers whole.
     fn arrive(&mut self, a: Arrival) {
+        if let Payload::Marker { reached } = &a.data {
+            reached.store(true, std::sync::atomic::Ordering::Release);
+            return;
+        }
         let vm = self.vm.clone();
         let len = a.len();
         let Some(end) = a.offset.checked_add(len) else {
@@ -99,6 +103,11 @@ impl FaultServer {
                     },
                     Payload::Zero { .. } => Content::Zero,
                     Payload::Failed { .. } => Content::Failed,
+                    Payload::Invalidate { .. } => {
+                        self.invalidate_page(ri, page);
+                        continue;
+                    }
+                    Payload::Marker { .. } => continue,
                 };
                 self.arrive_page(ri, page, content);
             }
@@ -246,6 +255,24 @@ impl FaultServer {
                 }
             }
         }
+    }
+
+    /// A hybrid migration's destination drops its copy of a page: punched from the memfd
+    /// (which also unmaps it from every mapping, the VMM's included), untouched again, so the
+    /// next copy that arrives goes in. No vCPU runs yet, so nobody waits on it; an install of
+    /// it still waiting for a retry is forgotten.
+    fn invalidate_page(&mut self, ri: usize, page: usize) {
+        let vm = self.vm.clone();
+        let region = &vm.memory.regions()[ri];
+        let ps = region.page_size();
+        if !region.is_owned() || region.state.is_private(page) {
+            return;
+        }
+        self.late.retain(|l| (l.ri, l.page) != (ri, page));
+        if let Err(e) = region.punch_shared(page as u64 * ps, ps) {
+            tracing::trace!(error = %e, "cannot punch an invalidated page");
+        }
+        region.state.reset_untouched(page);
     }
 
     /// Records the service latency of faults just woken.

@@ -184,6 +184,23 @@ impl FaultServer {
         run: Range<usize>,
         speculative: bool,
     ) -> Result<Range<usize>, UffdError> {
+        let r = self.populate_run(ri, run.clone(), speculative);
+        if let Some(t) = self.vm.hybrid.tracker() {
+            // A hybrid migration's source: the run is now mapped writable in the VMM, where a
+            // write would not be seen; whatever went in is dirty (after the install, so a
+            // push that reads it from now on protects it again first).
+            let ps = self.vm.memory.regions()[ri].page_size();
+            t.mark(ri, run.start as u64 * ps, run.len() as u64 * ps);
+        }
+        r
+    }
+
+    fn populate_run(
+        &mut self,
+        ri: usize,
+        run: Range<usize>,
+        speculative: bool,
+    ) -> Result<Range<usize>, UffdError> {
         let vm = self.vm.clone();
         let region = &vm.memory.regions()[ri];
         let ps = region.page_size();

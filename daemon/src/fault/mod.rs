@@ -271,19 +271,28 @@ impl FaultServer {
         for _ in 0..self.retry.len() {
             if let Some(p) = self.retry.pop_front() {
                 self.fault(p);
+                self.note_dirty(p.address);
             }
         }
     }
 
     fn handle(&mut self, event: Event, read_at: Instant) {
         match event {
-            Event::PageFault { address, minor, .. } => {
+            Event::PageFault {
+                address, minor, wp, ..
+            } => {
                 VmMetrics::bump(&self.vm.metrics.faults);
+                if wp {
+                    // Only a hybrid migration's source write-protects.
+                    self.write_fault(address);
+                    return;
+                }
                 self.fault(Pending {
                     address,
                     minor,
                     read_at,
                 });
+                self.note_dirty(address);
             }
             Event::Remove { start, end } => {
                 VmMetrics::bump(&self.vm.metrics.remove_events);
@@ -304,6 +313,30 @@ impl FaultServer {
                 tracing::trace!(from, to, len, "remap");
             }
             Event::Other(kind) => tracing::trace!(kind, "ignored uffd event"),
+        }
+    }
+
+    /// A write to a page a hybrid migration's push write-protected: the page is dirty (marked
+    /// before the writer is woken), then writable again. A WP fault read after the tracking
+    /// ended (the switchover) is only un-protected.
+    fn write_fault(&mut self, address: u64) {
+        let page_addr = address & !(PAGE_SIZE - 1);
+        if let (Some(t), Some((ri, off))) = (self.vm.hybrid.tracker(), self.locate(address)) {
+            t.mark(ri, off, PAGE_SIZE); // 4 KiB pages: hybrid refuses huge pages.
+        }
+        let _ = self.uffd.write_protect(page_addr, PAGE_SIZE, false);
+    }
+
+    /// Any other fault while a hybrid migration tracks writes: the page is mapped now (and
+    /// writable), so it is dirty whether this access reads or writes it (marked after it was
+    /// served, so a push that reads it from now on protects it again first).
+    fn note_dirty(&self, address: u64) {
+        let Some(t) = self.vm.hybrid.tracker() else {
+            return;
+        };
+        if let Some((ri, off)) = self.locate(address) {
+            let ps = self.vm.memory.regions()[ri].page_size();
+            t.mark(ri, off, ps);
         }
     }
 

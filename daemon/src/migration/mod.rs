@@ -2,10 +2,12 @@
 //!
 //! * [`reader`]: the source side's view of a VM's pages;
 //! * [`sent`]: a lock-free page bitmap (what a destination has);
+//! * [`dirty`]: a hybrid migration's dirty tracking (uffd write-protect) on the source;
 //! * [`outgoing`]: the migrations this daemon serves, as a source;
 //! * [`serve`]: the source's listener and its urgent and bulk channels;
 //! * [`remote`]: the destination's source, pulling from a source daemon.
 
+pub mod dirty;
 pub mod outgoing;
 pub mod reader;
 pub mod remote;

@@ -4,6 +4,7 @@
 //! An [`Outgoing`] holds its VM (`Arc<Vm>`): the VM's memory stays until the destination says
 //! it has every page (`Done`), even if the VMM detached or died meanwhile.
 
+use super::dirty::Tracker;
 use super::reader::VmReader;
 use super::sent::PageBits;
 use std::collections::HashMap;
@@ -38,11 +39,22 @@ pub struct Outgoing {
     /// The daemon freed the VM (its VMM detached or died): the migration is forgotten once it
     /// ends, and the VM's memory with it.
     orphaned: std::sync::atomic::AtomicBool,
+    /// Hybrid: the dirty tracking (`None`: plain post-copy).
+    pub tracker: Option<Arc<Tracker>>,
+    /// Hybrid: the destination said it received the `Switchover` marker (only then is its
+    /// `Done` believed).
+    pub(super) switch_acked: std::sync::atomic::AtomicBool,
 }
 
 impl Outgoing {
     /// A migration of the VM `reader` reads.
-    pub fn new(migration_id: u64, key: Key, reader: VmReader) -> Outgoing {
+    /// `tracker`: a hybrid migration's dirty tracking.
+    pub fn new(
+        migration_id: u64,
+        key: Key,
+        reader: VmReader,
+        tracker: Option<Arc<Tracker>>,
+    ) -> Outgoing {
         let total = reader.total_pages();
         Outgoing {
             vm_id: reader.vm().id,
@@ -59,6 +71,21 @@ impl Outgoing {
             connections: AtomicU64::new(0),
             resumed_with: AtomicU64::new(0),
             orphaned: std::sync::atomic::AtomicBool::new(false),
+            tracker,
+            switch_acked: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Hybrid and not frozen yet: the guest may still write.
+    pub fn is_live(&self) -> bool {
+        self.tracker.as_ref().is_some_and(|t| !t.is_frozen())
+    }
+
+    /// Hybrid: the switchover (the VMM paused every vCPU). The push's next pass invalidates
+    /// what was written since it was sent, then sends the `Switchover` marker.
+    pub fn freeze(&self) {
+        if let Some(t) = &self.tracker {
+            t.freeze();
         }
     }
 
@@ -78,15 +105,24 @@ impl Outgoing {
     /// Stops serving it: its connections end and no new one is accepted.
     pub fn set_abandoned(&self) {
         self.set_state(MigrationState::Abandoned);
+        if let Some(t) = &self.tracker {
+            t.stop();
+        }
     }
 
     /// Its counters, as `MigrationStatus` carries them.
     pub fn status(&self) -> MigrationStatus {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let state = match self.state() {
+            MigrationState::Running if self.tracker.as_ref().is_some_and(|t| t.is_frozen()) => {
+                MigrationState::Switched
+            }
+            s => s,
+        };
         MigrationStatus {
             vm_id: self.vm_id,
             migration_id: self.migration_id,
-            state: self.state(),
+            state,
             counters: MigrationCounters {
                 total_pages: self.reader.total_pages(),
                 pages_done: self.sent.count(),
@@ -94,6 +130,7 @@ impl Outgoing {
                 pages_pushed: get(&self.pushed),
                 reconnects: get(&self.connections).saturating_sub(2),
                 bytes: get(&self.bytes),
+                pages_invalidated: self.tracker.as_ref().map_or(0, |t| get(&t.invalidated)),
                 ..MigrationCounters::default()
             },
         }
@@ -118,7 +155,7 @@ impl Outgoings {
     /// its request again, to a restarted daemon or after a reattach).
     pub fn add(&self, o: Arc<Outgoing>) {
         if let Some(old) = self.map().insert(o.migration_id, o) {
-            old.set_state(MigrationState::Abandoned);
+            old.set_abandoned();
         }
     }
 

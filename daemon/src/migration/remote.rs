@@ -14,6 +14,8 @@
 //! connection can be made for the migration deadline, or the VMM abandons the migration, the
 //! source is *lost*: every page not here is poisoned when touched, never zero-filled.
 
+mod hybrid;
+
 use super::sent::PageBits;
 use crate::source::{Arrival, AsyncSource, Completions, Payload, SourceError};
 use std::collections::BTreeSet;
@@ -79,6 +81,15 @@ pub struct Remote {
     reconnects: AtomicU64,
     refused: AtomicU64,
     poisoned: AtomicU64,
+    /// Hybrid: pages invalidated by the source.
+    invalidated: AtomicU64,
+    /// Hybrid: the source's `Switchover` marker was received (later `Invalidate`s are
+    /// ignored: the vCPUs may run from then on).
+    marker_seen: AtomicBool,
+    /// Hybrid: the worker applied every invalidation before the marker (state `Switched`).
+    switched: Arc<AtomicBool>,
+    /// Hybrid: the marker is to be acknowledged (a `Switchover` to the source).
+    ack_pending: AtomicBool,
     /// Request to arrival of urgent pages, in nanoseconds (`None` if it could not be made).
     latency: Mutex<Option<hdrhistogram::Histogram<u64>>>,
 }
@@ -105,6 +116,10 @@ impl Remote {
             reconnects: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             poisoned: AtomicU64::new(0),
+            invalidated: AtomicU64::new(0),
+            marker_seen: AtomicBool::new(false),
+            switched: Arc::new(AtomicBool::new(false)),
+            ack_pending: AtomicBool::new(false),
             latency: Mutex::new(
                 hdrhistogram::Histogram::new_with_bounds(1_000, 60_000_000_000, 2).ok(),
             ),
@@ -146,10 +161,16 @@ impl Remote {
             }
         };
         let missing = self.received.total() - self.received.count();
+        let state = match self.state() {
+            MigrationState::Running if self.switched.load(Ordering::Acquire) => {
+                MigrationState::Switched
+            }
+            s => s,
+        };
         MigrationStatus {
             vm_id,
             migration_id: get(&self.migration_id),
-            state: self.state(),
+            state,
             counters: MigrationCounters {
                 total_pages: self.received.total(),
                 pages_done: self.received.count(),
@@ -161,10 +182,10 @@ impl Remote {
                 },
                 reconnects: get(&self.reconnects),
                 refused: get(&self.refused),
+                pages_invalidated: get(&self.invalidated),
                 bytes: get(&self.bytes),
                 fault_p50_ns: p50,
                 fault_p99_ns: p99,
-                ..MigrationCounters::default()
             },
         }
     }
@@ -352,6 +373,11 @@ impl Remote {
     fn serve_bulk(self: &Arc<Remote>, reader: Reader, writer: Writer) -> Result<(), ChannelError> {
         let mut writer = writer;
         let total = self.received.total();
+        if self.marker_seen.load(Ordering::Acquire) {
+            // Hybrid, switched over on an earlier connection: the source must not invalidate
+            // (and may believe our `Done`).
+            writer.send(&Message::Switchover)?;
+        }
         let mut first = 0;
         loop {
             let len = RESUME_CHUNK.min(total - first);
@@ -385,6 +411,16 @@ impl Remote {
             }
             if self.state() == MigrationState::Complete {
                 break Ok(());
+            }
+            if self.ack_pending.swap(false, Ordering::AcqRel) {
+                if let Err(e) = writer.send(&Message::Switchover) {
+                    break Err(e);
+                }
+                // A `Done` sent before the switchover was not believed: sent again.
+                done_sent = false;
+            }
+            if !self.received.is_full() {
+                done_sent = false; // Invalidated pages (hybrid) are missing again.
             }
             if self.received.is_full() && !done_sent {
                 if let Err(e) = writer.send(&Message::Done) {
@@ -446,6 +482,8 @@ impl Remote {
                     self.wake.notify_all();
                     return Ok(());
                 }
+                Message::Invalidate { ranges } if !urgent => self.invalidate(&ranges),
+                Message::Switchover if !urgent => self.switchover(),
                 Message::SentAll | Message::Pong { .. } | Message::Ping { .. } => {}
                 Message::Error { code, text } => {
                     tracing::debug!(?code, %text, "the migration source refused");

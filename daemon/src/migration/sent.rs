@@ -91,6 +91,27 @@ impl PageBits {
         self.count.store(0, Ordering::Relaxed);
     }
 
+    /// Clears every page and returns those that were set, in ascending order (each word is
+    /// taken with one atomic swap: a page set meanwhile is either taken or left set).
+    pub fn take_set(&self) -> Vec<u64> {
+        let mut pages = Vec::new();
+        if self.count() == 0 {
+            return pages;
+        }
+        for (wi, w) in self.words.iter().enumerate() {
+            let mut bits = w.swap(0, Ordering::AcqRel);
+            if bits != 0 {
+                self.count
+                    .fetch_sub(u64::from(bits.count_ones()), Ordering::Relaxed);
+            }
+            while bits != 0 {
+                pages.push(wi as u64 * 64 + u64::from(bits.trailing_zeros()));
+                bits &= bits - 1;
+            }
+        }
+        pages
+    }
+
     /// The first unset page at or after `from`, wrapping around to 0; `None` when all are set.
     pub fn next_unset(&self, from: u64) -> Option<u64> {
         if self.is_full() || self.total == 0 {
@@ -169,6 +190,11 @@ mod tests {
         assert_eq!(rle.count_set(), 9);
         b.clear_all();
         assert_eq!(b.count(), 0);
+        b.set(3);
+        b.set(100);
+        assert_eq!(b.take_set(), vec![3, 100]);
+        assert_eq!(b.count(), 0);
+        assert!(b.take_set().is_empty());
         assert_eq!(b.next_unset(129), Some(129));
     }
 }

@@ -164,6 +164,21 @@ fn send_run(
 ) -> Result<(), vmpager_migration::ChannelError> {
     let ps = PAGE_SIZE as usize;
     buf.resize(pages * ps, 0);
+    if let Some(t) = out.tracker.as_ref().filter(|t| !t.is_frozen()) {
+        // Hybrid, the guest still runs: a write after this point is seen (and the page sent
+        // again); one racing with the read below is seen too.
+        if let Err(e) = t.protect(first, pages as u64) {
+            // Writes there would go unseen: nothing is sent that could be stale unnoticed.
+            // The VMM is gone or broke its registration; the migration cannot go on.
+            tracing::warn!(
+                migration = out.migration_id,
+                error = %e,
+                "cannot write-protect the guest's memory: the hybrid migration is abandoned"
+            );
+            out.set_abandoned();
+            return Err(vmpager_migration::ChannelError::Broken);
+        }
+    }
     let mut kinds = Vec::with_capacity(pages);
     for i in 0..pages {
         let page = first + i as u64;
@@ -234,6 +249,14 @@ fn serve_urgent(
             return Ok(());
         }
         match msg {
+            Message::Request { pages } if out.is_live() => {
+                // Hybrid before the switchover: an urgent answer could overtake an
+                // `Invalidate` of its page on the bulk channel, so the push brings it (in
+                // order with the invalidations). No vCPU runs at the destination yet.
+                if let Some(&p) = pages.iter().min() {
+                    out.cursor.store(p.min(total), Ordering::Relaxed);
+                }
+            }
             Message::Request { mut pages } => {
                 pages.sort_unstable();
                 pages.dedup();
@@ -311,6 +334,10 @@ fn serve_bulk(
             Message::Resume { .. } => {
                 return Err(vmpager_migration::ChannelError::Broken);
             }
+            Message::Switchover => {
+                // A destination that switched over on an earlier connection.
+                out.switch_acked.store(true, Ordering::Release);
+            }
             Message::Ping { .. } | Message::Pong { .. } => {}
             _ => return Err(vmpager_migration::ChannelError::Broken),
         }
@@ -319,6 +346,16 @@ fn serve_bulk(
         }
     }
     out.resumed_with.store(out.sent.count(), Ordering::Relaxed);
+    if let Some(t) = &out.tracker {
+        // An `Invalidate` may have been lost with the previous connection: every page written
+        // since tracking began that the destination has is invalidated again.
+        for p in 0..total {
+            if t.ever_dirty(p) && out.sent.get(p) {
+                t.mark_page(p);
+            }
+        }
+    }
+    let mut marker_sent = false;
     let writer = Arc::new(Mutex::new(writer));
     let stop = Arc::new(AtomicBool::new(false));
     let listener = {
@@ -336,6 +373,9 @@ fn serve_bulk(
             || out.state() != MigrationState::Running
         {
             break Ok(());
+        }
+        if let Err(e) = invalidate(out, &writer, &mut marker_sent) {
+            break Err(e);
         }
         let from = out.cursor.load(Ordering::Relaxed);
         match out.sent.next_unset(from) {
@@ -380,6 +420,50 @@ fn serve_bulk(
     result
 }
 
+/// Hybrid: sends an `Invalidate` for every dirty page the destination has (or was sent), which
+/// makes it unsent again (pushed again later); once the VM is frozen, then the `Switchover`
+/// marker (once per connection).
+fn invalidate(
+    out: &Outgoing,
+    writer: &Mutex<Writer>,
+    marker_sent: &mut bool,
+) -> Result<(), vmpager_migration::ChannelError> {
+    let Some(t) = &out.tracker else {
+        return Ok(());
+    };
+    // Frozen is read before the pages are taken: every write before the freeze is in them.
+    let frozen = t.is_frozen();
+    let mut ranges: Vec<vmpager_migration::PageRange> = Vec::new();
+    let mut count = 0;
+    for p in t.take_dirty() {
+        if !out.sent.clear(p) {
+            continue; // Not sent (or invalidated already): it goes with what it holds then.
+        }
+        count += 1;
+        match ranges.last_mut() {
+            Some(r) if r.first + r.count == p => r.count += 1,
+            _ => ranges.push(vmpager_migration::PageRange { first: p, count: 1 }),
+        }
+    }
+    if !ranges.is_empty() {
+        let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+        for chunk in ranges.chunks(vmpager_migration::MAX_INVALIDATE_RANGES) {
+            w.send(&Message::Invalidate {
+                ranges: chunk.to_vec(),
+            })?;
+        }
+        t.invalidated.fetch_add(count, Ordering::Relaxed);
+    }
+    if frozen && !*marker_sent {
+        writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(&Message::Switchover)?;
+        *marker_sent = true;
+    }
+    Ok(())
+}
+
 /// The destination's messages on the bulk channel: hints move the push, `Done` ends it.
 fn bulk_messages(out: &Outgoing, mut reader: Reader, writer: &Mutex<Writer>, stop: &AtomicBool) {
     while !stop.load(Ordering::Acquire) {
@@ -399,6 +483,11 @@ fn bulk_messages(out: &Outgoing, mut reader: Reader, writer: &Mutex<Writer>, sto
                 if r.is_err() {
                     break;
                 }
+            }
+            Message::Switchover => out.switch_acked.store(true, Ordering::Release),
+            Message::Done if out.tracker.is_some() && !out.switch_acked.load(Ordering::Acquire) => {
+                // Hybrid: every page is there, but the guest may still write; the destination
+                // says `Done` again after the switchover.
             }
             Message::Done => {
                 out.set_state(MigrationState::Complete);

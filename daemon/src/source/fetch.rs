@@ -66,6 +66,20 @@ pub enum Payload {
         /// Why.
         error: SourceError,
     },
+    /// The source's earlier copy of these `len` bytes is stale (a hybrid migration's source
+    /// wrote them after it sent them): the worker drops the pages (punched from the memfd,
+    /// untouched again) in order with the arrivals around it. Only for a VM none of whose
+    /// vCPUs run yet: no fault can wait on such a page (docs/migration.md, "Hybrid").
+    Invalidate {
+        /// Bytes.
+        len: u64,
+    },
+    /// Covers nothing: the worker sets `reached` once it has handled every arrival queued
+    /// before this one (a hybrid migration's switchover: every invalidation is applied).
+    Marker {
+        /// Set by the worker.
+        reached: Arc<AtomicBool>,
+    },
 }
 
 /// Pages delivered by an asynchronous source.
@@ -82,7 +96,10 @@ impl Arrival {
     pub fn len(&self) -> u64 {
         match &self.data {
             Payload::Data(d) => d.len() as u64,
-            Payload::Zero { len } | Payload::Failed { len, .. } => *len,
+            Payload::Zero { len } | Payload::Failed { len, .. } | Payload::Invalidate { len } => {
+                *len
+            }
+            Payload::Marker { .. } => 0,
         }
     }
 

@@ -74,6 +74,10 @@ pub enum MigrationState {
     Complete = 2,
     /// The other side was given up on: the destination poisoned every missing page.
     Abandoned = 3,
+    /// Hybrid migration only, pages still moving (as `Running`) after the switchover: the
+    /// source VM is frozen (source), or every invalidation was applied and the vCPUs may run
+    /// (destination). Plain post-copy migrations never report it.
+    Switched = 4,
 }
 
 impl MigrationState {
@@ -83,6 +87,7 @@ impl MigrationState {
             1 => MigrationState::Running,
             2 => MigrationState::Complete,
             3 => MigrationState::Abandoned,
+            4 => MigrationState::Switched,
             _ => return None,
         })
     }
