@@ -5,70 +5,16 @@
 //! poisons, never zero-fills; garbage on the migration port harms no migration.
 
 mod common;
+#[path = "migration_rig/mod.rs"]
+mod rig;
 
 use common::*;
+use rig::*;
 use std::io::Write;
 use std::time::{Duration, Instant};
 use vmpager_client::demo::PatternGen;
-use vmpager_client::{Client, MappedRegion, PageSource, PopulateMethod, RegionSpec, VmSpec};
+use vmpager_client::{Client, PageSource, PopulateMethod, VmSpec};
 use vmpager_protocol::message::{MigrationKey, MigrationState, MigrationStatus};
-use vmpagerd::{Config, DaemonHandle};
-
-const PAGE: usize = 4096;
-/// Two regions of 1 MiB and 3 MiB: the remote address space spans both.
-const REGIONS: [(u64, usize); 2] = [(1 << 32, 256), (2 << 32, 768)];
-const PAGES: usize = 1024;
-/// Bound on every wait: a bug shows as a failed test, not a hung one.
-const PATIENCE: Duration = Duration::from_secs(60);
-
-fn daemon(dir: &TestDir, name: &str, listen: bool, deadline: Duration) -> DaemonHandle {
-    daemon_with(dir, name, listen, deadline, true)
-}
-
-fn daemon_with(
-    dir: &TestDir,
-    name: &str,
-    listen: bool,
-    deadline: Duration,
-    push: bool,
-) -> DaemonHandle {
-    vmpagerd::spawn(
-        Config {
-            workers: 1,
-            migration_listen: listen.then(|| "127.0.0.1:0".parse().unwrap()),
-            migration_liveness: Duration::from_millis(1000),
-            migration_deadline: deadline,
-            migration_push: push,
-            ..Config::default()
-        },
-        &dir.join(name),
-    )
-    .unwrap()
-}
-
-fn regions() -> Vec<RegionSpec> {
-    let mut at = 0;
-    REGIONS
-        .iter()
-        .map(|&(gpa, pages)| {
-            let r = RegionSpec::new(gpa, (pages * PAGE) as u64, at);
-            at += (pages * PAGE) as u64;
-            r
-        })
-        .collect()
-}
-
-/// Page `p` of the VM (in the remote address space order) in `memory`.
-fn locate(memory: &vmpager_client::VmMemory, p: usize) -> (&MappedRegion, usize) {
-    let mut p = p;
-    for (r, &(_, pages)) in memory.regions().iter().zip(&REGIONS) {
-        if p < pages {
-            return (r, p);
-        }
-        p -= pages;
-    }
-    unreachable!("page beyond the VM")
-}
 
 fn key(byte: u8) -> MigrationKey {
     MigrationKey([byte; 32])

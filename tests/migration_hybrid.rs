@@ -7,62 +7,17 @@
 //! each must be the source's final content.
 
 mod common;
+#[path = "migration_rig/mod.rs"]
+mod rig;
 
 use common::*;
+use rig::*;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use vmpager_client::demo::PatternGen;
-use vmpager_client::{
-    memory::MemoryError, Client, MappedRegion, PageSource, PopulateMethod, RegionSpec, VmSpec,
-};
+use vmpager_client::{memory::MemoryError, Client, PageSource, PopulateMethod, VmSpec};
 use vmpager_protocol::message::{MigrationKey, MigrationState, MigrationStatus};
-use vmpagerd::{Config, DaemonHandle};
-
-const PAGE: usize = 4096;
-/// Two regions of 1 MiB and 3 MiB: the remote address space spans both.
-const REGIONS: [(u64, usize); 2] = [(1 << 32, 256), (2 << 32, 768)];
-const PAGES: usize = 1024;
-/// Bound on every wait: a bug shows as a failed test, not a hung one.
-const PATIENCE: Duration = Duration::from_secs(60);
-
-fn daemon(dir: &TestDir, name: &str, listen: bool) -> DaemonHandle {
-    vmpagerd::spawn(
-        Config {
-            workers: 1,
-            migration_listen: listen.then(|| "127.0.0.1:0".parse().unwrap()),
-            migration_liveness: Duration::from_millis(1000),
-            migration_deadline: PATIENCE,
-            ..Config::default()
-        },
-        &dir.join(name),
-    )
-    .unwrap()
-}
-
-fn regions() -> Vec<RegionSpec> {
-    let mut at = 0;
-    REGIONS
-        .iter()
-        .map(|&(gpa, pages)| {
-            let r = RegionSpec::new(gpa, (pages * PAGE) as u64, at);
-            at += (pages * PAGE) as u64;
-            r
-        })
-        .collect()
-}
-
-/// Page `p` of the VM (in the remote address space order) in `memory`.
-fn locate(memory: &vmpager_client::VmMemory, p: usize) -> (&MappedRegion, usize) {
-    let mut p = p;
-    for (r, &(_, pages)) in memory.regions().iter().zip(&REGIONS) {
-        if p < pages {
-            return (r, p);
-        }
-        p -= pages;
-    }
-    unreachable!("page beyond the VM")
-}
 
 fn wait_for(client: &Client, vm_id: u64, what: &str, ok: impl Fn(&MigrationStatus) -> bool) {
     let deadline = Instant::now() + PATIENCE;
@@ -110,8 +65,8 @@ fn a_hybrid_migration_invalidates_what_the_running_guest_wrote_after_it_was_push
         .enumerate()
     {
         let dir = TestDir::new("migrate-hybrid");
-        let src_d = daemon(&dir, "src.sock", true);
-        let dst_d = daemon(&dir, "dst.sock", false);
+        let src_d = daemon(&dir, "src.sock", true, PATIENCE);
+        let dst_d = daemon(&dir, "dst.sock", false, PATIENCE);
         let src = Client::connect(src_d.socket_path()).unwrap();
         let dst = Client::connect(dst_d.socket_path()).unwrap();
         let mut image = vec![0u8; PAGES * PAGE];
