@@ -336,7 +336,13 @@ fn a_failed_page_is_poisoned_never_zeros() {
         src.fail((c * PAGE) as u64);
         src.push((c * PAGE) as u64, PAGE as u64);
         src.heal((c * PAGE) as u64);
-        src.flush();
+        // The worker must have dropped the failed push before the next fault, or that fault
+        // would take the failure as its answer.
+        assert!(
+            src.settle(PATIENCE),
+            "the worker never took the failed push"
+        );
+        assert!(load(&vm.metrics.arrivals_failed) >= 1);
         assert_eq!(read_page(r, c), rig.page(c), "{populate:?}");
         assert_eq!(load(&vm.metrics.source_errors), 1);
         rig.client.detach(mem.vm_id()).unwrap();

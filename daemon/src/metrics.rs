@@ -46,7 +46,7 @@ impl Install {
 }
 
 /// Names of [`VmMetrics::async_counts`] (Prometheus `event` label of `vmpager_vm_async_source`).
-pub const ASYNC_COUNTERS: [&str; 7] = [
+pub const ASYNC_COUNTERS: [&str; 8] = [
     "parked",
     "joined",
     "fetched",
@@ -54,6 +54,7 @@ pub const ASYNC_COUNTERS: [&str; 7] = [
     "by_push",
     "dropped_discarded",
     "dropped_duplicate",
+    "dropped_failed",
 ];
 
 /// Counters of one VM. Written by the thread serving its uffd, read by the control thread.
@@ -121,6 +122,9 @@ pub struct VmMetrics {
     pub arrivals_discarded: AtomicU64,
     /// Arrived pages dropped because the page was installed already (a second arrival).
     pub arrivals_duplicate: AtomicU64,
+    /// Pages a source reported failed while no fault waited on them: nothing installed, the
+    /// next fault asks again.
+    pub arrivals_failed: AtomicU64,
     /// Pages installed, by method ([`Install::ALL`] order; see [`VmMetrics::count_installed`]).
     installed: [AtomicU64; 4],
     denial_log: Mutex<DenialLog>,
@@ -212,7 +216,7 @@ impl VmMetrics {
 
     /// The asynchronous-source counters, in [`ASYNC_COUNTERS`] order (not in the wire
     /// `Stats`: the Prometheus endpoint and in-process readers get them here).
-    pub fn async_counts(&self) -> [u64; 7] {
+    pub fn async_counts(&self) -> [u64; 8] {
         [
             &self.parked_faults,
             &self.joined_faults,
@@ -221,6 +225,7 @@ impl VmMetrics {
             &self.pages_by_push,
             &self.arrivals_discarded,
             &self.arrivals_duplicate,
+            &self.arrivals_failed,
         ]
         .map(|c| c.load(Relaxed))
     }

@@ -82,7 +82,7 @@ struct VmSnapshot {
     id: String,
     stats: Stats,
     installed: [u64; 4],
-    asynchronous: [u64; 7],
+    asynchronous: [u64; 8],
     latency: Buckets,
     source: &'static str,
     populate: &'static str,
@@ -277,7 +277,7 @@ impl Collector for VmCollector {
         counters(
             &mut enc,
             "async_source",
-            "Asynchronous page source, by event: parked (faults waiting on a fetch), joined (faults on a page already waited on), fetched (pages asked), by_request / by_push (pages delivered asked / unasked), dropped_discarded / dropped_duplicate (arrivals dropped: range discarded meanwhile, page there already).",
+            "Asynchronous page source, by event: parked (faults waiting on a fetch), joined (faults on a page already waited on), fetched (pages asked), by_request / by_push (pages delivered asked / unasked), dropped_discarded / dropped_duplicate / dropped_failed (arrivals dropped: range discarded meanwhile, page there already, failed with no fault waiting).",
             None,
             &asynchronous,
         )?;

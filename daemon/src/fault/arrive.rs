@@ -155,6 +155,7 @@ impl FaultServer {
                     self.woken(&waiters);
                 }
                 // Nobody waits: nothing installed; a later fault asks again.
+                VmMetrics::bump(&vm.metrics.arrivals_failed);
                 return;
             }
             Content::Data(d) => Some(d),

@@ -113,6 +113,27 @@ impl DelayedSource {
         let _ = wait.recv();
     }
 
+    /// Waits (up to `patience`) until the VM's worker has handled every arrival of the commands
+    /// sent before: a [`Payload::Marker`] queued behind them is reached. `false` on timeout.
+    pub fn settle(&self, patience: Duration) -> bool {
+        let reached = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        self.deliver(Arrival {
+            offset: 0,
+            data: Payload::Marker {
+                reached: reached.clone(),
+            },
+        });
+        self.flush();
+        let deadline = std::time::Instant::now() + patience;
+        while !reached.load(std::sync::atomic::Ordering::Acquire) {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::yield_now();
+        }
+        true
+    }
+
     /// Delivers `len` bytes at `offset` that nobody asked for (a bulk push).
     pub fn push(&self, offset: u64, len: u64) {
         self.send(Command::Push { offset, len });
