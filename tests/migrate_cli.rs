@@ -107,6 +107,37 @@ fn a_migration_recovers_from_a_cut_link() {
 }
 
 #[test]
+fn a_hybrid_migration_pushes_while_the_guest_runs_and_verifies() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = TestDir::new("migrate-cli-hybrid");
+    let json = dir.join("figures.json");
+    let (ok, out) = migrate(
+        &dir,
+        &[
+            "--memory",
+            "64M",
+            "--vcpus",
+            "2",
+            "--hybrid",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+    );
+    assert_verified(ok, &out);
+    assert!(out.contains("hybrid: "), "{out}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["hybrid"], true);
+    assert_eq!(v["pages_done"], 16384);
+    // The push began with the guest: pages were at the destination before the pause (the
+    // guest had faulted half of its memory in at the source by then).
+    assert!(v["pages_before_pause"].as_u64().unwrap() > 0, "{v}");
+    // Every page the guest wrote at the source, before or after it was pushed, is verified at
+    // the destination (`verified`): a stale page would fail the run.
+}
+
+#[test]
 fn a_migration_recovers_from_a_black_hole() {
     if !have_kvm() {
         return;

@@ -29,6 +29,10 @@ pub struct MigrateArgs {
     /// Switch over (stop the vCPUs at the source) once PCT % of the pages are in there.
     #[arg(long, value_name = "PCT", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=99))]
     switch_at: u32,
+    /// Hybrid migration: the bulk push starts with the guest while it runs at the source; pages
+    /// it writes after they were sent are invalidated at the destination and sent again.
+    #[arg(long)]
+    hybrid: bool,
     /// Round-trip time the link between the daemons adds, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 0)]
     delay: u64,
@@ -92,6 +96,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
             .map(|pct| (pct, Duration::from_millis(args.blackhole_ms))),
         liveness: Duration::from_millis(args.liveness_ms),
         deadline: Duration::from_secs(args.deadline),
+        hybrid: args.hybrid,
     };
     let bin = demo::find_vmpagerd().context(
         "cannot find the vmpagerd binary (build it with `cargo build --release --workspace --all-features`, or set VMPAGERD)",
@@ -146,6 +151,12 @@ fn print_report(cfg: &MigrateConfig, r: &MigrateReport) {
         "guest: {} vCPUs checksummed {} pages at the destination; every checksum and pattern word verified",
         cfg.scenario.vcpus, r.pages_checked
     );
+    if cfg.hybrid {
+        println!(
+            "hybrid: {} of {} pages at the destination when the source paused; {} invalidated (written after they were sent) and sent again",
+            r.pages_before_pause, c.total_pages, c.pages_invalidated
+        );
+    }
     if let Some(pct) = r.cut_at {
         println!("link cut at {pct}% of the pages");
     }
@@ -181,6 +192,9 @@ fn to_json(cfg: &MigrateConfig, r: &MigrateReport) -> serde_json::Value {
         "memory": cfg.scenario.memory,
         "vcpus": cfg.scenario.vcpus,
         "delay_ms": ms(cfg.delay),
+        "hybrid": cfg.hybrid,
+        "pages_before_pause": r.pages_before_pause,
+        "pages_invalidated": c.pages_invalidated,
         "switch_percent": r.switch_percent,
         "cut_at_percent": r.cut_at,
         "blackhole_at_percent": r.blackhole_at,

@@ -9,6 +9,12 @@
 //! [`PageSource::Remote`]; a new KVM VM there gets the saved vCPU states and the guest finishes.
 //! Every checksum is compared with the snapshot with the pattern applied, every pattern word
 //! with the destination's memfds, and the destination must report every page present.
+//!
+//! Hybrid ([`MigrateConfig::hybrid`]): the migration starts with the guest, the source's uffd
+//! tracks writes ([`VmMemory::track_writes`]), the push runs while the vCPUs write, and pages
+//! written after they went are invalidated at the destination. At the pause the source is told
+//! to switch over; the destination's vCPUs start once it reports `Switched` (every
+//! invalidation applied), which is inside the measured downtime.
 
 use super::{
     checksum_with, create_scenario_vm, guest_regions, write_image, DaemonProcess, DemoError,
@@ -48,6 +54,8 @@ pub struct MigrateConfig {
     pub liveness: Duration,
     /// `vmpagerd --migration-deadline` of the destination.
     pub deadline: Duration,
+    /// Hybrid: push while the guest runs at the source, invalidate what it writes after.
+    pub hybrid: bool,
 }
 
 /// What a migration run measured.
@@ -67,6 +75,8 @@ pub struct MigrateReport {
     pub blackhole_at: Option<u32>,
     /// Pages each vCPU checksummed.
     pub pages_checked: u64,
+    /// Hybrid: pages at the destination when the source was paused.
+    pub pages_before_pause: u64,
 }
 
 /// A free TCP port on loopback (bound, read, closed: the daemon binds it right after).
@@ -157,7 +167,15 @@ pub fn run_migration(
         .map_err(|e| DemoError::Io(format!("cannot open {}", image_path.display()), e))?;
 
     // The source VM and its guest.
-    let src_mem = create_scenario_vm(&src, Some(&image), &cfg.scenario)?;
+    let mut src_mem = create_scenario_vm(&src, Some(&image), &cfg.scenario)?;
+    if cfg.hybrid {
+        src_mem.track_writes().map_err(|e| match e {
+            crate::memory::MemoryError::NoWriteProtect => DemoError::Config(
+                "--hybrid needs userfaultfd write-protection of shared memory, which this kernel lacks".into(),
+            ),
+            e => DemoError::Migration(format!("cannot track the guest's writes: {e}")),
+        })?;
+    }
     let src_regions = guest_regions(&src_mem);
     // SAFETY: the regions are mapped by `src_mem`, which outlives `src_vm` (dropped explicitly
     // at the switchover, and declared after `src_mem`).
@@ -194,13 +212,32 @@ pub fn run_migration(
         cfg.scenario.vcpus
     ));
 
+    if cfg.hybrid {
+        // The push starts with the guest; what it writes after a page went is sent again.
+        src.migrate_out(src_mem.vm_id(), id, key, true)?;
+        dst.migrate_in(dst_mem.vm_id(), id, key, &link.addr().to_string())?;
+        say("hybrid: the push runs while the guest writes at the source".into());
+    }
     let (paused_at, switch_percent, states) = run_source(&src, &src_mem, &src_vm, &plans, cfg)?;
     drop(src_vm);
     say(format!(
         "switchover: {switch_percent}% of the pages in at the source; vCPUs stopped, state saved"
     ));
-    src.migrate_out(src_mem.vm_id(), id, key, false)?;
-    let started = dst.migrate_in(dst_mem.vm_id(), id, key, &link.addr().to_string())?;
+    let mut pages_before_pause = 0;
+    let started = if cfg.hybrid {
+        pages_before_pause = dst.migration(dst_mem.vm_id())?.counters.pages_done;
+        let switched = src.migrate_out(src_mem.vm_id(), id, key, false)?;
+        if switched.state != MigrationState::Switched {
+            return Err(DemoError::Migration(format!(
+                "the source did not switch over: {:?}",
+                switched.state
+            )));
+        }
+        wait_switched(&dst, dst_mem.vm_id(), cfg)?
+    } else {
+        src.migrate_out(src_mem.vm_id(), id, key, false)?;
+        dst.migrate_in(dst_mem.vm_id(), id, key, &link.addr().to_string())?
+    };
     let total_pages = started.counters.total_pages;
     if total_pages != memory / PAGE_SIZE {
         return Err(DemoError::Mismatch(format!(
@@ -268,7 +305,36 @@ pub fn run_migration(
         cut_at: watched.cut_at,
         blackhole_at: watched.blackhole_at,
         pages_checked,
+        pages_before_pause,
     })
+}
+
+/// Hybrid: waits until the destination applied every invalidation the source sent before it
+/// froze (`Switched`, or `Complete`): only then may its vCPUs run.
+fn wait_switched(
+    dst: &Client,
+    vm_id: u64,
+    cfg: &MigrateConfig,
+) -> Result<MigrationStatus, DemoError> {
+    let give_up = Instant::now() + cfg.deadline + cfg.liveness * 4;
+    loop {
+        let s = dst.migration(vm_id)?;
+        match s.state {
+            MigrationState::Switched | MigrationState::Complete => return Ok(s),
+            MigrationState::Abandoned => {
+                return Err(DemoError::Migration(
+                    "the destination gave up on the source before the switchover".into(),
+                ))
+            }
+            _ if Instant::now() >= give_up => {
+                return Err(DemoError::Migration(format!(
+                    "the destination never switched over: {:?}",
+                    s.state
+                )))
+            }
+            _ => std::thread::sleep(Duration::from_micros(100)),
+        }
+    }
 }
 
 /// Runs the guest at the source until `cfg.switch_at` % of the pages are installed, then
