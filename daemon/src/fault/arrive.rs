@@ -31,22 +31,25 @@ pub(super) struct Late {
 }
 
 impl FaultServer {
-    /// Installs everything the asynchronous source queued; then, if the source was declared
-    /// lost, poisons every page a fault still waits on.
-    pub(super) fn take_arrivals(&mut self) {
+    /// Installs what the asynchronous source queued (its urgent arrivals, then a slice of the
+    /// ordered ones: [`Completions::take`](crate::source::Completions)); then, if the source
+    /// was declared lost, poisons every page a fault still waits on. Returns whether ordered
+    /// arrivals are left for the next drain.
+    pub(super) fn take_arrivals(&mut self) -> bool {
         let vm = self.vm.clone();
         let Some(f) = vm.source.fetcher() else {
-            return;
+            return false;
         };
         let mut arrivals = std::mem::take(&mut self.arrivals);
-        f.completions.take(&mut arrivals);
+        let left = f.completions.take(&mut arrivals);
         for a in arrivals.drain(..) {
             self.arrive(a);
         }
         self.arrivals = arrivals;
-        if f.completions.is_lost() {
+        if f.completions.is_lost() && !left {
             self.lose();
         }
+        left
     }
 
     /// Tries the installs that met `EAGAIN` again.

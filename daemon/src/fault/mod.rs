@@ -166,10 +166,11 @@ impl FaultServer {
     /// looking for new faults between chunks. `scratch` lends the buffers for it.
     pub fn drain(&mut self, scratch: &mut Scratch) -> Drained {
         self.borrow(scratch);
-        if self.vm.source.fetcher().is_some() {
-            self.take_arrivals();
-        }
-        let drained = self.serve_pending();
+        let arrivals_left = self.vm.source.fetcher().is_some() && self.take_arrivals();
+        let drained = match self.serve_pending() {
+            Drained::Idle if arrivals_left => Drained::More,
+            d => d,
+        };
         self.flush_latencies();
         self.give_back(scratch);
         drained

@@ -228,12 +228,14 @@ impl Remote {
         self.set_state(MigrationState::Abandoned);
         self.stop.store(true, Ordering::Release);
         self.completions.lost();
+        self.completions.close();
         self.wake.notify_all();
     }
 
     /// Stops the threads (the VM is freed).
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Release);
+        self.completions.close();
         self.wake.notify_all();
     }
 
@@ -463,15 +465,23 @@ impl Remote {
                 }
                 Message::Missing { page, reason } => {
                     self.poisoned.fetch_add(1, Ordering::Relaxed);
-                    self.completions.deliver(Arrival {
-                        offset: page.saturating_mul(PAGE_SIZE),
-                        data: Payload::Failed {
-                            len: PAGE_SIZE,
-                            error: SourceError::Unusable(format!(
-                                "the migration source cannot send page {page}: {reason:?}"
-                            )),
+                    let deliver = if urgent {
+                        Completions::deliver_urgent
+                    } else {
+                        Completions::deliver
+                    };
+                    deliver(
+                        &self.completions,
+                        Arrival {
+                            offset: page.saturating_mul(PAGE_SIZE),
+                            data: Payload::Failed {
+                                len: PAGE_SIZE,
+                                error: SourceError::Unusable(format!(
+                                    "the migration source cannot send page {page}: {reason:?}"
+                                )),
+                            },
                         },
-                    });
+                    );
                     let mut r = self.requests();
                     r.pending.remove(&page);
                     r.asked.remove(&page);
@@ -521,10 +531,16 @@ impl Remote {
         if let Payload::Data(d) = &data {
             self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
         }
-        self.completions.deliver(Arrival {
+        let arrival = Arrival {
             offset: first * PAGE_SIZE,
             data,
-        });
+        };
+        if urgent {
+            // A fault waits on it: never behind the push backlog.
+            self.completions.deliver_urgent(arrival);
+        } else {
+            self.completions.deliver(arrival);
+        }
         if self.received.is_full() {
             self.wake.notify_all();
         }
