@@ -16,6 +16,7 @@ pub mod handler;
 pub mod ipc;
 pub mod mailbox;
 pub mod migration;
+pub mod migration_downtime;
 pub mod plot;
 pub mod report;
 pub mod row;
@@ -271,6 +272,11 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Report, BenchErr
         let m = migration::run(opts.quick, &dir, log)?;
         rows.extend(m.rows);
         migration_targets = m.targets;
+        if kvm {
+            rows.extend(migration_downtime::run(opts.quick, &vmpagerd, &dir, log)?);
+        } else {
+            log("migration: no /dev/kvm here, so no downtime rows with real vCPUs");
+        }
     }
 
     let mut report = Report {
