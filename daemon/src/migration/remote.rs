@@ -6,7 +6,9 @@
 //! waiting), background requests only steer the **bulk** push (`Hint`), and every page that
 //! comes back on either channel is delivered to the VM's worker ([`Completions`]). Pull only
 //! ([`RemoteParams::push`] false): background requests are pulled on the urgent channel too,
-//! and the bulk channel is opened only once every page is here, to say `Done`.
+//! and the bulk channel is opened only once every page is here, to say `Done`. One channel
+//! ([`RemoteParams::one_channel`], for comparison only): no urgent channel, requests go on the
+//! bulk channel and their answers queue behind the push.
 //!
 //! Failures: a connection that breaks (or falls silent past the liveness deadline) is made
 //! again with back-off; the bulk channel then says again what is here (`Resume`) and the
@@ -45,6 +47,9 @@ pub struct RemoteParams {
     /// The source pushes every page nobody asked for (`false`: pull only, see
     /// [`crate::Config::migration_push`]).
     pub push: bool,
+    /// No urgent channel: requests go on the bulk channel, behind the push (see
+    /// [`crate::Config::migration_one_channel`]; needs `push`).
+    pub one_channel: bool,
 }
 
 #[derive(Debug, Default)]
@@ -71,6 +76,8 @@ pub struct Remote {
     started: AtomicBool,
     /// `false`: pull only (background requests are pulled too, nothing is pushed).
     push: AtomicBool,
+    /// No urgent channel: the bulk channel carries the requests too.
+    one_channel: AtomicBool,
     stop: AtomicBool,
     state: AtomicU32,
     migration_id: AtomicU64,
@@ -106,6 +113,7 @@ impl Remote {
             hint_sent: AtomicU64::new(u64::MAX),
             started: AtomicBool::new(false),
             push: AtomicBool::new(true),
+            one_channel: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             state: AtomicU32::new(MigrationState::None as u32),
             migration_id: AtomicU64::new(0),
@@ -192,12 +200,21 @@ impl Remote {
     /// Starts pulling from the source (once; a second call with the same migration is a
     /// no-op).
     pub fn start(self: &Arc<Remote>, params: RemoteParams) -> std::io::Result<()> {
+        if params.one_channel && !params.push {
+            // The bulk channel of a pull-only migration opens only at the end.
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "one channel needs the push (not pull only)",
+            ));
+        }
         if self.started.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
         self.migration_id
             .store(params.migration_id, Ordering::Relaxed);
         self.push.store(params.push, Ordering::Relaxed);
+        self.one_channel
+            .store(params.one_channel, Ordering::Relaxed);
         self.set_state(if self.received.is_full() {
             MigrationState::Complete
         } else {
@@ -207,7 +224,12 @@ impl Remote {
             return Ok(());
         }
         let params = Arc::new(params);
-        for kind in [ChannelKind::Urgent, ChannelKind::Bulk] {
+        let kinds: &[ChannelKind] = if params.one_channel {
+            &[ChannelKind::Bulk]
+        } else {
+            &[ChannelKind::Urgent, ChannelKind::Bulk]
+        };
+        for &kind in kinds {
             let (r, p) = (self.clone(), params.clone());
             std::thread::Builder::new()
                 .name(match kind {
@@ -240,30 +262,39 @@ impl Remote {
         self.stop.load(Ordering::Acquire)
     }
 
-    /// `count` pages from `first` arrived: counted, marked here, handed to the worker.
+    /// `count` pages from `first` arrived: counted, marked here, handed to the worker. Counted
+    /// as pulled if they came on the urgent channel, or (one channel) if they answer a pending
+    /// request; as pushed otherwise.
     fn arrived(&self, first: u64, count: u64, urgent: bool, data: Payload) {
         let total = self.received.total();
         if first >= total || count == 0 || first + count > total {
             return; // Not pages of this VM: never installed.
         }
         let now = Instant::now();
-        let mut fresh = 0;
-        for page in first..first + count {
-            fresh += u64::from(self.received.set(page));
-        }
+        let (mut fresh, mut answered) = (0, 0);
         {
             let mut r = self.requests();
             let mut h = self.latency.lock().unwrap_or_else(|p| p.into_inner());
             for page in first..first + count {
+                let new = self.received.set(page);
+                fresh += u64::from(new);
                 if r.pending.remove(&page) {
+                    answered += u64::from(new);
                     if let (Some(t), Some(h)) = (r.asked.remove(&page), h.as_mut()) {
                         h.saturating_record((now - t).as_nanos() as u64);
                     }
                 }
             }
         }
-        let counter = if urgent { &self.pulled } else { &self.pushed };
-        counter.fetch_add(fresh, Ordering::Relaxed);
+        let pulled = if urgent {
+            fresh
+        } else if self.one_channel.load(Ordering::Relaxed) {
+            answered
+        } else {
+            0
+        };
+        self.pulled.fetch_add(pulled, Ordering::Relaxed);
+        self.pushed.fetch_add(fresh - pulled, Ordering::Relaxed);
         if let Payload::Data(d) = &data {
             self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
         }

@@ -141,10 +141,18 @@ impl Remote {
     }
 
     /// The bulk channel: says what is here, then takes pushed pages in; this thread sends
-    /// hints and pings, and `Done` once every page is here.
+    /// hints and pings, and `Done` once every page is here. One channel: it sends the requests
+    /// too (every page still awaited again on a new connection), and its reader takes their
+    /// answers.
     fn serve_bulk(self: &Arc<Remote>, reader: Reader, writer: Writer) -> Result<(), ChannelError> {
         let mut writer = writer;
         let total = self.received.total();
+        let one_channel = self.one_channel.load(Ordering::Relaxed);
+        if one_channel {
+            let mut r = self.requests();
+            let again: Vec<u64> = r.pending.iter().copied().collect();
+            r.queue = again;
+        }
         if self.marker_seen.load(Ordering::Acquire) {
             // Hybrid, switched over on an earlier connection: the source must not invalidate
             // (and may believe our `Done`).
@@ -184,6 +192,14 @@ impl Remote {
             if self.state() == MigrationState::Complete {
                 break Ok(());
             }
+            if one_channel {
+                let batch = std::mem::take(&mut self.requests().queue);
+                if !batch.is_empty() {
+                    if let Err(e) = writer.send_requests(&batch) {
+                        break Err(e);
+                    }
+                }
+            }
             if self.ack_pending.swap(false, Ordering::AcqRel) {
                 if let Err(e) = writer.send(&Message::Switchover) {
                     break Err(e);
@@ -210,7 +226,11 @@ impl Remote {
                 break Err(e);
             }
             let r = self.requests();
-            let _ = self.wake.wait_timeout(r, Duration::from_millis(20));
+            // A request queued since the batch was taken is sent at once (`fetch` queues it
+            // under this lock and wakes us after).
+            if !one_channel || r.queue.is_empty() {
+                let _ = self.wake.wait_timeout(r, Duration::from_millis(20));
+            }
         };
         writer.shutdown();
         let read = reading.join().unwrap_or(Ok(()));
