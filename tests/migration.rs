@@ -14,6 +14,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 use vmpager_client::demo::PatternGen;
 use vmpager_client::{Client, PageSource, PopulateMethod, VmSpec};
+use vmpager_migration::FaultyLink;
 use vmpager_protocol::message::{MigrationKey, MigrationState, MigrationStatus};
 
 fn key(byte: u8) -> MigrationKey {
@@ -161,6 +162,64 @@ fn a_pull_only_destination_gets_every_page_by_faults_and_nothing_pushed() {
     assert_eq!(done.counters.pages_pulled, PAGES as u64, "{done:?}");
     assert_eq!(done.counters.pages_pushed, 0, "{done:?}");
     wait_state(&src, src_mem.vm_id(), MigrationState::Complete);
+}
+
+#[test]
+fn a_one_channel_destination_gets_every_page_with_fault_requests_on_the_bulk_channel() {
+    if !have_uffd() {
+        return;
+    }
+    let dir = TestDir::new("migrate-one-channel");
+    let src_d = daemon(&dir, "src.sock", true, PATIENCE);
+    let dst_d = daemon_adjusted(&dir, "dst.sock", false, PATIENCE, |c| {
+        c.migration_one_channel = true;
+    });
+    let src = Client::connect(src_d.socket_path()).unwrap();
+    let dst = Client::connect(dst_d.socket_path()).unwrap();
+    let (src_mem, want) = source_vm(&dir, &src, PopulateMethod::Copy);
+    // A slow link (the VM takes about a second to cross it): the first faults come long before
+    // the push reaches their pages.
+    let link = FaultyLink::start(src_d.migration_addr().unwrap(), Duration::ZERO).unwrap();
+    link.set_shared_rate(4_000_000);
+    src.migrate_out(src_mem.vm_id(), 11, key(5), false).unwrap();
+    let dst_mem = destination_vm(&dst, PopulateMethod::Copy);
+    dst.migrate_in(dst_mem.vm_id(), 11, key(5), &link.addr().to_string())
+        .unwrap();
+    for k in 0..PAGES {
+        let p = k * 389 % PAGES;
+        let (r, page) = locate(&dst_mem, p);
+        assert_eq!(
+            read_page(r, page),
+            want[p * PAGE..(p + 1) * PAGE],
+            "page {p}"
+        );
+    }
+    let done = wait_state(&dst, dst_mem.vm_id(), MigrationState::Complete);
+    assert_eq!(done.counters.pages_done, PAGES as u64);
+    assert_eq!(
+        done.counters.pages_pulled + done.counters.pages_pushed,
+        PAGES as u64,
+        "every page came once: {done:?}"
+    );
+    assert!(
+        done.counters.pages_pulled > 0,
+        "the faults' pages were answered on the bulk channel: {done:?}"
+    );
+    assert!(done.counters.fault_p50_ns > 0, "{done:?}");
+    assert_eq!(link.accepted(), 1, "one connection, no urgent channel");
+    wait_state(&src, src_mem.vm_id(), MigrationState::Complete);
+}
+
+#[test]
+fn one_channel_without_the_push_is_refused_at_start() {
+    let dir = TestDir::new("migrate-one-channel-pull-only");
+    let config = vmpagerd::Config {
+        migration_push: false,
+        migration_one_channel: true,
+        ..vmpagerd::Config::default()
+    };
+    let err = vmpagerd::spawn(config, &dir.join("d.sock")).expect_err("refused");
+    assert!(matches!(err, vmpagerd::DaemonError::Config(_)), "{err}");
 }
 
 #[test]

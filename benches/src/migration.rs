@@ -4,8 +4,10 @@
 //!    off) against a fault served from a local file by the same daemon code, and a raw TCP
 //!    round trip carrying 4 KiB: the remote fault should cost about a local fault plus one
 //!    round trip;
-//! 2. faults while the bulk push runs, through a rate-limited [`FaultyLink`], against the same
-//!    faults through the same link with the push off;
+//! 2. faults while the bulk push saturates a link shared by both channels (a [`FaultyLink`]
+//!    with a shared rate), with the urgent channel separate (the default) and with a
+//!    one-channel destination (requests and answers on the bulk channel, behind the push),
+//!    against the same faults through the same link with the push off;
 //! 3. the time a migration takes (`migrate_in` to `Complete`) at 0, 1 and 5 ms of injected
 //!    round-trip time, with a host thread touching a scattered 10 % of the pages meanwhile, and
 //!    how many pages its faults pulled (the rest were pushed).
@@ -32,7 +34,8 @@ use vmpagerd::{Config, DaemonHandle};
 
 /// The rows' group.
 const GROUP: &str = "migration";
-/// The link rate of the push-contention rows, bytes per second.
+/// The link rate of the push-contention rows, bytes per second, shared by a migration's
+/// connections.
 const PUSH_RATE: u64 = 200_000_000;
 /// Every `PUSH_STRIDE`th page is faulted while the push runs.
 const PUSH_STRIDE: usize = 32;
@@ -106,7 +109,7 @@ pub fn run(quick: bool, dir: &Path, log: &mut dyn FnMut(&str)) -> Result<Measure
     log("migration: remote 4 KiB fault vs local file source vs raw TCP round trip");
     latency_rows(&sizes, dir, &image, &mut out)?;
     log(&format!(
-        "migration: faults while the push runs, {} MB/s link",
+        "migration: faults while the push runs, {} MB/s shared link, two channels vs one",
         PUSH_RATE / 1_000_000
     ));
     push_rows(&sizes, dir, &image, &mut out)?;
@@ -154,7 +157,7 @@ fn latency_rows(
     let vm = client.create_mapped_vm(spec(pages, source_file(image)?))?;
     let order = scattered(pages, pages);
     // SAFETY: the VM stays mapped (and served) until it is dropped below.
-    let (local, _, elapsed) = unsafe { touch_pages(pages_of(&vm), &order, None) };
+    let (local, _, elapsed) = unsafe { touch_pages(pages_of(&vm), &order, None, false) };
     drop(vm);
     drop(client);
     shutdown(d)?;
@@ -166,9 +169,9 @@ fn latency_rows(
         "faults/s",
     );
     // Remote, pull only: every touch is one urgent request on the loopback.
-    let pair = Pair::start(dir, image, pages, false, Readahead::OFF, None)?;
+    let pair = Pair::start(dir, image, pages, Mode::PullOnly, Readahead::OFF, None)?;
     // SAFETY: the VM stays mapped until `finish`.
-    let (remote, _, elapsed) = unsafe { touch_pages(pages_of(&pair.dst_mem), &order, None) };
+    let (remote, _, elapsed) = unsafe { touch_pages(pages_of(&pair.dst_mem), &order, None, false) };
     let status = pair.wait_complete()?;
     pair.finish()?;
     let remote_row = Row::new(
@@ -201,8 +204,11 @@ fn latency_rows(
 }
 
 /// Section 2: pages faulted ahead of the push (descending, every [`PUSH_STRIDE`]th page: each
-/// fault's hint moves the push there and it goes on upward, behind the faults), through a
-/// [`PUSH_RATE`] link, with the push off and on.
+/// fault's hint moves the push there and it goes on upward, behind the faults), through a link
+/// of [`PUSH_RATE`] that the migration's connections share: with the push off, with it on and
+/// the urgent channel separate, and with it on and one channel (the faults' answers queue
+/// behind the pushed pages already in the socket and the link's queue). Ratios: two channels
+/// to push off, one channel to two channels.
 fn push_rows(
     sizes: &Sizes,
     dir: &Path,
@@ -213,15 +219,18 @@ fn push_rows(
     let order: Vec<usize> = (0..pages / PUSH_STRIDE)
         .map(|k| pages - 1 - k * PUSH_STRIDE)
         .collect();
-    let mut rows: Vec<Row> = Vec::new();
-    for push in [false, true] {
+    // Each configuration's two rows: host-thread fault, the daemon's request to arrival.
+    let mut measured: Vec<(Row, Row)> = Vec::new();
+    for mode in [Mode::PullOnly, Mode::Push, Mode::PushOneChannel] {
+        let push = mode != Mode::PullOnly;
         let link = Some((Duration::ZERO, PUSH_RATE));
-        let pair = Pair::start(dir, image, pages, push, Readahead::OFF, link)?;
+        let pair = Pair::start(dir, image, pages, mode, Readahead::OFF, link)?;
         let stop = AtomicBool::new(false);
         let target = pages_of(&pair.dst_mem);
         let (h, touched, elapsed, status) = std::thread::scope(|s| {
             // SAFETY: the VM stays mapped until `finish`, after the scope joined the thread.
-            let t = s.spawn(|| unsafe { touch_pages(target, &order, Some(&stop)) });
+            // Pages the push brought before their touch are skipped: only faults are timed.
+            let t = s.spawn(|| unsafe { touch_pages(target, &order, Some(&stop), true) });
             // With the push on, touches after it completed are no faults: stop them.
             while push && !t.is_finished() {
                 if pair.status()?.state == MigrationState::Complete {
@@ -233,26 +242,35 @@ fn push_rows(
             Ok::<_, BenchError>((h, touched, elapsed, pair.status()?))
         })?;
         pair.finish()?;
-        let name = if push {
-            "push on, faults ahead of it: host-thread fault"
-        } else {
-            "push off (pull only), the same faults: host-thread fault"
+        let name = match mode {
+            Mode::PullOnly => "push off (pull only)",
+            Mode::Push => "push on, two channels (urgent separate)",
+            Mode::PushOneChannel => "push on, one channel (requests behind the push)",
         };
-        let name = format!("{} MB/s link, {name}", PUSH_RATE / 1_000_000);
-        let mut row = Row::new(
+        let name = format!("{} MB/s shared link, {name}", PUSH_RATE / 1_000_000);
+        let mut fault = Row::new(
             GROUP,
-            &name,
+            &format!("{name}: host-thread fault"),
             Some(&h),
             touched as f64 / elapsed.as_secs_f64().max(1e-9),
             "faults/s",
         );
-        if let Some(base) = rows.first() {
-            row = row.compare(base, RatioOf::P50);
+        let mut own =
+            daemon_latency_row(&format!("{name}: the daemon's request to arrival"), &status);
+        // Two channels against push off, one channel against two channels.
+        let base = match mode {
+            Mode::PullOnly => None,
+            Mode::Push => measured.first(),
+            Mode::PushOneChannel => measured.get(1),
+        };
+        if let Some((base_fault, base_own)) = base {
+            fault = fault.compare(base_fault, RatioOf::P50);
+            own = own.compare(base_own, RatioOf::P50);
         }
-        let own = daemon_latency_row(&format!("{name}: the daemon's request to arrival"), &status);
-        rows.extend([row, own]);
+        measured.push((fault, own));
     }
-    out.rows.extend(rows);
+    out.rows
+        .extend(measured.into_iter().flat_map(|(fault, own)| [fault, own]));
     Ok(())
 }
 
@@ -262,13 +280,13 @@ fn push_rows(
 fn time_rows(dir: &Path, image: &File, bytes: u64, rtt_ms: u64) -> Result<Vec<Row>, BenchError> {
     let pages = (bytes as usize) / PAGE;
     let link = Some((Duration::from_millis(rtt_ms), 0));
-    let pair = Pair::start(dir, image, pages, true, Readahead::default(), link)?;
+    let pair = Pair::start(dir, image, pages, Mode::Push, Readahead::default(), link)?;
     let order = scattered(pages, pages / 10);
     let stop = AtomicBool::new(false);
     let target = pages_of(&pair.dst_mem);
     let (h, elapsed, status) = std::thread::scope(|s| {
         // SAFETY: the VM stays mapped until `finish`, after the scope joined the thread.
-        let t = s.spawn(|| unsafe { touch_pages(target, &order, Some(&stop)) });
+        let t = s.spawn(|| unsafe { touch_pages(target, &order, Some(&stop), false) });
         let status = pair.wait_complete();
         let elapsed = pair.started.elapsed();
         stop.store(true, Ordering::Relaxed);
@@ -310,6 +328,17 @@ fn daemon_latency_row(name: &str, status: &MigrationStatus) -> Row {
     row
 }
 
+/// How the destination migrates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Only the pages faults ask for move (`migration_push` off).
+    PullOnly,
+    /// Pushed, faults on their own urgent channel (the default).
+    Push,
+    /// Pushed, faults' requests on the bulk channel (`migration_one_channel`).
+    PushOneChannel,
+}
+
 /// Two daemons on threads of this process and a VM migrating from one to the other.
 struct Pair {
     // Dropped in this order: the VMs, the connections, then the daemons are shut down.
@@ -324,18 +353,19 @@ struct Pair {
 }
 
 impl Pair {
-    /// A source VM of `pages` over `image`, served to a destination VM (`push`, `readahead`),
-    /// directly or through a link of `(rtt, rate)`; the migration has been started.
+    /// A source VM of `pages` over `image`, served to a destination VM (`mode`, `readahead`),
+    /// directly or through a link of `(rtt, rate)`, the rate shared by the migration's
+    /// connections (0: none); the migration has been started.
     fn start(
         dir: &Path,
         image: &File,
         pages: usize,
-        push: bool,
+        mode: Mode,
         readahead: Readahead,
         link: Option<(Duration, u64)>,
     ) -> Result<Pair, BenchError> {
         let src_d = daemon(dir, true)?;
-        let dst_d = daemon_with(dir, false, push, readahead)?;
+        let dst_d = daemon_with(dir, false, mode, readahead)?;
         let src = connect(&src_d)?;
         let dst = connect(&dst_d)?;
         let src_mem = src.create_mapped_vm(spec(pages, source_file(image)?))?;
@@ -346,7 +376,7 @@ impl Pair {
             .map(|(rtt, rate)| {
                 let l = FaultyLink::start(target, rtt)
                     .map_err(|e| BenchError::Setup(format!("faulty link: {e}")))?;
-                l.set_rate(rate);
+                l.set_shared_rate(rate);
                 Ok::<_, BenchError>(l)
             })
             .transpose()?;
@@ -410,13 +440,13 @@ impl Pair {
 
 /// A daemon with one worker and readahead off (serving a migration out if `listen`).
 fn daemon(dir: &Path, listen: bool) -> Result<DaemonHandle, BenchError> {
-    daemon_with(dir, listen, true, Readahead::OFF)
+    daemon_with(dir, listen, Mode::Push, Readahead::OFF)
 }
 
 fn daemon_with(
     dir: &Path,
     listen: bool,
-    push: bool,
+    mode: Mode,
     readahead: Readahead,
 ) -> Result<DaemonHandle, BenchError> {
     static STARTED: AtomicUsize = AtomicUsize::new(0);
@@ -426,7 +456,8 @@ fn daemon_with(
             workers: 1,
             readahead,
             migration_listen: listen.then(|| SocketAddr::from(([127, 0, 0, 1], 0))),
-            migration_push: push,
+            migration_push: mode != Mode::PullOnly,
+            migration_one_channel: mode == Mode::PushOneChannel,
             vm_grace: Duration::ZERO,
             ..Config::default()
         },
@@ -478,7 +509,8 @@ fn pages_of(vm: &VmMemory) -> Pages {
 }
 
 /// Writes one byte to each page of `order` in `t`, each write timed, until `stop` is set. The
-/// latency histogram, the pages touched, the time taken.
+/// latency histogram, the pages touched, the time taken. With `only_faults`, a page already in
+/// memory (the push brought it first) is skipped: touching it is no fault.
 ///
 /// # Safety
 /// `t` must stay mapped writable for the call, and no reference to its bytes may exist.
@@ -486,6 +518,7 @@ unsafe fn touch_pages(
     t: Pages,
     order: &[usize],
     stop: Option<&AtomicBool>,
+    only_faults: bool,
 ) -> (Histogram<u64>, usize, Duration) {
     let mut h = histogram();
     let start = Instant::now();
@@ -493,6 +526,10 @@ unsafe fn touch_pages(
     for &p in order.iter().filter(|&&p| p < t.pages) {
         if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
             break;
+        }
+        // SAFETY: `p < t.pages`, and the caller keeps `t` mapped.
+        if only_faults && unsafe { resident(t, p) } {
+            continue;
         }
         let at = Instant::now();
         // SAFETY: `p < t.pages`: inside the mapping the caller keeps live; a volatile store
@@ -502,6 +539,18 @@ unsafe fn touch_pages(
         touched += 1;
     }
     (h, touched, start.elapsed())
+}
+
+/// Whether page `p` of `t` is in memory (the VM's memfd has it): a touch would not fault.
+///
+/// # Safety
+/// `p < t.pages`, and `t` must stay mapped for the call.
+unsafe fn resident(t: Pages, p: usize) -> bool {
+    let mut vec = 0u8;
+    // SAFETY: the caller's contract: page `p` is inside the live mapping `t`, whose base is
+    // page-aligned; mincore writes one byte, for the one page, to `vec`.
+    let r = unsafe { libc::mincore(t.base.as_ptr().add(p * PAGE).cast(), PAGE, &mut vec) };
+    r == 0 && vec & 1 != 0
 }
 
 /// `n` round trips of an 8-byte request and a 4 KiB reply between two threads over loopback

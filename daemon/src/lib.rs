@@ -106,6 +106,11 @@ pub struct Config {
     /// that time remote faults alone, and for links too slow to carry the whole VM); a
     /// pull-only migration is `Complete` once every page was asked for.
     pub migration_push: bool,
+    /// A destination opens no urgent channel: its fault requests go on the bulk channel and
+    /// their answers queue behind the push (`false`, the default: two channels, like QEMU's
+    /// postcopy-preempt). Only to measure what the separate urgent channel buys
+    /// (`vmpager bench --only migration`); needs [`Config::migration_push`].
+    pub migration_one_channel: bool,
     /// An embedder's asynchronous page source (a network or object-store source, or the
     /// tests' [`source::DelayedSource`]): consulted for every VM created with a zero source;
     /// a VM it gives a source to is served from that source. Not settable from the command line.
@@ -161,11 +166,17 @@ impl Default for Config {
             migration_liveness: Duration::from_secs(10),
             migration_deadline: migration::DEFAULT_DEADLINE,
             migration_push: true,
+            migration_one_channel: false,
             allow: access::Allowlist::default(),
             async_source: None,
         }
     }
 }
+
+/// Why `migration_one_channel` needs `migration_push`.
+const ONE_CHANNEL_NEEDS_PUSH: &str = "migration_one_channel (--migration-one-channel) needs the \
+     push: a pull-only destination opens its bulk channel only once it has every page, so its \
+     requests have no channel to go on (and nothing to queue behind)";
 
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -176,6 +187,9 @@ pub enum DaemonError {
     /// The control reactor failed.
     #[error("control reactor failed")]
     Control(#[from] control::ControlError),
+    /// Options that cannot work together.
+    #[error("invalid configuration: {0}")]
+    Config(&'static str),
     /// The host lacks a userfaultfd feature the daemon cannot work without.
     #[error("this host's userfaultfd lacks {0} (see vmpagerd --print-capabilities)")]
     MissingFeature(&'static str),
@@ -311,6 +325,9 @@ pub fn serve_with(
     live: Arc<LiveVms>,
     ready: impl FnOnce(&Ready),
 ) -> Result<(), DaemonError> {
+    if config.migration_one_channel && !config.migration_push {
+        return Err(DaemonError::Config(ONE_CHANNEL_NEEDS_PUSH));
+    }
     let uffd = uffd::Uffd::probe().map(|p| p.features).unwrap_or(0);
     // Fail at start, not at the first fault.
     if let Some(name) = uffd::missing_required(uffd) {
@@ -336,6 +353,7 @@ pub fn serve_with(
         },
         deadline: config.migration_deadline,
         push: config.migration_push,
+        one_channel: config.migration_one_channel,
         ..migration::Migrations::default()
     };
     let migration_listener = config

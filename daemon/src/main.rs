@@ -70,6 +70,10 @@ struct Args {
     /// (docs/migration.md, "Pull only").
     #[arg(long)]
     migration_pull_only: bool,
+    /// Migrations into this daemon open no urgent channel: fault requests go on the bulk
+    /// channel, behind the push. Only to measure what the urgent channel buys.
+    #[arg(long, hide = true, conflicts_with = "migration_pull_only")]
+    migration_one_channel: bool,
     /// Print this host's capabilities as JSON and exit.
     #[arg(long)]
     print_capabilities: bool,
@@ -215,6 +219,7 @@ impl Args {
         c.migration_liveness = Duration::from_millis(self.migration_liveness_ms);
         c.migration_deadline = Duration::from_secs(self.migration_deadline);
         c.migration_push = !self.migration_pull_only;
+        c.migration_one_channel = self.migration_one_channel;
         c.migration_listen = self
             .migration_listen
             .as_deref()

@@ -24,18 +24,26 @@ pub fn daemon_with(
     deadline: Duration,
     push: bool,
 ) -> DaemonHandle {
-    vmpagerd::spawn(
-        Config {
-            workers: 1,
-            migration_listen: listen.then(|| "127.0.0.1:0".parse().unwrap()),
-            migration_liveness: Duration::from_millis(1000),
-            migration_deadline: deadline,
-            migration_push: push,
-            ..Config::default()
-        },
-        &dir.join(name),
-    )
-    .unwrap()
+    daemon_adjusted(dir, name, listen, deadline, |c| c.migration_push = push)
+}
+
+/// A daemon of the rig whose configuration `adjust` changes.
+pub fn daemon_adjusted(
+    dir: &TestDir,
+    name: &str,
+    listen: bool,
+    deadline: Duration,
+    adjust: impl FnOnce(&mut Config),
+) -> DaemonHandle {
+    let mut config = Config {
+        workers: 1,
+        migration_listen: listen.then(|| "127.0.0.1:0".parse().unwrap()),
+        migration_liveness: Duration::from_millis(1000),
+        migration_deadline: deadline,
+        ..Config::default()
+    };
+    adjust(&mut config);
+    vmpagerd::spawn(config, &dir.join(name)).unwrap()
 }
 
 pub fn regions() -> Vec<RegionSpec> {

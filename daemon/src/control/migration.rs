@@ -90,6 +90,7 @@ impl Reactor {
                 timeouts: self.migrations.timeouts,
                 deadline: self.migrations.deadline,
                 push: self.migrations.push,
+                one_channel: self.migrations.one_channel,
             })
             .map_err(|e| refuse(ErrorCode::Internal, format!("cannot start pulling: {e}")))?;
         Ok((Message::MigrationStatus(remote.status(m.vm_id)), vec![]))

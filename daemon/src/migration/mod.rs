@@ -32,6 +32,9 @@ pub struct Migrations {
     pub deadline: std::time::Duration,
     /// Whether a destination's source pushes the pages nobody asked for (`false`: pull only).
     pub push: bool,
+    /// Whether a destination opens no urgent channel (its requests go on the bulk channel;
+    /// for comparison only).
+    pub one_channel: bool,
 }
 
 impl Default for Migrations {
@@ -42,6 +45,7 @@ impl Default for Migrations {
             timeouts: vmpager_migration::Timeouts::default(),
             deadline: DEFAULT_DEADLINE,
             push: true,
+            one_channel: false,
         }
     }
 }

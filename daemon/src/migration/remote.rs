@@ -6,7 +6,9 @@
 //! waiting), background requests only steer the **bulk** push (`Hint`), and every page that
 //! comes back on either channel is delivered to the VM's worker ([`Completions`]). Pull only
 //! ([`RemoteParams::push`] false): background requests are pulled on the urgent channel too,
-//! and the bulk channel is opened only once every page is here, to say `Done`.
+//! and the bulk channel is opened only once every page is here, to say `Done`. One channel
+//! ([`RemoteParams::one_channel`], for comparison only): no urgent channel, requests go on the
+//! bulk channel and their answers queue behind the push.
 //!
 //! Failures: a connection that breaks (or falls silent past the liveness deadline) is made
 //! again with back-off; the bulk channel then says again what is here (`Resume`) and the
@@ -14,17 +16,16 @@
 //! connection can be made for the migration deadline, or the VMM abandons the migration, the
 //! source is *lost*: every page not here is poisoned when touched, never zero-filled.
 
+mod channels;
 mod hybrid;
 
 use super::sent::PageBits;
-use crate::source::{Arrival, AsyncSource, Completions, Payload, SourceError};
+use crate::source::{Arrival, AsyncSource, Completions, Payload};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-use vmpager_migration::{
-    connect, Backoff, ChannelError, ChannelKind, Key, Message, Reader, Timeouts, Writer, PAGE_SIZE,
-};
+use vmpager_migration::{ChannelKind, Key, Timeouts, PAGE_SIZE};
 use vmpager_protocol::message::{MigrationCounters, MigrationState, MigrationStatus};
 
 /// Pages of one `Resume` frame's bitmap (its runs stay far below the frame limit).
@@ -46,6 +47,9 @@ pub struct RemoteParams {
     /// The source pushes every page nobody asked for (`false`: pull only, see
     /// [`crate::Config::migration_push`]).
     pub push: bool,
+    /// No urgent channel: requests go on the bulk channel, behind the push (see
+    /// [`crate::Config::migration_one_channel`]; needs `push`).
+    pub one_channel: bool,
 }
 
 #[derive(Debug, Default)]
@@ -72,6 +76,8 @@ pub struct Remote {
     started: AtomicBool,
     /// `false`: pull only (background requests are pulled too, nothing is pushed).
     push: AtomicBool,
+    /// No urgent channel: the bulk channel carries the requests too.
+    one_channel: AtomicBool,
     stop: AtomicBool,
     state: AtomicU32,
     migration_id: AtomicU64,
@@ -107,6 +113,7 @@ impl Remote {
             hint_sent: AtomicU64::new(u64::MAX),
             started: AtomicBool::new(false),
             push: AtomicBool::new(true),
+            one_channel: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             state: AtomicU32::new(MigrationState::None as u32),
             migration_id: AtomicU64::new(0),
@@ -193,12 +200,21 @@ impl Remote {
     /// Starts pulling from the source (once; a second call with the same migration is a
     /// no-op).
     pub fn start(self: &Arc<Remote>, params: RemoteParams) -> std::io::Result<()> {
+        if params.one_channel && !params.push {
+            // The bulk channel of a pull-only migration opens only at the end.
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "one channel needs the push (not pull only)",
+            ));
+        }
         if self.started.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
         self.migration_id
             .store(params.migration_id, Ordering::Relaxed);
         self.push.store(params.push, Ordering::Relaxed);
+        self.one_channel
+            .store(params.one_channel, Ordering::Relaxed);
         self.set_state(if self.received.is_full() {
             MigrationState::Complete
         } else {
@@ -208,7 +224,12 @@ impl Remote {
             return Ok(());
         }
         let params = Arc::new(params);
-        for kind in [ChannelKind::Urgent, ChannelKind::Bulk] {
+        let kinds: &[ChannelKind] = if params.one_channel {
+            &[ChannelKind::Bulk]
+        } else {
+            &[ChannelKind::Urgent, ChannelKind::Bulk]
+        };
+        for &kind in kinds {
             let (r, p) = (self.clone(), params.clone());
             std::thread::Builder::new()
                 .name(match kind {
@@ -243,291 +264,39 @@ impl Remote {
         self.stop.load(Ordering::Acquire)
     }
 
-    /// Connects, serves, reconnects, until the migration ends or the source is lost.
-    fn run_channel(self: Arc<Remote>, kind: ChannelKind, p: &RemoteParams) {
-        if kind == ChannelKind::Bulk && !p.push && !self.wait_until_full() {
-            return;
-        }
-        let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
-        let mut unreachable_since = Instant::now();
-        let mut connected_before = false;
-        while !self.stopped() {
-            match connect(p.addr.as_str(), kind, p.migration_id, &p.key, &p.timeouts) {
-                Ok(channel) => {
-                    if connected_before {
-                        self.reconnects.fetch_add(1, Ordering::Relaxed);
-                    }
-                    connected_before = true;
-                    backoff.reset();
-                    let (reader, writer) = channel.split();
-                    let r = match kind {
-                        ChannelKind::Urgent => self.serve_urgent(reader, writer),
-                        ChannelKind::Bulk => self.serve_bulk(reader, writer),
-                    };
-                    if let Err(e) = r {
-                        if e.is_bad_input() {
-                            self.refused.fetch_add(1, Ordering::Relaxed);
-                        }
-                        tracing::debug!(?kind, error = %e, "migration channel broke");
-                    }
-                    unreachable_since = Instant::now();
-                }
-                Err(e) => {
-                    if e.is_bad_input() {
-                        self.refused.fetch_add(1, Ordering::Relaxed);
-                    }
-                    tracing::trace!(?kind, error = %e, "cannot reach the migration source");
-                }
-            }
-            if self.stopped() || self.state() != MigrationState::Running {
-                return;
-            }
-            if unreachable_since.elapsed() > p.deadline {
-                tracing::warn!(
-                    migration = p.migration_id,
-                    "the migration source is lost: pages not here are poisoned"
-                );
-                self.abandon();
-                return;
-            }
-            let delay = backoff.next_delay();
-            let r = self.requests();
-            let _ = self.wake.wait_timeout(r, delay);
-        }
-    }
-
-    /// Pull only: the bulk channel is opened once every page is here, only to say so
-    /// (`Resume` with nothing missing, then `Done`). `false` if the migration stopped first.
-    fn wait_until_full(&self) -> bool {
-        let mut r = self.requests();
-        while !self.received.is_full() && !self.stopped() {
-            r = self
-                .wake
-                .wait_timeout(r, Duration::from_millis(100))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        !self.stopped()
-    }
-
-    /// The urgent channel: a reader thread takes pages in; this thread sends requests.
-    fn serve_urgent(
-        self: &Arc<Remote>,
-        reader: Reader,
-        mut writer: Writer,
-    ) -> Result<(), ChannelError> {
-        // Everything still awaited is asked again on a new connection.
-        {
-            let mut r = self.requests();
-            let again: Vec<u64> = r.pending.iter().copied().collect();
-            r.queue = again;
-        }
-        let broken = Arc::new(AtomicBool::new(false));
-        let reading = {
-            let (me, broken) = (self.clone(), broken.clone());
-            std::thread::Builder::new()
-                .name("vmpager-pull-ur".into())
-                .spawn(move || {
-                    let r = me.read_pages(reader, true);
-                    broken.store(true, Ordering::Release);
-                    me.wake.notify_all();
-                    r
-                })
-                .map_err(ChannelError::Io)?
-        };
-        let result = loop {
-            let batch = {
-                let mut r = self.requests();
-                while r.queue.is_empty() && !self.stopped() && !broken.load(Ordering::Acquire) {
-                    let (guard, _) = self
-                        .wake
-                        .wait_timeout(r, Duration::from_millis(500))
-                        .unwrap_or_else(|p| p.into_inner());
-                    r = guard;
-                    if r.queue.is_empty() {
-                        break;
-                    }
-                }
-                std::mem::take(&mut r.queue)
-            };
-            if self.stopped()
-                || broken.load(Ordering::Acquire)
-                || self.state() != MigrationState::Running
-            {
-                break Ok(());
-            }
-            if !batch.is_empty() {
-                if let Err(e) = writer.send_requests(&batch) {
-                    break Err(e);
-                }
-            }
-            if let Err(e) = writer.ping_if_idle() {
-                break Err(e);
-            }
-        };
-        writer.shutdown();
-        let read = reading.join().unwrap_or(Ok(()));
-        result.and(read)
-    }
-
-    /// The bulk channel: says what is here, then takes pushed pages in; this thread sends
-    /// hints and pings, and `Done` once every page is here.
-    fn serve_bulk(self: &Arc<Remote>, reader: Reader, writer: Writer) -> Result<(), ChannelError> {
-        let mut writer = writer;
-        let total = self.received.total();
-        if self.marker_seen.load(Ordering::Acquire) {
-            // Hybrid, switched over on an earlier connection: the source must not invalidate
-            // (and may believe our `Done`).
-            writer.send(&Message::Switchover)?;
-        }
-        let mut first = 0;
-        loop {
-            let len = RESUME_CHUNK.min(total - first);
-            writer.send(&Message::Resume {
-                total_pages: total,
-                first,
-                received: self.received.to_rle(first, len),
-            })?;
-            first += len;
-            if first >= total {
-                break;
-            }
-        }
-        let broken = Arc::new(AtomicBool::new(false));
-        let reading = {
-            let (me, broken) = (self.clone(), broken.clone());
-            std::thread::Builder::new()
-                .name("vmpager-pull-br".into())
-                .spawn(move || {
-                    let r = me.read_pages(reader, false);
-                    broken.store(true, Ordering::Release);
-                    me.wake.notify_all();
-                    r
-                })
-                .map_err(ChannelError::Io)?
-        };
-        let mut done_sent = false;
-        let result = loop {
-            if self.stopped() || broken.load(Ordering::Acquire) {
-                break Ok(());
-            }
-            if self.state() == MigrationState::Complete {
-                break Ok(());
-            }
-            if self.ack_pending.swap(false, Ordering::AcqRel) {
-                if let Err(e) = writer.send(&Message::Switchover) {
-                    break Err(e);
-                }
-                // A `Done` sent before the switchover was not believed: sent again.
-                done_sent = false;
-            }
-            if !self.received.is_full() {
-                done_sent = false; // Invalidated pages (hybrid) are missing again.
-            }
-            if self.received.is_full() && !done_sent {
-                if let Err(e) = writer.send(&Message::Done) {
-                    break Err(e);
-                }
-                done_sent = true;
-            }
-            let hint = self.hint.load(Ordering::Relaxed);
-            if hint != u64::MAX && hint != self.hint_sent.swap(hint, Ordering::Relaxed) {
-                if let Err(e) = writer.send(&Message::Hint { page: hint }) {
-                    break Err(e);
-                }
-            }
-            if let Err(e) = writer.ping_if_idle() {
-                break Err(e);
-            }
-            let r = self.requests();
-            let _ = self.wake.wait_timeout(r, Duration::from_millis(20));
-        };
-        writer.shutdown();
-        let read = reading.join().unwrap_or(Ok(()));
-        result.and(read)
-    }
-
-    /// Reads pages (and the source's other messages) until the connection ends.
-    fn read_pages(&self, mut reader: Reader, urgent: bool) -> Result<(), ChannelError> {
-        loop {
-            let msg = reader.recv()?;
-            if self.stopped() {
-                return Ok(());
-            }
-            match msg {
-                Message::Pages { first, data } => {
-                    let count = data.len() as u64 / PAGE_SIZE;
-                    self.arrived(first, count, urgent, Payload::Data(data));
-                }
-                Message::Zeros { first, count } => {
-                    let len = u64::from(count) * PAGE_SIZE;
-                    self.arrived(first, u64::from(count), urgent, Payload::Zero { len });
-                }
-                Message::Missing { page, reason } => {
-                    self.poisoned.fetch_add(1, Ordering::Relaxed);
-                    let deliver = if urgent {
-                        Completions::deliver_urgent
-                    } else {
-                        Completions::deliver
-                    };
-                    deliver(
-                        &self.completions,
-                        Arrival {
-                            offset: page.saturating_mul(PAGE_SIZE),
-                            data: Payload::Failed {
-                                len: PAGE_SIZE,
-                                error: SourceError::Unusable(format!(
-                                    "the migration source cannot send page {page}: {reason:?}"
-                                )),
-                            },
-                        },
-                    );
-                    let mut r = self.requests();
-                    r.pending.remove(&page);
-                    r.asked.remove(&page);
-                }
-                Message::DoneAck => {
-                    self.set_state(MigrationState::Complete);
-                    self.stop.store(true, Ordering::Release);
-                    self.wake.notify_all();
-                    return Ok(());
-                }
-                Message::Invalidate { ranges } if !urgent => self.invalidate(&ranges),
-                Message::Switchover if !urgent => self.switchover(),
-                Message::SentAll | Message::Pong { .. } | Message::Ping { .. } => {}
-                Message::Error { code, text } => {
-                    tracing::debug!(?code, %text, "the migration source refused");
-                    return Err(ChannelError::Broken);
-                }
-                _ => return Err(ChannelError::Broken),
-            }
-        }
-    }
-
-    /// `count` pages from `first` arrived: counted, marked here, handed to the worker.
+    /// `count` pages from `first` arrived: counted, marked here, handed to the worker. Counted
+    /// as pulled if they came on the urgent channel, or (one channel) if they answer a pending
+    /// request; as pushed otherwise.
     fn arrived(&self, first: u64, count: u64, urgent: bool, data: Payload) {
         let total = self.received.total();
         if first >= total || count == 0 || first + count > total {
             return; // Not pages of this VM: never installed.
         }
         let now = Instant::now();
-        let mut fresh = 0;
-        for page in first..first + count {
-            fresh += u64::from(self.received.set(page));
-        }
+        let (mut fresh, mut answered) = (0, 0);
         {
             let mut r = self.requests();
             let mut h = self.latency.lock().unwrap_or_else(|p| p.into_inner());
             for page in first..first + count {
+                let new = self.received.set(page);
+                fresh += u64::from(new);
                 if r.pending.remove(&page) {
+                    answered += u64::from(new);
                     if let (Some(t), Some(h)) = (r.asked.remove(&page), h.as_mut()) {
                         h.saturating_record((now - t).as_nanos() as u64);
                     }
                 }
             }
         }
-        let counter = if urgent { &self.pulled } else { &self.pushed };
-        counter.fetch_add(fresh, Ordering::Relaxed);
+        let pulled = if urgent {
+            fresh
+        } else if self.one_channel.load(Ordering::Relaxed) {
+            answered
+        } else {
+            0
+        };
+        self.pulled.fetch_add(pulled, Ordering::Relaxed);
+        self.pushed.fetch_add(fresh - pulled, Ordering::Relaxed);
         if let Payload::Data(d) = &data {
             self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
         }

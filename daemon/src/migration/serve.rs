@@ -7,7 +7,9 @@
 //! * **bulk**: after the destination's `Resume` (what it has), every other page is pushed, from
 //!   the neighbourhood of its latest `Hint` on, in runs of up to [`PUSH_RUN`] pages; then
 //!   `SentAll`. A `Done` (the destination has every page) is answered with `DoneAck`, and the
-//!   migration (with its hold on the VM's memory) ends.
+//!   migration (with its hold on the VM's memory) ends. A destination without an urgent channel
+//!   (`--migration-one-channel`, for comparison) sends its `Request`s here: they are answered
+//!   as on the urgent channel, between pushed runs, behind what the socket holds already.
 //!
 //! Each connection has its own thread; a new bulk connection of a migration supersedes the
 //! previous one (a reconnect after a failure).
@@ -234,6 +236,54 @@ fn send_run(
     Ok(())
 }
 
+/// Answers a `Request` (on either channel): each contiguous run of `pages` in one frame, in
+/// order, on `writer` (on the bulk channel, behind whatever the push has in the socket already).
+fn answer(
+    out: &Outgoing,
+    writer: &Mutex<Writer>,
+    mut pages: Vec<u64>,
+    buf: &mut Vec<u8>,
+) -> Result<(), vmpager_migration::ChannelError> {
+    let total = out.reader.total_pages();
+    if out.is_live() {
+        // Hybrid before the switchover: an urgent answer could overtake an `Invalidate` of its
+        // page on the bulk channel, so the push brings it (in order with the invalidations).
+        // No vCPU runs at the destination yet.
+        if let Some(&p) = pages.iter().min() {
+            out.cursor.store(p.min(total), Ordering::Relaxed);
+        }
+        return Ok(());
+    }
+    pages.sort_unstable();
+    pages.dedup();
+    let mut i = 0;
+    while i < pages.len() {
+        let first = pages[i];
+        if first >= total {
+            writer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .send(&Message::Missing {
+                    page: first,
+                    reason: vmpager_migration::MissingReason::OutOfRange,
+                })?;
+            i += 1;
+            continue;
+        }
+        let mut j = i + 1;
+        while j < pages.len()
+            && pages[j] == pages[j - 1] + 1
+            && pages[j] < total
+            && j - i < MAX_PAGES_PER_FRAME
+        {
+            j += 1;
+        }
+        send_run(out, writer, first, j - i, buf, true)?;
+        i = j;
+    }
+    Ok(())
+}
+
 /// The urgent channel: requests in, pages out, in order.
 fn serve_urgent(
     out: &Outgoing,
@@ -242,49 +292,13 @@ fn serve_urgent(
 ) -> Result<(), vmpager_migration::ChannelError> {
     let writer = Mutex::new(writer);
     let mut buf = Vec::new();
-    let total = out.reader.total_pages();
     loop {
         let msg = reader.recv()?;
         if out.state() != MigrationState::Running {
             return Ok(());
         }
         match msg {
-            Message::Request { pages } if out.is_live() => {
-                // Hybrid before the switchover: an urgent answer could overtake an
-                // `Invalidate` of its page on the bulk channel, so the push brings it (in
-                // order with the invalidations). No vCPU runs at the destination yet.
-                if let Some(&p) = pages.iter().min() {
-                    out.cursor.store(p.min(total), Ordering::Relaxed);
-                }
-            }
-            Message::Request { mut pages } => {
-                pages.sort_unstable();
-                pages.dedup();
-                let mut i = 0;
-                while i < pages.len() {
-                    let first = pages[i];
-                    if first >= total {
-                        writer.lock().unwrap_or_else(|p| p.into_inner()).send(
-                            &Message::Missing {
-                                page: first,
-                                reason: vmpager_migration::MissingReason::OutOfRange,
-                            },
-                        )?;
-                        i += 1;
-                        continue;
-                    }
-                    let mut j = i + 1;
-                    while j < pages.len()
-                        && pages[j] == pages[j - 1] + 1
-                        && pages[j] < total
-                        && j - i < MAX_PAGES_PER_FRAME
-                    {
-                        j += 1;
-                    }
-                    send_run(out, &writer, first, j - i, &mut buf, true)?;
-                    i = j;
-                }
-            }
+            Message::Request { pages } => answer(out, &writer, pages, &mut buf)?,
             Message::Ping { nonce } => writer
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -464,8 +478,10 @@ fn invalidate(
     Ok(())
 }
 
-/// The destination's messages on the bulk channel: hints move the push, `Done` ends it.
+/// The destination's messages on the bulk channel: hints move the push, `Done` ends it, and
+/// the requests of a destination without an urgent channel are answered between pushed runs.
 fn bulk_messages(out: &Outgoing, mut reader: Reader, writer: &Mutex<Writer>, stop: &AtomicBool) {
+    let mut buf = Vec::new();
     while !stop.load(Ordering::Acquire) {
         let msg = match reader.recv() {
             Ok(m) => m,
@@ -474,6 +490,12 @@ fn bulk_messages(out: &Outgoing, mut reader: Reader, writer: &Mutex<Writer>, sto
         match msg {
             Message::Hint { page } if page < out.reader.total_pages() => {
                 out.cursor.store(page, Ordering::Relaxed);
+            }
+            Message::Request { pages } => {
+                let r = answer(out, writer, pages, &mut buf);
+                if r.is_err() {
+                    break;
+                }
             }
             Message::Ping { nonce } => {
                 let r = writer
