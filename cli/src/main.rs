@@ -11,6 +11,7 @@ mod firecracker;
 mod interrupt;
 mod migrate;
 mod restore;
+mod snapshot;
 mod soak_vmm;
 
 use anyhow::{bail, Context};
@@ -165,6 +166,10 @@ enum Cmd {
     /// Migrate a running KVM guest post-copy between two vmpagerd processes started here
     /// (through a loopback link that can add latency or be cut) and verify every byte.
     Migrate(migrate::MigrateArgs),
+    /// Pack a raw memory image into the object-store snapshot format (file://, s3://), verify
+    /// a packed snapshot, or unpack it.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCmd),
     /// The new VMM process of `vmpager demo --update-at` (internal).
     #[command(hide = true)]
     DemoResume {
@@ -291,6 +296,7 @@ fn main() {
         }),
         Cmd::DemoResume { state } => demo::resume(&state),
         Cmd::Migrate(args) => migrate::run(args),
+        Cmd::Snapshot(cmd) => snapshot::run(cmd),
     };
     if let Err(e) = result {
         eprintln!("vmpager: {e:#}");
