@@ -62,6 +62,7 @@ impl StoreArgs {
             endpoint: self.endpoint.clone(),
             allow_http: self.allow_http,
             region: self.region.clone(),
+            credentials: None,
         }
     }
 }

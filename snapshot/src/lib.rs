@@ -78,6 +78,14 @@ pub enum SnapshotError {
         /// What is wrong.
         why: String,
     },
+    /// A read of a chunk did not finish by its deadline (transient: the store may come back).
+    #[error("{url}: chunk {chunk} did not come in time")]
+    TimedOut {
+        /// Where.
+        url: String,
+        /// Its index.
+        chunk: usize,
+    },
     /// Bad arguments (a chunk size, an image size).
     #[error("{0}")]
     Invalid(String),
@@ -95,6 +103,7 @@ impl SnapshotError {
                 source,
                 object_store::Error::Generic { .. } | object_store::Error::JoinError { .. }
             ),
+            SnapshotError::TimedOut { .. } => true,
             _ => false,
         }
     }

@@ -8,11 +8,11 @@
 //! * `memory://name/prefix`: an in-memory store shared by everything of this process that
 //!   opens the same `name` (tests).
 
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::ObjectStore;
+use object_store::{ClientConfigKey, ObjectStore, RetryConfig};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -60,6 +60,9 @@ pub struct StoreOptions {
     pub allow_http: bool,
     /// Region (`AWS_REGION`).
     pub region: Option<String>,
+    /// Access key id and secret (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`), for an
+    /// embedder that holds them; the command-line tools take them from the environment only.
+    pub credentials: Option<(String, String)>,
 }
 
 /// An opened snapshot location.
@@ -123,6 +126,21 @@ impl Location {
             }
             "s3" | "s3a" => {
                 let mut b = AmazonS3Builder::from_env().with_url(url);
+                // Bounded requests and few retries inside object_store: the callers retry
+                // with their own deadlines (a restore poisons a chunk it cannot have in time).
+                for (key, var, value) in [
+                    (ClientConfigKey::Timeout, "AWS_TIMEOUT", "30s"),
+                    (ClientConfigKey::ConnectTimeout, "AWS_CONNECT_TIMEOUT", "5s"),
+                ] {
+                    if std::env::var_os(var).is_none() {
+                        b = b.with_config(AmazonS3ConfigKey::Client(key), value);
+                    }
+                }
+                b = b.with_retry(RetryConfig {
+                    max_retries: 2,
+                    retry_timeout: std::time::Duration::from_secs(5),
+                    ..RetryConfig::default()
+                });
                 if let Some(e) = &options.endpoint {
                     b = b.with_endpoint(e);
                 }
@@ -131,6 +149,9 @@ impl Location {
                 }
                 if let Some(r) = &options.region {
                     b = b.with_region(r);
+                }
+                if let Some((id, secret)) = &options.credentials {
+                    b = b.with_access_key_id(id).with_secret_access_key(secret);
                 }
                 let store = b.build().map_err(|source| LocationError::Store {
                     url: url.into(),

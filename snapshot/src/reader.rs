@@ -96,6 +96,11 @@ impl SnapshotReader {
         &self.manifest
     }
 
+    /// The data object's ETag pinned at open (`None` if the store gives none).
+    pub fn etag(&self) -> Option<&str> {
+        self.etag.as_deref()
+    }
+
     /// The URL.
     pub fn url(&self) -> &str {
         &self.loc.url

@@ -3,6 +3,7 @@
 pub mod delayed;
 pub mod fetch;
 mod file;
+pub mod object;
 mod zero;
 
 pub use delayed::{DelayedOptions, DelayedSource};
