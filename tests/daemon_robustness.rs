@@ -159,6 +159,7 @@ fn garbage_never_takes_the_daemon_down() {
     let create = Message::CreateVm(CreateVm {
         vm_type: VmType::Default,
         policy: None,
+        source_url: None,
         source: PageSourceKind::File,
         populate: PopulateMethod::Copy,
         flags: 0,
@@ -169,6 +170,7 @@ fn garbage_never_takes_the_daemon_down() {
     let zero = Message::CreateVm(CreateVm {
         vm_type: VmType::Default,
         policy: None,
+        source_url: None,
         source: PageSourceKind::Zero,
         populate: PopulateMethod::Copy,
         flags: 0,

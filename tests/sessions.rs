@@ -231,6 +231,7 @@ fn a_vm_is_reclaimed_over_a_new_connection_by_its_token_only() {
     let create = CreateVm {
         vm_type: Default::default(),
         policy: None,
+        source_url: None,
         source: PageSourceKind::Zero,
         populate: vmpager_protocol::PopulateMethod::Copy,
         flags: 0,

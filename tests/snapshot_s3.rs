@@ -100,3 +100,66 @@ fn pack_verify_unpack_through_s3() {
     assert!(out.contains("does not verify"), "{out}");
     assert!(!out.contains("verified"), "{out}");
 }
+
+/// Runs `vmpager demo ARGS` with moto's credentials (when given) in `dir`.
+fn demo(dir: &TestDir, moto: Option<&Moto>, args: &[&str]) -> (bool, String) {
+    let mut cmd = Command::new(vmpager_binary());
+    cmd.arg("demo").args(args).arg("--workdir").arg(dir.path());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AWS_") {
+            cmd.env_remove(k);
+        }
+    }
+    if let Some(m) = moto {
+        cmd.env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ENDPOINT_URL", m.endpoint())
+            .env("AWS_ALLOW_HTTP", "true");
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn the_demo_guest_restores_from_a_packed_snapshot_on_file_and_s3() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = TestDir::new("demo-snapshot-url");
+    let moto = Moto::start();
+    moto.create_bucket("demo");
+    let file_url = format!("file://{}", dir.join("store").display());
+    for (url, m) in [
+        (file_url.as_str(), None),
+        ("s3://demo/snapshots/a", Some(&moto)),
+    ] {
+        // Pack the demo's image and restore from it, then restore again (a second host).
+        for extra in [&["--pack"][..], &[]] {
+            let mut args = vec!["--memory", "32M", "--snapshot-url", url];
+            args.extend_from_slice(extra);
+            let (ok, out) = demo(&dir, m, &args);
+            assert!(ok, "{url} {extra:?}: {out}");
+            assert!(out.contains(&format!("restoring from {url}")), "{out}");
+            assert!(
+                out.contains("verified: guest saw every byte of the snapshot"),
+                "{out}"
+            );
+        }
+        // Another seed is another image: the packed snapshot is not it, and the demo says so.
+        let (ok, out) = demo(
+            &dir,
+            m,
+            &["--memory", "32M", "--seed", "9", "--snapshot-url", url],
+        );
+        assert!(!ok, "{url}: a mismatched snapshot verified: {out}");
+        assert!(!out.contains("verified"), "{out}");
+    }
+}

@@ -30,6 +30,8 @@ pub struct Options {
     pub record: Option<PathBuf>,
     pub replay: Option<PathBuf>,
     pub update_at: Option<u32>,
+    pub snapshot_url: Option<String>,
+    pub pack: bool,
 }
 
 /// Refuses an image of `bytes` that would not leave [`SPARE`] free on the filesystem of `dir`.
@@ -171,7 +173,30 @@ fn scenario(
     );
     let working_sets =
         restore::WorkingSets::open(opts.record.clone(), opts.replay.clone(), &image)?;
-    let vm = demo::create_scenario_vm(&client, Some(&image), cfg)?;
+    let vm = match &opts.snapshot_url {
+        None => demo::create_scenario_vm(&client, Some(&image), cfg)?,
+        Some(url) => {
+            if opts.pack {
+                let s = vmpager_snapshot::Snapshots::new(Default::default())?;
+                let r = s
+                    .pack(&image_path, url, vmpager_snapshot::DEFAULT_CHUNK)
+                    .with_context(|| format!("cannot pack the snapshot to {url}"))?;
+                println!(
+                    "packed to {url}: {} chunks, {} all zeros, {:.1} MiB stored",
+                    r.chunks,
+                    r.zero_chunks,
+                    r.stored_bytes as f64 / (1 << 20) as f64
+                );
+            }
+            println!("restoring from {url} (the image above is what the guest must see)");
+            demo::create_scenario_vm_from(
+                &client,
+                vmpager_client::PageSource::Snapshot(url.clone()),
+                cfg,
+            )
+            .with_context(|| format!("cannot restore from {url}"))?
+        }
+    };
     let replayed = working_sets.start(&client, vm.vm_id())?;
     println!(
         "vm {}: {} MiB at GPA {:#x} attached to vmpagerd; guest starting",

@@ -162,6 +162,15 @@ enum Cmd {
         /// state, release the VM, and let a new VMM process take it over and finish the guest.
         #[arg(long, value_name = "PCT", value_parser = clap::value_parser!(u32).range(1..=99))]
         update_at: Option<u32>,
+        /// Restore the guest from the packed snapshot at URL (file:///dir, s3://bucket/prefix;
+        /// docs/snapshot-format.md) instead of the image file: the daemon fetches, checks and
+        /// caches its chunks. The demo's own image (same --memory and --seed) is what every
+        /// byte is verified against. S3 credentials and endpoint: the AWS_* variables.
+        #[arg(long, value_name = "URL", conflicts_with_all = ["update_at", "record_working_set", "working_set"])]
+        snapshot_url: Option<String>,
+        /// First pack the demo's image to --snapshot-url (as `vmpager snapshot pack`).
+        #[arg(long, requires = "snapshot_url")]
+        pack: bool,
     },
     /// Migrate a running KVM guest post-copy between two vmpagerd processes started here
     /// (through a loopback link that can add latency or be cut) and verify every byte.
@@ -282,6 +291,8 @@ fn main() {
             record_working_set,
             working_set,
             update_at,
+            snapshot_url,
+            pack,
         } => demo::run(demo::Options {
             memory,
             vcpus,
@@ -293,6 +304,8 @@ fn main() {
             record: record_working_set,
             replay: working_set,
             update_at,
+            snapshot_url,
+            pack,
         }),
         Cmd::DemoResume { state } => demo::resume(&state),
         Cmd::Migrate(args) => migrate::run(args),

@@ -66,7 +66,7 @@ impl Client {
         let missing = || ClientError::Protocol("Reattached without its fds".into());
         let source = match create.source {
             PageSourceKind::File => Some(fds.next().ok_or_else(missing)?),
-            PageSourceKind::Zero | PageSourceKind::Remote => None,
+            PageSourceKind::Zero | PageSourceKind::Remote | PageSourceKind::Snapshot => None,
         };
         let memfds: Vec<OwnedFd> = match create.memory_in_vmm() {
             true => Vec::new(),

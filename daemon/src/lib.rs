@@ -111,6 +111,9 @@ pub struct Config {
     /// postcopy-preempt). Only to measure what the separate urgent channel buys
     /// (`vmpager bench --only migration`); needs [`Config::migration_push`].
     pub migration_one_channel: bool,
+    /// VMs restored from snapshot URLs (`PageSourceKind::Snapshot`): the chunk cache and how
+    /// chunks are fetched.
+    pub snapshots: source::object::ObjectConfig,
     /// An embedder's asynchronous page source (a network or object-store source, or the
     /// tests' [`source::DelayedSource`]): consulted for every VM created with a zero source;
     /// a VM it gives a source to is served from that source. Not settable from the command line.
@@ -168,6 +171,7 @@ impl Default for Config {
             migration_push: true,
             migration_one_channel: false,
             allow: access::Allowlist::default(),
+            snapshots: source::object::ObjectConfig::default(),
             async_source: None,
         }
     }

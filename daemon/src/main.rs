@@ -74,6 +74,17 @@ struct Args {
     /// channel, behind the push. Only to measure what the urgent channel buys.
     #[arg(long, hide = true, conflicts_with = "migration_pull_only")]
     migration_one_channel: bool,
+    /// A directory for the chunk cache shared by every VM restored from a snapshot URL
+    /// (docs/snapshot-format.md); none by default.
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<std::path::PathBuf>,
+    /// The chunk cache's size limit (K/M/G suffixes); least recently used chunks go first.
+    #[arg(long, value_name = "SIZE", default_value = "4G", value_parser = parse_size)]
+    cache_size: u64,
+    /// How long a chunk of a snapshot URL is retried before the pages waiting on it are
+    /// poisoned (SIGBUS in the guest, never zeros), in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    snapshot_deadline: u64,
     /// Print this host's capabilities as JSON and exit.
     #[arg(long)]
     print_capabilities: bool,
@@ -220,6 +231,14 @@ impl Args {
         c.migration_deadline = Duration::from_secs(self.migration_deadline);
         c.migration_push = !self.migration_pull_only;
         c.migration_one_channel = self.migration_one_channel;
+        c.snapshots = vmpagerd::source::object::ObjectConfig {
+            cache_dir: self.cache_dir.clone(),
+            cache_size: self.cache_size,
+            options: vmpagerd::source::object::ObjectOptions {
+                deadline: Duration::from_secs(self.snapshot_deadline),
+                ..Default::default()
+            },
+        };
         c.migration_listen = self
             .migration_listen
             .as_deref()
@@ -440,4 +459,25 @@ fn report_status(notifier: Arc<Notifier>, live: Arc<LiveVms>) {
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "cannot start the status thread");
     }
+}
+
+/// A size with an optional K/M/G suffix (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let n: u64 = s[..digits].parse().map_err(|_| format!("bad size {s:?}"))?;
+    let shift = match s[digits..]
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        other => return Err(format!("bad size suffix {other:?} in {s:?}")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("size {s:?} is too large"))
 }

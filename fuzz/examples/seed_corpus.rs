@@ -59,6 +59,7 @@ fn create_vms() -> Vec<CreateVm> {
     let base = CreateVm {
         vm_type: VmType::Default,
         policy: None,
+        source_url: None,
         source: PageSourceKind::Zero,
         populate: PopulateMethod::Default,
         flags: 0,
@@ -69,6 +70,7 @@ fn create_vms() -> Vec<CreateVm> {
         CreateVm {
             source: PageSourceKind::File,
             policy: Some(POLICY_OVERRIDE.into()),
+            source_url: None,
             populate: PopulateMethod::Continue,
             flags: VM_RECORD_WORKING_SET,
             regions: vec![
@@ -81,6 +83,11 @@ fn create_vms() -> Vec<CreateVm> {
         CreateVm {
             vm_type: VmType::SwProtected,
             regions: vec![RegionSpec::new(0, 64 * M, 0).private()],
+            ..base.clone()
+        },
+        CreateVm {
+            source: PageSourceKind::Snapshot,
+            source_url: Some("s3://bucket/snapshots/demo".into()),
             ..base.clone()
         },
         CreateVm {

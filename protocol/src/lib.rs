@@ -48,6 +48,8 @@ pub const MAX_REGIONS: usize = 64;
 pub const PAGE_SIZE: u64 = 4096;
 /// Longest per-VM policy text in `CreateVm`.
 pub const MAX_POLICY_TEXT: usize = 16 * 1024;
+/// Longest `CreateVm::source_url` (bytes).
+pub const MAX_SOURCE_URL: usize = 4096;
 /// Largest number of vCPUs (mailbox slots) per VM.
 pub const MAX_VCPUS: u32 = crate::mailbox::MAX_SLOTS;
 /// Longest error text carried by an `Error` reply.
@@ -80,6 +82,9 @@ pub mod features {
     /// Post-copy migration between daemons: page source `Remote`, `MigrateOut`, `MigrateIn`,
     /// `GetMigration`, `AbandonMigration`, `MigrationStatus`.
     pub const MIGRATION: u64 = 1 << 11;
+    /// Page source `Snapshot`: a packed snapshot at an object-store URL
+    /// (`CreateVm::source_url`).
+    pub const SNAPSHOT_URL: u64 = 1 << 12;
     /// Every feature this version of the crate knows.
     pub const ALL: u64 = FILE_SOURCE
         | STATS
@@ -92,7 +97,8 @@ pub mod features {
         | WORKING_SET
         | HUGE_PAGES
         | SESSIONS
-        | MIGRATION;
+        | MIGRATION
+        | SNAPSHOT_URL;
 }
 
 /// Registration modes the daemon asks the VMM to use on its uffd (`VmCreated.uffd_modes`); the

@@ -66,6 +66,7 @@ fn the_documented_example_bytes_are_what_the_crate_sends() {
         Message::CreateVm(CreateVm {
             vm_type: VmType::Default,
             policy: None,
+            source_url: None,
             source: PageSourceKind::File,
             populate: PopulateMethod::Default,
             flags: 0,

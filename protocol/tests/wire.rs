@@ -58,22 +58,26 @@ fn message_strategy() -> impl Strategy<Value = Message> {
             ),
         (
             region_strategy(),
-            0u32..3,
+            0u32..4,
             0u32..3,
             0u32..6,
             prop::option::of("[a-z =\"\n]{1,200}"),
             0u32..=VM_FLAGS_ALL,
+            "[a-z0-9:/._-]{1,300}",
         )
-            .prop_map(|(regions, file, p, t, policy, flags)| {
+            .prop_map(|(regions, file, p, t, policy, flags, url)| {
+                let source = [
+                    PageSourceKind::Zero,
+                    PageSourceKind::File,
+                    PageSourceKind::Remote,
+                    PageSourceKind::Snapshot,
+                ][file as usize];
                 Message::CreateVm(CreateVm {
                     vm_type: VmType::from_wire(t).unwrap(),
                     policy,
+                    source_url: (source == PageSourceKind::Snapshot).then_some(url),
                     flags,
-                    source: [
-                        PageSourceKind::Zero,
-                        PageSourceKind::File,
-                        PageSourceKind::Remote,
-                    ][file as usize],
+                    source,
                     populate: [
                         PopulateMethod::Default,
                         PopulateMethod::Copy,
@@ -335,6 +339,7 @@ fn refuses_bad_create_vm() {
         Message::CreateVm(CreateVm {
             vm_type: VmType::Default,
             policy: None,
+            source_url: None,
             source: PageSourceKind::Zero,
             populate: PopulateMethod::Default,
             flags: 0,
@@ -407,6 +412,7 @@ fn refuses_bad_create_vm() {
     let file = Message::CreateVm(CreateVm {
         vm_type: VmType::Default,
         policy: None,
+        source_url: None,
         source: PageSourceKind::File,
         populate: PopulateMethod::Copy,
         flags: 0,
@@ -421,6 +427,48 @@ fn refuses_bad_create_vm() {
             received: 0
         })
     ));
+}
+
+#[test]
+fn a_snapshot_source_carries_its_url_and_bad_ones_are_refused() {
+    let create = |url: &str| {
+        Message::CreateVm(CreateVm {
+            vm_type: VmType::Default,
+            policy: Some("[policy]".into()),
+            source_url: Some(url.into()),
+            source: PageSourceKind::Snapshot,
+            populate: PopulateMethod::Default,
+            flags: 0,
+            regions: vec![RegionSpec::new(0, 1 << 20, 0)],
+        })
+    };
+    let m = create("s3://bucket/snapshots/a");
+    let bytes = m.encode(1);
+    assert_eq!(Message::decode(&bytes, 0).unwrap().1, m);
+    // The URL is the trailer: its length, then its bytes.
+    assert!(bytes.ends_with(b"\x17\0\0\0s3://bucket/snapshots/a"));
+    for bad in [String::new(), "x".repeat(MAX_SOURCE_URL + 1)] {
+        let b = create(&bad).encode(1);
+        assert!(
+            Message::decode(&b, 0).is_err(),
+            "url of {} bytes",
+            bad.len()
+        );
+    }
+    // A trailer cut short, one byte too many, or not UTF-8.
+    let mut cut = bytes.clone();
+    cut.truncate(cut.len() - 1);
+    let mut long = bytes.clone();
+    long.push(b'x');
+    let mut latin = bytes.clone();
+    let n = latin.len();
+    latin[n - 1] = 0xff;
+    for mut b in [cut, long, latin] {
+        // The header's payload length (bytes 8..12) made to agree: the payload itself is bad.
+        let len = (b.len() - HEADER_LEN) as u32;
+        b[8..12].copy_from_slice(&len.to_le_bytes());
+        assert!(Message::decode(&b, 0).is_err());
+    }
 }
 
 #[test]

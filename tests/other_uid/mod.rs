@@ -138,6 +138,7 @@ fn attempts(vm_id: u64, token: u64) -> Vec<Message> {
     let create = CreateVm {
         vm_type: VmType::Default,
         policy: None,
+        source_url: None,
         source: PageSourceKind::Zero,
         populate: PopulateMethod::Copy,
         flags: 0,

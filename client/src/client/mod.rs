@@ -178,10 +178,18 @@ impl Client {
 
     /// Asks the daemon to create a VM and its memory; returns the memfds.
     pub fn create_vm(&self, spec: VmSpec) -> Result<CreatedVm, ClientError> {
-        let (source, file) = match spec.source {
-            PageSource::Zero => (PageSourceKind::Zero, None),
-            PageSource::File(f) => (PageSourceKind::File, Some(f)),
-            PageSource::Remote => (PageSourceKind::Remote, None),
+        let (source, file, source_url) = match spec.source {
+            PageSource::Zero => (PageSourceKind::Zero, None, None),
+            PageSource::File(f) => (PageSourceKind::File, Some(f), None),
+            PageSource::Remote => (PageSourceKind::Remote, None, None),
+            PageSource::Snapshot(url) => {
+                if self.features() & features::SNAPSHOT_URL == 0 {
+                    return Err(ClientError::Protocol(
+                        "this vmpagerd serves no snapshot URLs (feature SNAPSHOT_URL)".into(),
+                    ));
+                }
+                (PageSourceKind::Snapshot, None, Some(url))
+            }
         };
         let mut flags = 0;
         if spec.memory_in_vmm {
@@ -193,6 +201,7 @@ impl Client {
         let create = CreateVm {
             vm_type: spec.vm_type,
             policy: spec.policy.clone(),
+            source_url,
             source,
             populate: spec.populate,
             flags,

@@ -19,6 +19,9 @@ pub enum PageSource {
     /// Another daemon (post-copy migration): faults wait until [`Client::migrate_in`] names
     /// the source.
     Remote,
+    /// A packed snapshot at an object-store URL (`file:///dir`, `s3://bucket/prefix`;
+    /// docs/snapshot-format.md), fetched, checked and cached by the daemon.
+    Snapshot(String),
 }
 
 /// What to create.

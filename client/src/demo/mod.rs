@@ -472,6 +472,15 @@ pub fn create_scenario_vm(
         Some(f) => PageSource::File(f.try_clone().map_err(io("cannot duplicate the image fd"))?),
         None => PageSource::Zero,
     };
+    create_scenario_vm_from(client, source, cfg)
+}
+
+/// [`create_scenario_vm`] with any page source (a packed snapshot's URL, say).
+pub fn create_scenario_vm_from(
+    client: &Client,
+    source: PageSource,
+    cfg: &ScenarioConfig,
+) -> Result<VmMemory, DemoError> {
     let memory = client.create_mapped_vm(VmSpec {
         regions: vec![RegionSpec::new(DEMO_GPA, cfg.memory, 0)],
         source,

@@ -362,6 +362,32 @@ impl Reactor {
                     private: self.private_parts(create)?,
                 });
             }
+            PageSourceKind::Snapshot => {
+                if features & features::SNAPSHOT_URL == 0 {
+                    return Err(refuse(
+                        ErrorCode::Unsupported,
+                        "snapshot URLs were not negotiated",
+                    ));
+                }
+                let url = create.source_url.as_deref().ok_or_else(|| {
+                    refuse(ErrorCode::BadMessage, "a snapshot source without its URL")
+                })?;
+                let completions =
+                    Completions::new().map_err(|e| refuse(ErrorCode::Internal, error_chain(&e)))?;
+                let source = self
+                    .objects
+                    .open(url, completions.clone())
+                    .map_err(|e| refuse(ErrorCode::BadSource, e))?;
+                return Ok(VmParts {
+                    populate,
+                    policy,
+                    source: Source::Async(Fetcher {
+                        source: Arc::new(source),
+                        completions,
+                    }),
+                    private: self.private_parts(create)?,
+                });
+            }
         };
         Ok(VmParts {
             populate,
@@ -534,6 +560,7 @@ mod tests {
         let mut create = CreateVm {
             vm_type: VmType::Default,
             policy: None,
+            source_url: None,
             source: PageSourceKind::Zero,
             populate: PopulateMethod::Default,
             flags: 0,

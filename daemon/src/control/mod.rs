@@ -155,6 +155,8 @@ pub struct Reactor {
     events: EventQueue,
     event_rx: crossbeam::channel::Receiver<ConversionEvent>,
     migrations: Arc<crate::migration::Migrations>,
+    /// What VMs restored from snapshot URLs share (runtime, chunk cache).
+    objects: crate::source::object::Objects,
 }
 
 /// A warning a client can trigger at will: logged at most once per second, with the number of
@@ -211,6 +213,7 @@ impl Reactor {
         let waker = Arc::new(mio::Waker::new(poll.registry(), EVENTS).map_err(ControlError::Poll)?);
         let (tx, event_rx) = crossbeam::channel::unbounded();
         let events = EventQueue { tx, waker };
+        let config_snapshots = config.snapshots.clone();
         let workers = (0..config.workers.max(1))
             .map(|i| {
                 let cpu = (!config.worker_cpus.is_empty())
@@ -237,6 +240,7 @@ impl Reactor {
             events,
             event_rx,
             migrations,
+            objects: crate::source::object::Objects::new(config_snapshots),
         })
     }
 
@@ -437,7 +441,8 @@ impl Reactor {
             | features::FAULT_CHANNEL
             | features::WORKING_SET
             | features::SESSIONS
-            | features::MIGRATION;
+            | features::MIGRATION
+            | features::SNAPSHOT_URL;
         if self.host.has(k::UFFD_FEATURE_MINOR_SHMEM) {
             f |= features::POPULATE_CONTINUE;
         }

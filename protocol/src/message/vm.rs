@@ -3,7 +3,7 @@
 
 use super::{nonzero_vm, prefix, DecodeError, Kind};
 use crate::region::{validate_regions, RegionSpec};
-use crate::{MAX_POLICY_TEXT, MAX_REGIONS};
+use crate::{MAX_POLICY_TEXT, MAX_REGIONS, MAX_SOURCE_URL};
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
@@ -18,6 +18,10 @@ pub enum PageSourceKind {
     /// Another daemon, over the network (post-copy migration): nothing is served until a
     /// `MigrateIn` names the source; faults wait meanwhile. Needs [`crate::features::MIGRATION`].
     Remote = 3,
+    /// A packed snapshot (docs/snapshot-format.md) at the object-store URL in
+    /// [`CreateVm::source_url`] (`file://`, `s3://`), fetched by chunks, checked and cached by
+    /// the daemon. Needs [`crate::features::SNAPSHOT_URL`].
+    Snapshot = 4,
 }
 
 /// KVM VM type, as the VMM created it. Only KVM's notion of private memory counts: `sev` and
@@ -109,6 +113,9 @@ pub struct CreateVm {
     pub vm_type: VmType,
     /// Per-VM policy overrides (TOML, same schema as the daemon's `--config`), if any.
     pub policy: Option<String>,
+    /// The snapshot's URL: present exactly when `source` is [`PageSourceKind::Snapshot`]. On
+    /// the wire, after the policy text: its length (u32 LE), then its UTF-8 bytes.
+    pub source_url: Option<String>,
     /// Page source.
     pub source: PageSourceKind,
     /// Populate method wanted.
@@ -237,6 +244,11 @@ impl CreateVm {
         if let Some(policy) = &self.policy {
             out.extend_from_slice(policy.as_bytes());
         }
+        if self.source == PageSourceKind::Snapshot {
+            let url = self.source_url.as_deref().unwrap_or_default();
+            out.extend_from_slice(&(url.len() as u32).to_le_bytes());
+            out.extend_from_slice(url.as_bytes());
+        }
     }
 
     pub(super) fn decode(p: &[u8]) -> Result<CreateVm, DecodeError> {
@@ -249,6 +261,7 @@ impl CreateVm {
             1 => PageSourceKind::Zero,
             2 => PageSourceKind::File,
             3 => PageSourceKind::Remote,
+            4 => PageSourceKind::Snapshot,
             v => {
                 return Err(DecodeError::BadValue {
                     field: "source_kind",
@@ -286,6 +299,30 @@ impl CreateVm {
             });
         }
         let regions_len = count * core::mem::size_of::<RegionSpec>();
+        let malformed = DecodeError::Malformed { kind, len: p.len() };
+        let (rest, source_url) = match source {
+            PageSourceKind::Snapshot => {
+                let head = regions_len + policy_len;
+                let len_bytes = rest.get(head..head + 4).ok_or(malformed.clone())?;
+                let url_len =
+                    u32::from_le_bytes(len_bytes.try_into().map_err(|_| malformed.clone())?)
+                        as usize;
+                if url_len == 0 || url_len > MAX_SOURCE_URL {
+                    return Err(DecodeError::Limit {
+                        field: "source_url_len",
+                        value: url_len as u64,
+                    });
+                }
+                if rest.len() != head + 4 + url_len {
+                    return Err(malformed);
+                }
+                let url = core::str::from_utf8(&rest[head + 4..])
+                    .map_err(|_| DecodeError::BadText)?
+                    .to_owned();
+                (&rest[..head], Some(url))
+            }
+            _ => (rest, None),
+        };
         if rest.len() != regions_len + policy_len {
             return Err(DecodeError::Malformed { kind, len: p.len() });
         }
@@ -305,6 +342,7 @@ impl CreateVm {
         Ok(CreateVm {
             vm_type,
             policy,
+            source_url,
             source,
             populate,
             flags: w.flags.get(),

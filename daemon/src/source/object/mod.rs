@@ -47,6 +47,74 @@ impl Default for ObjectOptions {
     }
 }
 
+/// The daemon's settings for VMs restored from snapshot URLs (`--cache-dir`, `--cache-size`,
+/// `--snapshot-deadline`).
+#[derive(Debug, Clone, Default)]
+pub struct ObjectConfig {
+    /// The shared chunk cache's directory (`None`: no cache).
+    pub cache_dir: Option<std::path::PathBuf>,
+    /// Its size limit in bytes.
+    pub cache_size: u64,
+    /// How each VM's source fetches.
+    pub options: ObjectOptions,
+}
+
+/// The runtime the stores run on and the chunk cache (if any).
+type Shared = (Arc<Snapshots>, Option<Arc<ChunkCache>>);
+
+/// What every object source of a daemon shares: the runtime the stores run on and the chunk
+/// cache, made at the first VM that needs them.
+#[derive(Debug)]
+pub struct Objects {
+    config: ObjectConfig,
+    shared: std::sync::OnceLock<Result<Shared, String>>,
+}
+
+impl Objects {
+    /// Nothing made yet.
+    pub fn new(config: ObjectConfig) -> Objects {
+        Objects {
+            config,
+            shared: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The source of a new VM restored from `url`, answering into `completions`. Reads the
+    /// manifest and pins the data object (blocking: a few requests to the store). Store
+    /// credentials and endpoint come from the daemon's environment (`AWS_*`).
+    pub fn open(&self, url: &str, completions: Completions) -> Result<ObjectSource, String> {
+        let shared = self.shared.get_or_init(|| {
+            let snapshots = Snapshots::new(vmpager_snapshot::StoreOptions::default())
+                .map_err(|e| e.to_string())?;
+            let cache = match &self.config.cache_dir {
+                Some(dir) => Some(Arc::new(
+                    ChunkCache::open(dir, self.config.cache_size).map_err(|e| e.to_string())?,
+                )),
+                None => None,
+            };
+            Ok((Arc::new(snapshots), cache))
+        });
+        let (snapshots, cache) = shared.as_ref().map_err(Clone::clone)?;
+        ObjectSource::open(
+            snapshots.clone(),
+            url,
+            completions,
+            self.config.options.clone(),
+            cache.clone(),
+        )
+        .map_err(|e| {
+            let mut text = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                src = s.source();
+            }
+            text
+        })
+    }
+}
+
 /// What the source did (all monotonic).
 #[derive(Debug, Default)]
 pub struct ObjectCounters {
