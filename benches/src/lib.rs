@@ -20,6 +20,7 @@ pub mod migration_downtime;
 pub mod plot;
 pub mod report;
 pub mod row;
+pub mod snapshot_restore;
 pub mod touch;
 pub mod vcpu;
 
@@ -90,8 +91,8 @@ pub struct Options {
 
 /// The sections of a run, in order: IPC round trips, populate ioctls, host-thread faults,
 /// vCPU demand paging, Firecracker's protocol, the restore benchmark, conversions, daemon
-/// memory, post-copy migration between two daemons.
-pub const SECTIONS: [&str; 9] = [
+/// memory, post-copy migration between two daemons, restores from packed snapshots.
+pub const SECTIONS: [&str; 10] = [
     "ipc",
     "ioctl",
     "faults",
@@ -101,6 +102,7 @@ pub const SECTIONS: [&str; 9] = [
     "conversion",
     "memory",
     "migration",
+    "snapshot",
 ];
 
 impl Options {
@@ -277,6 +279,9 @@ pub fn run(opts: &Options, log: &mut dyn FnMut(&str)) -> Result<Report, BenchErr
         } else {
             log("migration: no /dev/kvm here, so no downtime rows with real vCPUs");
         }
+    }
+    if opts.wants("snapshot") {
+        rows.extend(snapshot_restore::run(opts.quick, &dir, log)?);
     }
 
     let mut report = Report {

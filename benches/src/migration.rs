@@ -475,7 +475,7 @@ fn shutdown(d: DaemonHandle) -> Result<(), BenchError> {
         .map_err(|e| BenchError::Setup(format!("in-process vmpagerd shutdown: {e}")))
 }
 
-fn source_file(image: &File) -> Result<PageSource, BenchError> {
+pub(crate) fn source_file(image: &File) -> Result<PageSource, BenchError> {
     Ok(PageSource::File(
         image
             .try_clone()
@@ -483,7 +483,7 @@ fn source_file(image: &File) -> Result<PageSource, BenchError> {
     ))
 }
 
-fn spec(pages: usize, source: PageSource) -> VmSpec {
+pub(crate) fn spec(pages: usize, source: PageSource) -> VmSpec {
     VmSpec {
         regions: vec![RegionSpec::new(1 << 32, (pages * PAGE) as u64, 0)],
         source,
@@ -493,14 +493,14 @@ fn spec(pages: usize, source: PageSource) -> VmSpec {
 }
 
 /// `count` distinct pages of `pages` (a power of two) in a scattered order.
-fn scattered(pages: usize, count: usize) -> Vec<usize> {
+pub(crate) fn scattered(pages: usize, count: usize) -> Vec<usize> {
     // An odd stride visits every page of a power-of-two range once.
     const STRIDE: usize = 2_654_435_761;
     (0..count.min(pages)).map(|k| k * STRIDE % pages).collect()
 }
 
 /// The pages of `vm`'s (only) region.
-fn pages_of(vm: &VmMemory) -> Pages {
+pub(crate) fn pages_of(vm: &VmMemory) -> Pages {
     let region = &vm.regions()[0];
     Pages {
         base: region.host_addr(),
@@ -514,7 +514,7 @@ fn pages_of(vm: &VmMemory) -> Pages {
 ///
 /// # Safety
 /// `t` must stay mapped writable for the call, and no reference to its bytes may exist.
-unsafe fn touch_pages(
+pub(crate) unsafe fn touch_pages(
     t: Pages,
     order: &[usize],
     stop: Option<&AtomicBool>,

@@ -56,7 +56,7 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         markdown: Option<PathBuf>,
         /// Run only these sections (comma-separated): ipc, ioctl, faults, vcpu, firecracker,
-        /// restore, conversion, memory, migration.
+        /// restore, conversion, memory, migration, snapshot.
         #[arg(long, value_name = "SECTIONS", value_delimiter = ',')]
         only: Vec<String>,
     },

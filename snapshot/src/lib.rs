@@ -21,7 +21,7 @@ mod reader;
 pub use location::{Location, LocationError, StoreOptions};
 pub use manifest::{ChunkEntry, Manifest, ManifestError, DEFAULT_CHUNK};
 pub use pack::PackReport;
-pub use reader::{SnapshotReader, VerifyReport};
+pub use reader::{ChunkRead, SnapshotReader, VerifyReport};
 
 use std::future::Future;
 use std::path::Path;

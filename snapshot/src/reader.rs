@@ -11,9 +11,25 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Chunks fetched at once by `verify` and `unpack`.
 const CONCURRENCY: usize = 8;
+
+/// One chunk read, and where its time went.
+#[derive(Debug, Clone, Default)]
+pub struct ChunkRead {
+    /// Its plain bytes, checked.
+    pub plain: Vec<u8>,
+    /// Bytes fetched from the store (0 for a zero chunk).
+    pub fetched: u64,
+    /// Nanoseconds in the ranged GET (request to the last byte).
+    pub get_ns: u64,
+    /// Nanoseconds decompressing.
+    pub decompress_ns: u64,
+    /// Nanoseconds hashing.
+    pub hash_ns: u64,
+}
 
 /// What a verify (or unpack) read.
 #[derive(Debug, Clone, Default)]
@@ -109,6 +125,11 @@ impl SnapshotReader {
     /// The plain bytes of chunk `i`, checked against its hash (zeros for a zero chunk, nothing
     /// fetched), and the bytes fetched.
     pub async fn read_chunk(&self, i: usize) -> Result<(Vec<u8>, u64), SnapshotError> {
+        self.read_chunk_timed(i).await.map(|r| (r.plain, r.fetched))
+    }
+
+    /// [`SnapshotReader::read_chunk`], with where the time went.
+    pub async fn read_chunk_timed(&self, i: usize) -> Result<ChunkRead, SnapshotError> {
         let m = &self.manifest;
         let Some(c) = m.chunks.get(i) else {
             return Err(SnapshotError::Invalid(format!(
@@ -118,8 +139,12 @@ impl SnapshotReader {
         };
         let plain_len = m.plain_len(i) as usize;
         if c.zero {
-            return Ok((vec![0u8; plain_len], 0));
+            return Ok(ChunkRead {
+                plain: vec![0u8; plain_len],
+                ..ChunkRead::default()
+            });
         }
+        let started = Instant::now();
         let data = self.loc.object(&m.data);
         let opts = GetOptions {
             if_match: self.etag.clone(),
@@ -152,8 +177,10 @@ impl SnapshotReader {
                 c.len
             )));
         }
+        let fetched_at = Instant::now();
         let plain = zstd::bulk::decompress(&bytes, plain_len)
             .map_err(|e| corrupt(format!("it does not decompress: {e}")))?;
+        let decompressed_at = Instant::now();
         if plain.len() != plain_len {
             return Err(corrupt(format!(
                 "{} plain bytes, {plain_len} expected",
@@ -163,7 +190,14 @@ impl SnapshotReader {
         if !manifest::hash_hex(&plain).eq_ignore_ascii_case(&c.hash) {
             return Err(corrupt("its hash is not the manifest's".into()));
         }
-        Ok((plain, c.len))
+        let ns = |a: Instant, b: Instant| b.saturating_duration_since(a).as_nanos() as u64;
+        Ok(ChunkRead {
+            plain,
+            fetched: c.len,
+            get_ns: ns(started, fetched_at),
+            decompress_ns: ns(fetched_at, decompressed_at),
+            hash_ns: ns(decompressed_at, Instant::now()),
+        })
     }
 
     /// Reads every chunk (`CONCURRENCY` at a time), handing each to `sink` in any order.

@@ -134,8 +134,12 @@ pub struct ObjectCounters {
     pub failed: AtomicU64,
     /// The snapshot changed under the restore (the VM's source is lost).
     pub changed: AtomicU64,
-    /// Nanoseconds spent in GETs, decompressing and hashing (`read_chunk`), summed.
-    pub fetch_ns: AtomicU64,
+    /// Nanoseconds in ranged GETs, summed.
+    pub get_ns: AtomicU64,
+    /// Nanoseconds decompressing, summed.
+    pub decompress_ns: AtomicU64,
+    /// Nanoseconds hashing, summed.
+    pub hash_ns: AtomicU64,
 }
 
 /// Chunks asked for and not yet delivered, and those delivered.
@@ -304,23 +308,24 @@ impl Inner {
         loop {
             let result = {
                 let _permit = self.gets.acquire().await;
-                let started = Instant::now();
-                let left = deadline.saturating_duration_since(started);
+                let left = deadline.saturating_duration_since(Instant::now());
                 // One attempt never outlives the chunk's deadline (a silent store).
-                let r = match tokio::time::timeout(left, self.reader.read_chunk(i)).await {
+                match tokio::time::timeout(left, self.reader.read_chunk_timed(i)).await {
                     Ok(r) => r,
                     Err(_) => Err(SnapshotError::TimedOut {
                         url: self.reader.url().into(),
                         chunk: i,
                     }),
-                };
-                self.counters
-                    .fetch_ns
-                    .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                r
+                }
             };
             match result {
-                Ok((plain, fetched)) => {
+                Ok(read) => {
+                    let c = &self.counters;
+                    c.get_ns.fetch_add(read.get_ns, Ordering::Relaxed);
+                    c.decompress_ns
+                        .fetch_add(read.decompress_ns, Ordering::Relaxed);
+                    c.hash_ns.fetch_add(read.hash_ns, Ordering::Relaxed);
+                    let (plain, fetched) = (read.plain, read.fetched);
                     self.counters.chunks_fetched.fetch_add(1, Ordering::Relaxed);
                     self.counters
                         .bytes_fetched
