@@ -363,3 +363,109 @@ fn a_store_that_goes_away_is_retried_then_poisoned_never_zeros() {
     assert_eq!(read_page(r, page_of_chunk(2)), vec![0; PAGE]);
     assert!(read_page(r, p0) == data[p0 * PAGE..(p0 + 1) * PAGE]);
 }
+
+#[test]
+fn a_replayed_working_set_is_prefetched_from_the_store() {
+    if !have_uffd() {
+        return;
+    }
+    let dir = TestDir::new("object-replay");
+    let img = dir.join("image");
+    let data = write_image(&img, 8);
+    let s = snapshots();
+    let url = "memory://object-replay/snap";
+    s.pack(&img, url, CHUNK as u64).unwrap();
+    let rig = rig(
+        dir,
+        &s,
+        url,
+        None,
+        ObjectOptions {
+            prefetch: 0,
+            ..ObjectOptions::default()
+        },
+    );
+    let (mem, src) = rig.vm(PopulateMethod::Copy);
+    // A recorded working set: pages in chunks 7 and 13, queued before the guest runs.
+    let set: Vec<u64> = [7usize, 13]
+        .iter()
+        .map(|&c| page_of_chunk(c) as u64)
+        .collect();
+    rig.client.replay_working_set(mem.vm_id(), &set).unwrap();
+    let c = src.counters();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while load(&c.chunks_fetched) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the working set was never fetched"
+        );
+        std::thread::yield_now();
+    }
+    // Installed ahead of the guest: its reads take no fault.
+    let before = rig.client.stats(mem.vm_id()).unwrap();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while rig.client.stats(mem.vm_id()).unwrap().pages_from_source < 2 * (CHUNK / PAGE) as u64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the chunks were never installed"
+        );
+        std::thread::yield_now();
+    }
+    let r = &mem.regions()[0];
+    for &p in &set {
+        let p = p as usize;
+        assert!(
+            read_page(r, p) == data[p * PAGE..(p + 1) * PAGE],
+            "page {p}"
+        );
+    }
+    assert_eq!(
+        rig.client.stats(mem.vm_id()).unwrap().faults,
+        before.faults,
+        "no fault"
+    );
+    assert_eq!(load(&c.chunks_fetched), 2, "only the working set's chunks");
+}
+
+#[test]
+fn on_s3_a_corrupt_chunk_and_a_replaced_snapshot_are_poisoned() {
+    if !have_uffd() {
+        return;
+    }
+    let dir = TestDir::new("object-s3-bad");
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    let da = write_image(&a, 9);
+    write_image(&b, 10);
+    let moto = Moto::start();
+    moto.create_bucket("bad");
+    let s = s3_snapshots(&moto);
+    let url = "s3://bad/snap";
+    s.pack(&a, url, CHUNK as u64).unwrap();
+    // The manifest in the bucket names other bytes for chunk 5 (the data object is untouched).
+    let loc = s.location(url).unwrap();
+    let at = loc.object(MANIFEST_NAME);
+    let mut m = s.block_on(async {
+        let got = loc.store.get(&at).await.unwrap();
+        Manifest::decode(&got.bytes().await.unwrap()).unwrap()
+    });
+    m.chunks[5].hash = hash_hex(b"other bytes");
+    s.block_on(loc.store.put(&at, m.encode().into())).unwrap();
+    let options = ObjectOptions {
+        prefetch: 0,
+        ..ObjectOptions::default()
+    };
+    let rig = rig(dir, &s, url, None, options);
+    let (mem, src) = rig.vm(PopulateMethod::Copy);
+    let r = &mem.regions()[0];
+    let e = probe(r, page_of_chunk(5)).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EFAULT), "corrupt: {e}");
+    assert!(load(&src.counters().corrupt) >= 1);
+    let p0 = page_of_chunk(0);
+    assert!(read_page(r, p0) == da[p0 * PAGE..(p0 + 1) * PAGE]);
+    // Another snapshot packed to the same URL mid-restore: S3's ETag changes, If-Match fails.
+    s.pack(&b, url, CHUNK as u64).unwrap();
+    let e = probe(r, page_of_chunk(9)).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EFAULT), "replaced: {e}");
+    assert!(load(&src.counters().changed) >= 1);
+    assert!(read_page(r, p0) == da[p0 * PAGE..(p0 + 1) * PAGE]);
+}
