@@ -253,3 +253,47 @@ fn vmpagerd_refuses_to_start_without_its_metrics_address() {
         assert!(err.contains(expected), "{err}");
     }
 }
+
+#[test]
+fn a_snapshot_url_vm_shows_its_object_source_counters() {
+    if !have_uffd() {
+        return;
+    }
+    let dir = TestDir::new("metrics-snapshot");
+    let d = daemon(&dir);
+    let addr = d.metrics_addr().unwrap();
+    let _img = image(&dir, "img", 4 << 20, 6);
+    let s = vmpager_snapshot::Snapshots::new(Default::default()).unwrap();
+    // memory:// is this process's: the in-process daemon opens the same store.
+    let url = "memory://metrics-snapshot/s";
+    s.pack(&dir.join("img"), url, 256 << 10).unwrap();
+    let client = Client::connect(d.socket_path()).unwrap();
+    let vm = client
+        .create_mapped_vm(VmSpec {
+            regions: vec![RegionSpec::new(1 << 32, 4 << 20, 0)],
+            source: PageSource::Snapshot(url.into()),
+            populate: PopulateMethod::Copy,
+            ..Default::default()
+        })
+        .unwrap();
+    let r = &vm.regions()[0];
+    assert!(read_page(r, 0) == std::fs::read(dir.join("img")).unwrap()[..PAGE]);
+    let _ = read_page(r, 600);
+    let id = vm.vm_id();
+    let (_, body) = scrape(addr, None);
+    let value = |event: &str| -> u64 {
+        let prefix = format!("vmpager_snapshot_source_total{{vm=\"{id}\",event=\"{event}\"}} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} in\n{body}"))
+            .parse()
+            .unwrap()
+    };
+    assert!(value("chunks_fetched") >= 2, "{body}");
+    assert!(value("bytes_delivered") >= 2 * (256 << 10), "{body}");
+    for zero in ["corrupt", "failed", "changed", "cache_hits"] {
+        assert_eq!(value(zero), 0, "{zero}");
+    }
+    // A VM of another source has no such family rows.
+    assert!(!body.contains("vmpager_snapshot_source_total{vm=\"0\""));
+}

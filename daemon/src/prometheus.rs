@@ -83,6 +83,8 @@ struct VmSnapshot {
     stats: Stats,
     installed: [u64; 4],
     asynchronous: [u64; 8],
+    /// A snapshot-URL VM's object source counters.
+    object: Option<[u64; 8]>,
     latency: Buckets,
     source: &'static str,
     populate: &'static str,
@@ -98,6 +100,8 @@ impl VmSnapshot {
             stats: vm.metrics.snapshot(vm.id, vm.populate.wire() as u64),
             installed: Install::ALL.map(|m| vm.metrics.installed(m)),
             asynchronous: vm.metrics.async_counts(),
+            object: crate::source::object::ObjectSource::of(&vm.source)
+                .map(|o| o.counters().snapshot()),
             latency: vm.metrics.latency_buckets(),
             source: vm.source.name(),
             populate: match vm.populate {
@@ -280,6 +284,23 @@ impl Collector for VmCollector {
             "Asynchronous page source, by event: parked (faults waiting on a fetch), joined (faults on a page already waited on), fetched (pages asked), by_request / by_push (pages delivered asked / unasked), dropped_discarded / dropped_duplicate / dropped_failed (arrivals dropped: range discarded meanwhile, page there already, failed with no fault waiting).",
             None,
             &asynchronous,
+        )?;
+        let object: Vec<(Labels, u64)> = vms
+            .iter()
+            .filter_map(|s| s.object.map(|o| (s, o)))
+            .flat_map(|(s, o)| {
+                crate::source::object::OBJECT_COUNTERS
+                    .iter()
+                    .zip(o)
+                    .map(move |(e, n)| (with(s, "event", e), n))
+            })
+            .collect();
+        counters(
+            &mut enc,
+            "snapshot_source",
+            "Object-store snapshot source (VMs restored from a snapshot URL), by event: chunks_fetched / bytes_fetched (from the store, compressed), cache_hits (chunks from the shared cache), corrupt (chunks whose bytes did not match the manifest), retries (store errors retried), failed (chunks given up on: their waiting pages poisoned), changed (the snapshot was replaced during the restore), bytes_delivered (plain bytes handed to the VM).",
+            None,
+            &object,
         )?;
         counters(
             &mut enc,

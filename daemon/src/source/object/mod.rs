@@ -115,6 +115,18 @@ impl Objects {
     }
 }
 
+/// The names of [`ObjectCounters::snapshot`]'s values (the Prometheus `event` label).
+pub const OBJECT_COUNTERS: [&str; 8] = [
+    "chunks_fetched",
+    "bytes_fetched",
+    "cache_hits",
+    "corrupt",
+    "retries",
+    "failed",
+    "changed",
+    "bytes_delivered",
+];
+
 /// What the source did (all monotonic).
 #[derive(Debug, Default)]
 pub struct ObjectCounters {
@@ -140,6 +152,23 @@ pub struct ObjectCounters {
     pub decompress_ns: AtomicU64,
     /// Nanoseconds hashing, summed.
     pub hash_ns: AtomicU64,
+}
+
+impl ObjectCounters {
+    /// The counters in [`OBJECT_COUNTERS`] order.
+    pub fn snapshot(&self) -> [u64; 8] {
+        [
+            &self.chunks_fetched,
+            &self.bytes_fetched,
+            &self.cache_hits,
+            &self.corrupt,
+            &self.retries,
+            &self.failed,
+            &self.changed,
+            &self.bytes_delivered,
+        ]
+        .map(|c| c.load(Ordering::Relaxed))
+    }
 }
 
 /// Chunks asked for and not yet delivered, and those delivered.
@@ -209,6 +238,15 @@ impl ObjectSource {
     /// The snapshot's reader (its manifest).
     pub fn reader(&self) -> &SnapshotReader {
         &self.0.reader
+    }
+
+    /// The object source behind `source`, if it is one.
+    pub fn of(source: &super::Source) -> Option<&ObjectSource> {
+        source
+            .fetcher()?
+            .source
+            .as_any()
+            .downcast_ref::<ObjectSource>()
     }
 }
 
