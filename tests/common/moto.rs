@@ -1,10 +1,10 @@
 //! `moto_server` (Python `moto[server]`, installed by scripts/install-deps): a real S3
 //! protocol server on loopback for the object-store tests.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A moto S3 server on a free loopback port, killed on drop.
 pub struct Moto {
@@ -19,22 +19,35 @@ impl Moto {
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new("moto_server")
+        let mut child = Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| {
                 panic!(
                     "moto_server (Python moto[server]) is needed: run scripts/install-deps ({e})"
                 )
             });
+        // Ready when it says where it listens (werkzeug's " * Running on http://..."); its
+        // stderr is drained for as long as it runs.
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, ready) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("Running on") {
+                    let _ = tx.send(());
+                }
+            }
+        });
         let moto = Moto { child, port };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server never listened");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        ready
+            .recv_timeout(Duration::from_secs(60))
+            .expect("moto_server never said it was listening");
+        assert!(
+            TcpStream::connect(("127.0.0.1", port)).is_ok(),
+            "moto_server does not listen on {port}"
+        );
         moto
     }
 
