@@ -120,6 +120,20 @@ fn page_of_chunk(i: usize) -> usize {
     i * CHUNK / PAGE + 5
 }
 
+/// The EFAULT of a poisoned page (SIGBUS for the guest), never its bytes or zeros.
+fn assert_poisoned(r: &vmpager_client::MappedRegion, page: usize, what: &str) {
+    let e = probe(r, page).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EFAULT), "{what}: {e}");
+}
+
+/// Page `p` of the VM is page `p` of `data`.
+fn assert_page(r: &vmpager_client::MappedRegion, data: &[u8], p: usize) {
+    assert!(
+        read_page(r, p) == data[p * PAGE..(p + 1) * PAGE],
+        "page {p}"
+    );
+}
+
 #[test]
 fn a_restore_reads_every_byte_and_fetches_each_chunk_once() {
     if !have_uffd() {
@@ -186,14 +200,13 @@ fn a_corrupt_chunk_is_poisoned_never_installed() {
     );
     let (mem, src) = rig.vm(PopulateMethod::Copy);
     let r = &mem.regions()[0];
-    let e = probe(r, page_of_chunk(5)).unwrap_err();
-    assert_eq!(e.raw_os_error(), Some(libc::EFAULT), "{e}");
+    assert_poisoned(r, page_of_chunk(5), "corrupt");
     let c = src.counters();
     assert!(load(&c.corrupt) >= 1);
     assert!(load(&c.failed) >= 1);
     // The other chunks are served.
     let p = page_of_chunk(6);
-    assert!(read_page(r, p) == data[p * PAGE..(p + 1) * PAGE]);
+    assert_page(r, &data, p);
 }
 
 #[test]
@@ -221,17 +234,15 @@ fn a_snapshot_replaced_during_a_restore_poisons_what_is_missing() {
     let (mem, src) = rig.vm(PopulateMethod::Copy);
     let r = &mem.regions()[0];
     let p0 = page_of_chunk(0);
-    assert!(read_page(r, p0) == da[p0 * PAGE..(p0 + 1) * PAGE]);
+    assert_page(r, &da, p0);
     // Another snapshot packed to the same URL mid-restore.
     s.pack(&b, &url, CHUNK as u64).unwrap();
-    let e = probe(r, page_of_chunk(9)).unwrap_err();
-    assert_eq!(e.raw_os_error(), Some(libc::EFAULT), "{e}");
+    assert_poisoned(r, page_of_chunk(9), "poisoned");
     assert!(load(&src.counters().changed) >= 1);
     // Lost for good: later faults on missing pages are poisoned too, never the new bytes.
-    let e = probe(r, page_of_chunk(17)).unwrap_err();
-    assert_eq!(e.raw_os_error(), Some(libc::EFAULT), "{e}");
+    assert_poisoned(r, page_of_chunk(17), "poisoned");
     // What came before stays.
-    assert!(read_page(r, p0) == da[p0 * PAGE..(p0 + 1) * PAGE]);
+    assert_page(r, &da, p0);
 }
 
 #[test]
@@ -351,17 +362,16 @@ fn a_store_that_goes_away_is_retried_then_poisoned_never_zeros() {
     let (mem, src) = rig.vm(PopulateMethod::Copy);
     let r = &mem.regions()[0];
     let p0 = page_of_chunk(0);
-    assert!(read_page(r, p0) == data[p0 * PAGE..(p0 + 1) * PAGE]);
+    assert_page(r, &data, p0);
     // The store dies mid-restore: the fault waits while the chunk is retried, then SIGBUS.
     moto.kill();
-    let e = probe(r, page_of_chunk(9)).unwrap_err();
-    assert_eq!(e.raw_os_error(), Some(libc::EFAULT), "{e}");
+    assert_poisoned(r, page_of_chunk(9), "poisoned");
     let c = src.counters();
     assert!(load(&c.retries) >= 1, "retried before giving up");
     assert!(load(&c.failed) >= 1);
     // A zero chunk needs no store: still zeros. What came before stays.
     assert_eq!(read_page(r, page_of_chunk(2)), vec![0; PAGE]);
-    assert!(read_page(r, p0) == data[p0 * PAGE..(p0 + 1) * PAGE]);
+    assert_page(r, &data, p0);
 }
 
 #[test]
@@ -457,15 +467,13 @@ fn on_s3_a_corrupt_chunk_and_a_replaced_snapshot_are_poisoned() {
     let rig = rig(dir, &s, url, None, options);
     let (mem, src) = rig.vm(PopulateMethod::Copy);
     let r = &mem.regions()[0];
-    let e = probe(r, page_of_chunk(5)).unwrap_err();
-    assert_eq!(e.raw_os_error(), Some(libc::EFAULT), "corrupt: {e}");
+    assert_poisoned(r, page_of_chunk(5), "corrupt");
     assert!(load(&src.counters().corrupt) >= 1);
     let p0 = page_of_chunk(0);
-    assert!(read_page(r, p0) == da[p0 * PAGE..(p0 + 1) * PAGE]);
+    assert_page(r, &da, p0);
     // Another snapshot packed to the same URL mid-restore: S3's ETag changes, If-Match fails.
     s.pack(&b, url, CHUNK as u64).unwrap();
-    let e = probe(r, page_of_chunk(9)).unwrap_err();
-    assert_eq!(e.raw_os_error(), Some(libc::EFAULT), "replaced: {e}");
+    assert_poisoned(r, page_of_chunk(9), "replaced");
     assert!(load(&src.counters().changed) >= 1);
-    assert!(read_page(r, p0) == da[p0 * PAGE..(p0 + 1) * PAGE]);
+    assert_page(r, &da, p0);
 }

@@ -14,19 +14,13 @@ use std::process::Command;
 fn snapshot(moto: &Moto, args: &[&str]) -> (bool, String) {
     let mut cmd = Command::new(vmpager_binary());
     cmd.arg("snapshot").args(args);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("AWS_") {
-            cmd.env_remove(k);
-        }
-    }
-    let out = cmd
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_ENDPOINT_URL", moto.endpoint())
-        .env("AWS_ALLOW_HTTP", "true")
-        .output()
-        .unwrap();
+    moto.configure(&mut cmd);
+    output(cmd)
+}
+
+/// Runs `cmd`: (success, stdout + stderr).
+fn output(mut cmd: Command) -> (bool, String) {
+    let out = cmd.output().unwrap();
     (
         out.status.success(),
         format!(
@@ -105,27 +99,17 @@ fn pack_verify_unpack_through_s3() {
 fn demo(dir: &TestDir, moto: Option<&Moto>, args: &[&str]) -> (bool, String) {
     let mut cmd = Command::new(vmpager_binary());
     cmd.arg("demo").args(args).arg("--workdir").arg(dir.path());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("AWS_") {
-            cmd.env_remove(k);
+    match moto {
+        Some(m) => m.configure(&mut cmd),
+        None => {
+            for (k, _) in std::env::vars() {
+                if k.starts_with("AWS_") {
+                    cmd.env_remove(k);
+                }
+            }
         }
     }
-    if let Some(m) = moto {
-        cmd.env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ENDPOINT_URL", m.endpoint())
-            .env("AWS_ALLOW_HTTP", "true");
-    }
-    let out = cmd.output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    output(cmd)
 }
 
 #[test]

@@ -69,6 +69,21 @@ impl Moto {
         assert!(reply.starts_with("HTTP/1.1 200"), "create bucket: {reply}");
     }
 
+    /// Points `cmd` at this server with test credentials through the standard AWS variables
+    /// (and no other `AWS_*` variable of the environment).
+    pub fn configure(&self, cmd: &mut Command) {
+        for (k, _) in std::env::vars() {
+            if k.starts_with("AWS_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ENDPOINT_URL", self.endpoint())
+            .env("AWS_ALLOW_HTTP", "true");
+    }
+
     /// Kills the server (a store that went away mid-restore).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
