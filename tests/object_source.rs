@@ -116,6 +116,18 @@ fn snapshots() -> Arc<Snapshots> {
     Arc::new(Snapshots::new(StoreOptions::default()).unwrap())
 }
 
+/// A test directory with an image of `seed` packed to `memory://NAME/snap`: the directory, the
+/// image's bytes, the snapshots' runtime and the URL.
+fn packed_in_memory(name: &str, seed: u64) -> (TestDir, Vec<u8>, Arc<Snapshots>, String) {
+    let dir = TestDir::new(name);
+    let img = dir.join("image");
+    let data = write_image(&img, seed);
+    let s = snapshots();
+    let url = format!("memory://{name}/snap");
+    s.pack(&img, &url, CHUNK as u64).unwrap();
+    (dir, data, s, url)
+}
+
 fn page_of_chunk(i: usize) -> usize {
     i * CHUNK / PAGE + 5
 }
@@ -139,12 +151,8 @@ fn a_restore_reads_every_byte_and_fetches_each_chunk_once() {
     if !have_uffd() {
         return;
     }
-    let dir = TestDir::new("object-restore");
-    let img = dir.join("image");
-    let data = write_image(&img, 1);
-    let s = snapshots();
-    let url = "memory://object-restore/snap";
-    s.pack(&img, url, CHUNK as u64).unwrap();
+    let (dir, data, s, url) = packed_in_memory("object-restore", 1);
+    let url = url.as_str();
     let rig = rig(dir, &s, url, None, ObjectOptions::default());
     let _ = &rig.daemon;
     for populate in [PopulateMethod::Copy, PopulateMethod::Continue] {
@@ -250,12 +258,8 @@ fn a_shared_cache_serves_the_next_vm_without_a_fetch() {
     if !have_uffd() {
         return;
     }
-    let dir = TestDir::new("object-cache");
-    let img = dir.join("image");
-    let data = write_image(&img, 5);
-    let s = snapshots();
-    let url = "memory://object-cache/snap";
-    s.pack(&img, url, CHUNK as u64).unwrap();
+    let (dir, data, s, url) = packed_in_memory("object-cache", 5);
+    let url = url.as_str();
     let cache_dir = dir.join("cache");
     let cache = Arc::new(ChunkCache::open(&cache_dir, 64 << 20).unwrap());
     let rig = rig(dir, &s, url, Some(cache.clone()), ObjectOptions::default());
@@ -379,12 +383,8 @@ fn a_replayed_working_set_is_prefetched_from_the_store() {
     if !have_uffd() {
         return;
     }
-    let dir = TestDir::new("object-replay");
-    let img = dir.join("image");
-    let data = write_image(&img, 8);
-    let s = snapshots();
-    let url = "memory://object-replay/snap";
-    s.pack(&img, url, CHUNK as u64).unwrap();
+    let (dir, data, s, url) = packed_in_memory("object-replay", 8);
+    let url = url.as_str();
     let rig = rig(
         dir,
         &s,
