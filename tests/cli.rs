@@ -260,6 +260,7 @@ fn bench_quick_prints_the_table_and_writes_json_and_pictures() {
         "[memory]",
         "[firecracker]",
         "[restore]",
+        "[snapshot]",
         "[targets",
     ] {
         assert!(stdout.contains(section), "no {section} in\n{stdout}");
@@ -294,7 +295,7 @@ fn bench_quick_prints_the_table_and_writes_json_and_pictures() {
             assert!(rows.iter().any(|b| b["id"] == to), "baseline {to} is a row");
         }
     }
-    assert_eq!(groups.len(), 13, "{groups:?}");
+    assert_eq!(groups.len(), 14, "{groups:?}");
     let targets = report["targets"].as_array().unwrap();
     assert_eq!(targets.len(), 10);
     assert!(
@@ -312,11 +313,10 @@ fn bench_quick_prints_the_table_and_writes_json_and_pictures() {
         svgs.contains(&"run-cdf-vmpagerd.svg".to_string()),
         "{svgs:?}"
     );
-    assert!(
-        svgs.contains(&"run-cdf-migration.svg".to_string()),
-        "{svgs:?}"
-    );
-    assert_eq!(svgs.len(), 12, "{svgs:?}");
+    for cdf in ["run-cdf-migration.svg", "run-cdf-snapshot.svg"] {
+        assert!(svgs.contains(&cdf.to_string()), "{svgs:?}");
+    }
+    assert_eq!(svgs.len(), 13, "{svgs:?}");
     for name in &svgs {
         let text = std::fs::read_to_string(dir.join(name)).unwrap();
         assert!(text.starts_with("<svg"), "{name}");

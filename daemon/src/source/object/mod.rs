@@ -4,7 +4,8 @@
 //! An [`AsyncSource`]: a fault's page is fetched as its whole chunk (one ranged GET, pinned to
 //! the data object's ETag), checked against the manifest's hash, and delivered whole, so the
 //! neighbouring pages go in with it; the next chunks are prefetched in the background. At most
-//! [`ObjectOptions::concurrency`] GETs run at once, urgent ones first. Zero chunks are never
+//! [`ObjectOptions::concurrency`] GETs run at once (in the order asked; a chunk a fault waits on
+//! reaches the worker through its urgent queue). Zero chunks are never
 //! fetched. A shared on-disk [`ChunkCache`] serves chunks another VM (or an earlier restore)
 //! fetched.
 //!
